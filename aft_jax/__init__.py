@@ -1,0 +1,13 @@
+"""aft_jax: Alignment Fine-Tuning (arXiv 2309.02144) for Llama-family models in JAX/Flax NNX."""
+
+from aft_jax.config import ConfigError, LlamaConfig, RopeScaling
+from aft_jax.hf import from_pretrained, save_pretrained
+from aft_jax.hf_files import CheckpointError
+from aft_jax.model import KVCache, Llama, create_model, init_cache
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError", "ConfigError", "KVCache", "Llama", "LlamaConfig", "RopeScaling",
+    "create_model", "from_pretrained", "init_cache", "save_pretrained",
+]

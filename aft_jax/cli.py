@@ -1,0 +1,63 @@
+"""The `aft-jax` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _convert(args) -> None:
+    import aft_jax
+    from aft_jax import checkpoint
+
+    model, tokenizer = aft_jax.from_pretrained(args.src, dtype=args.dtype, allow_pickle=args.allow_pickle)
+    dst = Path(args.dst)
+    if args.to == "hf":
+        aft_jax.save_pretrained(model, tokenizer, dst)
+    else:
+        if (dst / "params").exists():
+            raise SystemExit(f"{dst / 'params'}: already exists; choose an empty destination")
+        dst.mkdir(parents=True, exist_ok=True)
+        checkpoint.save_params(dst / "params", model)
+        (dst / "config.json").write_text(json.dumps(model.config.to_hf_config(), indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(dst))
+    print(f"wrote {args.to} model to {dst}")
+
+
+def _demo(args) -> None:
+    from aft_jax.demo import run_demo
+
+    run_demo(args.data_dir, args.num_questions)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aft-jax", description="Alignment Fine-Tuning for Llama-family models in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    convert = sub.add_parser("convert", help="convert a model between Hugging Face and Orbax formats",
+                             description="HF folder (or hub name) -> aft_jax Orbax model folder, or back.")
+    convert.add_argument("--to", choices=["orbax", "hf"], required=True, help="target format")
+    convert.add_argument("src", help="source: HF checkpoint folder, hub name, or aft_jax model folder")
+    convert.add_argument("dst", help="destination folder")
+    convert.add_argument("--dtype", default="float32", help="parameter dtype (float32 or bfloat16)")
+    convert.add_argument("--allow-pickle", action="store_true",
+                         help="allow loading pickled *.bin weights (runs code from the file: trusted files only)")
+    convert.set_defaults(run=_convert)
+
+    demo = sub.add_parser("demo", help="port SmolLM2-135M and score correct vs. wrong GSM8K solutions")
+    demo.add_argument("--data-dir", default=None, help="benchmark data folder (default: $AFT_DATA_DIR)")
+    demo.add_argument("--num-questions", type=int, default=8)
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

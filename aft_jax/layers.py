@@ -1,0 +1,122 @@
+"""The Llama decoder block in Flax NNX: RMSNorm, grouped-query attention over an optional KV cache, SwiGLU.
+
+Every weight is an `nnx.Param` carrying logical axis names in its `axes` metadata; `aft_jax.sharding`
+maps them to mesh axes. A module built with `stack=L` holds L layers' weights with a leading `layers`
+axis, ready to be scanned.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from aft_jax.config import LlamaConfig
+from aft_jax.rope import apply_rope
+
+_MASKED = float(jnp.finfo(jnp.float32).min)
+
+
+def make_param(rngs: nnx.Rngs, config: LlamaConfig, shape: tuple[int, ...], axes: tuple[str, ...],
+               stack: int | None, *, ones: bool = False) -> nnx.Param:
+    """A weight of `shape` (with a leading `layers` axis when stacked): N(0, initializer_range) or ones."""
+    if stack:
+        shape, axes = (stack, *shape), ("layers", *axes)
+    dtype = jnp.dtype(config.param_dtype)
+    if ones:
+        value = jnp.ones(shape, dtype)
+    else:
+        value = config.initializer_range * jax.random.normal(rngs.params(), shape, jnp.float32)
+        value = value.astype(dtype)
+    return nnx.Param(value, axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    """`w * x / sqrt(mean(x^2) + eps)`, normalised in float32 and cast back as Hugging Face does."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, stack: int | None = None):
+        self.eps = config.rms_norm_eps
+        self.scale = make_param(rngs, config, (config.hidden_size,), ("norm",), stack, ones=True)
+
+    def __call__(self, x_btd: jnp.ndarray) -> jnp.ndarray:
+        x32 = x_btd.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x_btd.dtype) * normed.astype(x_btd.dtype)
+
+
+class Attention(nnx.Module):
+    """Causal grouped-query attention; query head h reads key/value head h // (num_heads / num_kv_heads)."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, stack: int | None = None):
+        d, h, kv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        self.dtype = jnp.dtype(config.dtype)
+        self.q_proj = make_param(rngs, config, (d, h, hd), ("embed", "q_heads", "head_dim"), stack)
+        self.k_proj = make_param(rngs, config, (d, kv, hd), ("embed", "kv_heads", "head_dim"), stack)
+        self.v_proj = make_param(rngs, config, (d, kv, hd), ("embed", "kv_heads", "head_dim"), stack)
+        self.o_proj = make_param(rngs, config, (h, hd, d), ("q_heads", "head_dim", "embed"), stack)
+
+    def __call__(self, x_btd, cos_btd, sin_btd, mask_bts, kv_cache=None, cache_end=None):
+        """Returns the attention output `[B, T, D]` and the updated `(keys, values)` cache (or None).
+
+        With a cache, the new keys/values are written at slots `[cache_end, cache_end + T)` and the
+        queries attend to all S cache slots under `mask_bts`.
+        """
+        dt = self.dtype
+        q_bthk = jnp.einsum("btd,dhk->bthk", x_btd, self.q_proj[...].astype(dt))
+        k_btgk = jnp.einsum("btd,dgk->btgk", x_btd, self.k_proj[...].astype(dt))
+        v_btgk = jnp.einsum("btd,dgk->btgk", x_btd, self.v_proj[...].astype(dt))
+        q_bthk = apply_rope(q_bthk, cos_btd, sin_btd)
+        k_btgk = apply_rope(k_btgk, cos_btd, sin_btd)
+        if kv_cache is not None:
+            keys, values = kv_cache
+            start = (0, cache_end, 0, 0)
+            k_btgk = jax.lax.dynamic_update_slice(keys, k_btgk.astype(keys.dtype), start)
+            v_btgk = jax.lax.dynamic_update_slice(values, v_btgk.astype(values.dtype), start)
+            kv_cache = (k_btgk, v_btgk)
+        out_bthk = grouped_attention(q_bthk, k_btgk.astype(dt), v_btgk.astype(dt), mask_bts)
+        return jnp.einsum("bthk,hkd->btd", out_bthk, self.o_proj[...].astype(dt)), kv_cache
+
+
+def grouped_attention(q_bthk, k_bsgk, v_bsgk, mask_bts):
+    """softmax(q k^T / sqrt(head_dim) + mask) v, with the softmax in float32 and K/V shared by head groups."""
+    b, t, h, hd = q_bthk.shape
+    groups = k_bsgk.shape[2]
+    q_btgrk = q_bthk.reshape(b, t, groups, h // groups, hd)
+    logits = jnp.einsum("btgrk,bsgk->bgrts", q_btgrk, k_bsgk, preferred_element_type=jnp.float32)
+    logits = logits * (hd ** -0.5)
+    logits = jnp.where(mask_bts[:, None, None, :, :], logits, _MASKED)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_bsgk.dtype)
+    out = jnp.einsum("bgrts,bsgk->btgrk", probs, v_bsgk)
+    return out.reshape(b, t, h, hd)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: `down(silu(gate(x)) * up(x))`."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, stack: int | None = None):
+        d, f = config.hidden_size, config.intermediate_size
+        self.dtype = jnp.dtype(config.dtype)
+        self.gate_proj = make_param(rngs, config, (d, f), ("embed", "mlp"), stack)
+        self.up_proj = make_param(rngs, config, (d, f), ("embed", "mlp"), stack)
+        self.down_proj = make_param(rngs, config, (f, d), ("mlp", "embed"), stack)
+
+    def __call__(self, x_btd):
+        dt = self.dtype
+        gate = jnp.einsum("btd,df->btf", x_btd, self.gate_proj[...].astype(dt))
+        up = jnp.einsum("btd,df->btf", x_btd, self.up_proj[...].astype(dt))
+        return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self.down_proj[...].astype(dt))
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder layer: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, stack: int | None = None):
+        self.attn_norm = RMSNorm(config, rngs=rngs, stack=stack)
+        self.attn = Attention(config, rngs=rngs, stack=stack)
+        self.mlp_norm = RMSNorm(config, rngs=rngs, stack=stack)
+        self.mlp = MLP(config, rngs=rngs, stack=stack)
+
+    def __call__(self, x_btd, cos_btd, sin_btd, mask_bts, kv_cache=None, cache_end=None):
+        attn_out, kv_cache = self.attn(self.attn_norm(x_btd), cos_btd, sin_btd, mask_bts, kv_cache, cache_end)
+        x_btd = x_btd + attn_out
+        return x_btd + self.mlp(self.mlp_norm(x_btd)), kv_cache

@@ -1,0 +1,125 @@
+"""The Llama-family causal LM in Flax NNX, with scanned (optionally rematerialised) layers and a KV cache.
+
+`Llama(input_ids, attention_mask)` returns float32 logits `[B, T, V]`. Passing `cache=` (see
+`init_cache`) also returns the updated cache: a prefill followed by one-token steps equals the full
+forward. Default positions come from the attention mask (`cumsum(mask) - 1`), so left padding does not
+shift positions.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from aft_jax import sharding
+from aft_jax.config import LlamaConfig
+from aft_jax.layers import Block, RMSNorm, make_param
+from aft_jax.rope import inverse_frequencies, rope_tables
+
+_REMAT = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class KVCache(NamedTuple):
+    """Explicit decode state: keys/values `[L, B, S, Hkv, Dh]`, `valid_bs` marks real (non-pad) slots,
+    `end` is the number of slots written so far (the same for every row)."""
+
+    keys: jnp.ndarray
+    values: jnp.ndarray
+    valid_bs: jnp.ndarray
+    end: jnp.ndarray
+
+
+def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
+    shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
+    dtype = jnp.dtype(dtype or config.dtype)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.zeros((batch_size, max_length), bool), jnp.zeros((), jnp.int32))
+
+
+class Llama(nnx.Module):
+    """Token embedding, `num_layers` scanned decoder blocks, final RMSNorm, (tied or untied) LM head."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed = make_param(rngs, config, (config.vocab_size, config.hidden_size), ("vocab", "embed"), None)
+        self.layers = Block(config, rngs=rngs, stack=config.num_layers)
+        self.final_norm = RMSNorm(config, rngs=rngs)
+        if not config.tie_word_embeddings:
+            self.lm_head = make_param(rngs, config, (config.hidden_size, config.vocab_size), ("embed", "vocab"), None)
+
+    def __call__(self, input_ids_bt, attention_mask_bt=None, positions_bt=None, cache: KVCache | None = None):
+        hidden_btd, new_cache = self.hidden_states(input_ids_bt, attention_mask_bt, positions_bt, cache)
+        logits_btv = self.logits(hidden_btd)
+        return logits_btv if cache is None else (logits_btv, new_cache)
+
+    def logits(self, hidden_btd: jnp.ndarray) -> jnp.ndarray:
+        """float32 logits of final hidden states (any leading shape)."""
+        dt = jnp.dtype(self.config.dtype)
+        if self.config.tie_word_embeddings:
+            return jnp.einsum("...d,vd->...v", hidden_btd, self.embed[...].astype(dt),
+                              preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,dv->...v", hidden_btd, self.lm_head[...].astype(dt),
+                          preferred_element_type=jnp.float32)
+
+    def hidden_states(self, input_ids_bt, attention_mask_bt=None, positions_bt=None, cache=None):
+        """Final-norm hidden states `[B, T, D]` in the compute dtype, and the updated cache (or None)."""
+        cfg = self.config
+        b, t = input_ids_bt.shape
+        mask_bt = jnp.ones((b, t), bool) if attention_mask_bt is None else attention_mask_bt.astype(bool)
+        if cache is None:
+            offset_b = jnp.zeros((b,), jnp.int32)
+            valid_bs, cache_end, kv = mask_bt, None, None
+            slot_s = query_slot_t = jnp.arange(t)
+        else:
+            offset_b = jnp.sum(cache.valid_bs, axis=-1, dtype=jnp.int32)
+            cache_end = cache.end
+            valid_bs = jax.lax.dynamic_update_slice(cache.valid_bs, mask_bt, (0, cache_end))
+            kv = (cache.keys, cache.values)
+            slot_s = jnp.arange(cache.valid_bs.shape[1])
+            query_slot_t = cache_end + jnp.arange(t)
+        if positions_bt is None:
+            positions_bt = jnp.maximum(offset_b[:, None] + jnp.cumsum(mask_bt, axis=-1) - 1, 0)
+        mask_bts = (slot_s[None, :] <= query_slot_t[:, None])[None] & valid_bs[:, None, :]
+        cos_btd, sin_btd = rope_tables(positions_bt, inverse_frequencies(cfg))
+
+        x_btd = jnp.take(self.embed[...], input_ids_bt, axis=0).astype(cfg.dtype)
+        x_btd = sharding.constrain(x_btd, ("activation_batch", "activation_length", "activation_embed"))
+        block_def, block_state = nnx.split(self.layers)
+
+        def layer(x_btd, layer_inputs):
+            layer_state, layer_kv = layer_inputs
+            x_btd, layer_kv = nnx.merge(block_def, layer_state)(x_btd, cos_btd, sin_btd, mask_bts, layer_kv, cache_end)
+            x_btd = sharding.constrain(x_btd, ("activation_batch", "activation_length", "activation_embed"))
+            return x_btd, layer_kv
+
+        if cfg.remat_policy != "none":
+            layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
+        x_btd, kv = jax.lax.scan(layer, x_btd, (block_state, kv))
+        new_cache = None if cache is None else KVCache(kv[0], kv[1], valid_bs, cache_end + t)
+        return self.final_norm(x_btd), new_cache
+
+
+def abstract_model(config: LlamaConfig) -> Llama:
+    """The model with `jax.ShapeDtypeStruct` leaves: shapes, dtypes and axis names, no memory."""
+    return nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+
+
+def create_model(config: LlamaConfig, *, mesh=None, seed: int = 0, rules=None) -> Llama:
+    """A randomly initialised model whose weights are created directly in their shardings on `mesh`."""
+    mesh = mesh or sharding.single_device_mesh()
+    graphdef, abstract_state = nnx.split(abstract_model(config))
+    shardings = sharding.state_shardings(abstract_state, mesh, rules)
+
+    @functools.partial(jax.jit, out_shardings=shardings)
+    def init():
+        return nnx.split(Llama(config, rngs=nnx.Rngs(seed)))[1]
+
+    return nnx.merge(graphdef, init())

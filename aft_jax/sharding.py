@@ -1,0 +1,140 @@
+"""Meshes over (data, fsdp, tensor), the one logical-axis rule table, and shardings derived from it.
+
+The only module that calls JAX mesh APIs. Model code names logical axes (`embed`, `mlp`, ...) only;
+`LOGICAL_RULES` maps each to mesh axes. A mesh axis that does not divide a dimension is dropped for
+that dimension (e.g. 9 heads on a 4-way tensor axis stay replicated) rather than failing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from typing import Any, Iterator, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+)
+
+# Mesh shapes as (data, fsdp, tensor); -1 takes all remaining devices.
+MESH_PRESETS: dict[str, tuple[int, int, int]] = {
+    "single": (1, 1, 1),
+    "data": (-1, 1, 1),
+    "fsdp": (1, -1, 1),
+    "tensor": (1, 1, -1),
+    "fsdp_tensor2": (1, -1, 2),
+    "fsdp_tensor4": (1, -1, 4),
+}
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, tuple] | None] = contextvars.ContextVar("aft_jax_mesh", default=None)
+
+
+def make_mesh(shape: Sequence[int] | str = "fsdp", devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh with Auto axis types from a preset name or a shape with at most one -1."""
+    devices = list(devices if devices is not None else jax.devices())
+    if isinstance(shape, str):
+        if shape not in MESH_PRESETS:
+            raise ValueError(f"unknown mesh preset {shape!r}; expected one of {sorted(MESH_PRESETS)}")
+        shape = MESH_PRESETS[shape]
+    shape = list(shape)
+    if len(shape) != 3 or shape.count(-1) > 1:
+        raise ValueError(f"mesh shape {shape} must have 3 entries (data, fsdp, tensor) with at most one -1")
+    if -1 in shape:
+        known = math.prod(s for s in shape if s != -1)
+        if len(devices) % known:
+            raise ValueError(f"mesh shape {shape} does not divide {len(devices)} devices")
+        shape[shape.index(-1)] = len(devices) // known
+    if math.prod(shape) > len(devices):
+        raise ValueError(f"mesh shape {shape} needs {math.prod(shape)} devices, only {len(devices)} available")
+    devices = devices[: math.prod(shape)]
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=auto, devices=devices)
+
+
+def single_device_mesh() -> Mesh:
+    return make_mesh((1, 1, 1), jax.devices()[:1])
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules=None) -> PartitionSpec:
+    """Resolves logical axis names to a PartitionSpec; each mesh axis is used at most once, only where
+    its size (times those already on that dimension) divides the dimension, and never when of size 1."""
+    table = dict(rules or LOGICAL_RULES)
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(axes, shape):
+        if name is not None and name not in table:
+            raise KeyError(f"logical axis {name!r} has no sharding rule; known: {sorted(table)}")
+        wanted = table.get(name) if name is not None else None
+        wanted = (wanted,) if isinstance(wanted, str) else tuple(wanted or ())
+        chosen, size = [], 1
+        for mesh_axis in wanted:
+            n = mesh.shape[mesh_axis]
+            if n > 1 and mesh_axis not in used and dim % (size * n) == 0:
+                chosen.append(mesh_axis)
+                size *= n
+        used.update(chosen)
+        spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+    return PartitionSpec(*spec)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules=None):
+    """The NamedSharding of every parameter in `state`, from its `axes` metadata."""
+
+    def one(variable):
+        axes = variable.get_metadata().get("axes")
+        value = variable.get_value()
+        if axes is None:
+            return variable.replace(NamedSharding(mesh, PartitionSpec()))
+        return variable.replace(NamedSharding(mesh, logical_to_spec(axes, value.shape, mesh, rules)))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Leading (batch) axis over data x fsdp, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules=None) -> Iterator[Mesh]:
+    """Makes `constrain` active: activations named with logical axes get sharding constraints on `mesh`."""
+    token = _ACTIVE.set((mesh, tuple(rules or LOGICAL_RULES)))
+    try:
+        yield mesh
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """`with_sharding_constraint` by logical axis names inside `use_mesh`; the identity outside it."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)))
+
+
+def describe(mesh: Mesh) -> str:
+    return " x ".join(f"{name}={size}" for name, size in mesh.shape.items()) + f" ({np.size(mesh.devices)} devices)"

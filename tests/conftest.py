@@ -1,0 +1,38 @@
+"""Test set-up: 8 simulated CPU devices (set before JAX is imported) and shared fixtures."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_dir() -> Path:
+    """The shared benchmark data: $AFT_DATA_DIR, else ../shared/data beside the checkout."""
+    return Path(os.environ.get("AFT_DATA_DIR", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def gsm8k_test_questions() -> list[dict]:
+    import json
+
+    path = data_dir() / "gsm8k" / "test.jsonl"
+    if not path.exists():
+        pytest.fail(f"{path} not found: set AFT_DATA_DIR to the shared data folder")
+    with path.open() as f:
+        return [json.loads(line) for _, line in zip(range(50), f)]
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct as a float32 HF checkpoint folder (built once per machine)."""
+    from aft_jax.smollm2 import smollm2_checkpoint
+
+    return smollm2_checkpoint()
