@@ -41,3 +41,34 @@ def restore_model(path: str | Path, config: LlamaConfig, mesh, rules=None) -> Ll
         restored = checkpointer.restore(Path(path).absolute(), target)
     nnx.replace_by_pure_dict(abstract_state, restored)
     return nnx.merge(graphdef, abstract_state)
+
+
+class TrainCheckpointer:
+    """Asynchronous Orbax `CheckpointManager` for a training run: the train state (params, optimizer,
+    step, RNG) and the data iterator's position, every `save_every` steps, keeping the last `keep`.
+    A checkpoint becomes visible only once completely written, so a killed run resumes from the last
+    complete one."""
+
+    def __init__(self, directory: str | Path, *, save_every: int, keep: int, async_save: bool = True):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
+                                               enable_async_checkpointing=async_save, create=True)
+        self._manager = ocp.CheckpointManager(Path(directory).absolute(), options=options,
+                                              item_names=("state", "data"))
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state, data_state: dict, *, force: bool = False) -> bool:
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
+        return self._manager.save(step, args=args, force=force)
+
+    def restore(self, step: int, like_state):
+        """Restores into the shapes, dtypes and shardings of `like_state` (arrays or ShapeDtypeStructs)."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
+        restored = self._manager.restore(step, args=args)
+        return restored["state"], restored["data"]
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 import sys
 from pathlib import Path
@@ -33,6 +34,20 @@ def _demo(args) -> None:
     run_demo(args.data_dir, args.num_questions)
 
 
+def _train(args) -> None:
+    from aft_jax.train import run_training
+    from aft_jax.train_config import load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except (KeyError, ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"aft-jax {args.command}: {err.args[0] if err.args else err}") from None
+    if args.command == "vft":
+        with config.unlocked():
+            config.loss.method = "vft"
+    print(f"exported the final model to {run_training(config)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aft-jax", description="Alignment Fine-Tuning for Llama-family models in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="allow loading pickled *.bin weights (runs code from the file: trusted files only)")
     convert.set_defaults(run=_convert)
 
+    for name, text in (("vft", "step 1: vanilla fine-tuning on (question, reference) pairs"),
+                       ("aft", "step 3: alignment fine-tuning on candidate groups (or a baseline: loss.method)")):
+        train = sub.add_parser(name, help=text, description=f"{text}. Override any config key with --config.KEY=VALUE.")
+        train.add_argument("--config", required=True, help="preset file, e.g. configs/tiny.py")
+        train.set_defaults(run=_train)
+
     demo = sub.add_parser("demo", help="port SmolLM2-135M and score correct vs. wrong GSM8K solutions")
     demo.add_argument("--data-dir", default=None, help="benchmark data folder (default: $AFT_DATA_DIR)")
     demo.add_argument("--num-questions", type=int, default=8)
@@ -55,7 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [a[len("--config."):] for a in extra if a.startswith("--config.")]
+    unknown = [a for a in extra if not a.startswith("--config.")]
+    if unknown or (overrides and args.command not in ("vft", "aft")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    args.overrides = overrides
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
     args.run(args)
 
 

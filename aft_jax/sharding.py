@@ -117,6 +117,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def is_on_mesh(x: jax.Array, mesh: Mesh) -> bool:
+    return isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+
+
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh, rules=None) -> Iterator[Mesh]:
     """Makes `constrain` active: activations named with logical axes get sharding constraints on `mesh`."""

@@ -1,0 +1,262 @@
+"""Training data: the candidate-groups file, tokenisation with a logged truncation policy, and batches
+`[B, K, T]` from a resumable, seeded iterator.
+
+Groups file (JSONL; a file or a folder of `*.jsonl` shards read in name order), one question a line:
+
+    {"id": "gsm8k-train-17", "prompt": "<formatted prompt>", "answer": "72",
+     "candidates": [{"text": "<completion, no EOS>", "correct": true, "level": 3, "reference": true,
+                     "logp_sum": -12.3, "logp_mean": -0.41}, ...]}
+
+`level` defaults to `int(correct)`; `reference` to false; `logp_sum` / `logp_mean` (the sampling
+model's scores, DPO's reference) to null. A VFT pairs file has `{"prompt", "target"}` (and optionally
+`"id"`) a line and reads as groups with the target as the only (reference) candidate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+TRUNCATION = ("completion", "drop")
+
+
+class DataError(ValueError):
+    """A malformed data line; the message starts with `file:line:`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    text: str
+    correct: bool
+    level: int
+    reference: bool = False
+    logp_sum: float | None = None
+    logp_mean: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    id: str
+    prompt: str
+    answer: str
+    candidates: tuple[Candidate, ...]
+
+    def to_json(self) -> str:
+        return json.dumps({"id": self.id, "prompt": self.prompt, "answer": self.answer,
+                           "candidates": [dataclasses.asdict(c) for c in self.candidates]}, ensure_ascii=False)
+
+
+def _data_files(path: str | Path) -> list[Path]:
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.jsonl"))
+        if not files:
+            raise DataError(f"{path}: folder holds no *.jsonl files")
+        return files
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    return [path]
+
+
+def _records(path: str | Path) -> Iterator[tuple[str, dict]]:
+    for file in _data_files(path):
+        with file.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{file}:{number}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from err
+                if not isinstance(record, dict):
+                    raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+                yield where, record
+
+
+def _field(record: dict, key: str, kind, where: str, default=dataclasses.MISSING):
+    if key not in record or record[key] is None:
+        if default is dataclasses.MISSING:
+            raise DataError(f"{where}: missing field {key!r}")
+        return default
+    value = record[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        expected = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+        raise DataError(f"{where}: field {key!r} should be {expected}, got {type(value).__name__}")
+    return value
+
+
+def read_groups(path: str | Path) -> list[Group]:
+    """Parses a groups file (or folder of shards); a malformed line raises DataError naming file:line."""
+    groups = []
+    for where, record in _records(path):
+        raw = _field(record, "candidates", list, where)
+        candidates = []
+        for k, c in enumerate(raw):
+            at = f"{where}: candidates[{k}]"
+            if not isinstance(c, dict):
+                raise DataError(f"{at}: expected an object")
+            correct = _field(c, "correct", bool, at)
+            candidates.append(Candidate(
+                text=_field(c, "text", str, at), correct=correct, level=_field(c, "level", int, at, int(correct)),
+                reference=_field(c, "reference", bool, at, False), logp_sum=_field(c, "logp_sum", float, at, None),
+                logp_mean=_field(c, "logp_mean", float, at, None)))
+        groups.append(Group(id=str(_field(record, "id", (str, int), where)), prompt=_field(record, "prompt", str, where),
+                            answer=str(_field(record, "answer", (str, int, float), where, "")),
+                            candidates=tuple(candidates)))
+    return groups
+
+
+def read_pairs(path: str | Path) -> list[Group]:
+    """A VFT pairs file (`prompt`, `target`) as single-candidate groups."""
+    groups = []
+    for index, (where, record) in enumerate(_records(path)):
+        target = _field(record, "target", str, where)
+        groups.append(Group(id=str(record.get("id", index)), prompt=_field(record, "prompt", str, where),
+                            answer=str(record.get("answer", "")),
+                            candidates=(Candidate(target, correct=True, level=1, reference=True),)))
+    return groups
+
+
+def read_training_file(path: str | Path) -> list[Group]:
+    """Groups or pairs, told apart by the first record's fields."""
+    for where, record in _records(path):
+        if "candidates" in record:
+            return read_groups(path)
+        if "target" in record:
+            return read_pairs(path)
+        raise DataError(f"{where}: expected a group ('candidates') or a pair ('target') record")
+    raise DataError(f"{path}: empty")
+
+
+@dataclasses.dataclass
+class EncodedGroup:
+    tokens: list[list[int]]  # prompt + completion + EOS, one list per kept candidate
+    prompt_lengths: list[int]
+    candidates: list[Candidate]
+
+
+class GroupEncoder:
+    """Tokenises groups with the model's tokenizer. Keeps the reference first and at most `group_size`
+    candidates; sequences over `max_length` have their completion cut (`truncation="completion"`) or are
+    dropped (`"drop"`); a prompt that leaves no room for any completion token is always dropped.
+    `counts` tallies every such decision so it can be logged."""
+
+    def __init__(self, tokenizer, max_length: int, group_size: int, truncation: str = "completion",
+                 only_reference: bool = False):
+        if truncation not in TRUNCATION:
+            raise ValueError(f"truncation={truncation!r}; expected one of {TRUNCATION}")
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token; completions must end with one")
+        self.tokenizer, self.max_length, self.group_size = tokenizer, max_length, group_size
+        self.truncation, self.only_reference = truncation, only_reference
+        self.counts: Counter[str] = Counter()
+
+    def encode(self, group: Group) -> EncodedGroup | None:
+        candidates = sorted(group.candidates, key=lambda c: not c.reference)
+        if self.only_reference:
+            candidates = [c for c in candidates if c.reference]
+        if len(candidates) > self.group_size:
+            self.counts["candidates_over_group_size"] += len(candidates) - self.group_size
+            candidates = candidates[: self.group_size]
+        prompt = self.tokenizer(group.prompt)["input_ids"]
+        if len(prompt) >= self.max_length:
+            self.counts["groups_dropped_long_prompt"] += 1
+            return None
+        encoded = EncodedGroup([], [], [])
+        for candidate in candidates:
+            completion = self.tokenizer(candidate.text, add_special_tokens=False)["input_ids"]
+            tokens = prompt + completion + [self.tokenizer.eos_token_id]
+            if len(tokens) > self.max_length:
+                if self.truncation == "drop":
+                    self.counts["candidates_dropped_too_long"] += 1
+                    continue
+                self.counts["candidates_truncated"] += 1
+                tokens = tokens[: self.max_length]
+            encoded.tokens.append(tokens)
+            encoded.prompt_lengths.append(len(prompt))
+            encoded.candidates.append(candidate)
+        self.counts["candidates_kept"] += len(encoded.tokens)
+        if not encoded.tokens:
+            self.counts["groups_dropped_empty"] += 1
+            return None
+        return encoded
+
+
+def collate(groups: list[EncodedGroup], group_size: int, length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Right-padded arrays: token arrays `[B, K, T]`, per-candidate arrays `[B, K]`."""
+    b = len(groups)
+    out = {
+        "input_ids": np.full((b, group_size, length), pad_id, np.int32),
+        "attention_mask": np.zeros((b, group_size, length), np.int32),
+        "completion_mask": np.zeros((b, group_size, length), np.int32),
+        "valid": np.zeros((b, group_size), bool),
+        "is_pos": np.zeros((b, group_size), bool),
+        "is_neg": np.zeros((b, group_size), bool),
+        "is_reference": np.zeros((b, group_size), bool),
+        "levels": np.zeros((b, group_size), np.int32),
+        "ref_logp_sum": np.zeros((b, group_size), np.float32),
+    }
+    for g, group in enumerate(groups):
+        for k, (tokens, prompt_len, cand) in enumerate(zip(group.tokens, group.prompt_lengths, group.candidates)):
+            n = len(tokens)
+            out["input_ids"][g, k, :n] = tokens
+            out["attention_mask"][g, k, :n] = 1
+            out["completion_mask"][g, k, prompt_len:n] = 1
+            out["valid"][g, k] = True
+            out["is_pos"][g, k] = cand.correct
+            out["is_neg"][g, k] = not cand.correct
+            out["is_reference"][g, k] = cand.reference
+            out["levels"][g, k] = cand.level
+            out["ref_logp_sum"][g, k] = cand.logp_sum if cand.logp_sum is not None else 0.0
+    return out
+
+
+class GroupBatcher:
+    """Seeded, epoch-shuffled batches of whole groups (a short last batch is dropped). Its position,
+    `state()`, is saved with each checkpoint and `restore(state)` continues exactly there."""
+
+    def __init__(self, groups: list[EncodedGroup], *, batch_size: int, group_size: int, max_length: int,
+                 pad_id: int, seed: int = 0, pad_multiple: int = 64, shuffle: bool = True):
+        if len(groups) < batch_size:
+            raise ValueError(f"{len(groups)} usable groups is fewer than one batch of {batch_size}")
+        self.groups, self.batch_size, self.group_size = groups, batch_size, group_size
+        self.max_length, self.pad_id, self.seed = max_length, pad_id, seed
+        self.pad_multiple, self.shuffle = pad_multiple, shuffle
+        self.epoch, self.index = 0, 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.groups) // self.batch_size
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+
+    def restore(self, state: dict) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(f"checkpoint data seed {state['seed']} differs from the configured {self.seed}")
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.groups))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.groups))
+
+    def next_batch(self) -> dict[str, np.ndarray]:
+        if self.index >= self.steps_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        rows = self._order(self.epoch)[self.index * self.batch_size:(self.index + 1) * self.batch_size]
+        self.index += 1
+        chosen = [self.groups[r] for r in rows]
+        longest = max(len(t) for g in chosen for t in g.tokens)
+        length = min(self.max_length, -(-longest // self.pad_multiple) * self.pad_multiple)
+        return collate(chosen, self.group_size, length, self.pad_id)

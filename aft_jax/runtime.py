@@ -1,0 +1,49 @@
+"""From a run config to live objects: the mesh, and the model with its tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aft_jax import sharding
+from aft_jax.config import LlamaConfig
+
+
+def mesh_from_config(spec: str):
+    """A preset name (`fsdp`, `data`, ...) or comma-separated `data,fsdp,tensor` sizes (one may be -1)."""
+    if "," in spec:
+        return sharding.make_mesh(tuple(int(x) for x in spec.split(",")))
+    return sharding.make_mesh(spec)
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    if name == "smollm2":
+        from aft_jax.smollm2 import smollm2_checkpoint
+
+        name = str(smollm2_checkpoint())
+    return AutoTokenizer.from_pretrained(name)
+
+
+def model_from_config(model_cfg, mesh, seed: int = 0):
+    """`(model, tokenizer)`: loaded from `model.path`, or randomly initialised from `model.random`."""
+    from aft_jax.hf import from_pretrained
+    from aft_jax.model import create_model
+
+    if model_cfg.path:
+        model, tokenizer = from_pretrained(model_cfg.path, dtype=model_cfg.dtype, compute_dtype=model_cfg.compute_dtype,
+                                           mesh=mesh, remat_policy=model_cfg.remat_policy)
+        if model_cfg.tokenizer:
+            tokenizer = load_tokenizer(model_cfg.tokenizer)
+        if tokenizer is None:
+            raise ValueError(f"{Path(model_cfg.path)} has no tokenizer files; set model.tokenizer")
+        return model, tokenizer
+    if not model_cfg.tokenizer or not model_cfg.random.num_layers:
+        raise ValueError("set model.path, or model.tokenizer and model.random.* for a randomly initialised model")
+    tokenizer = load_tokenizer(model_cfg.tokenizer)
+    dims = dict(model_cfg.random)
+    config = LlamaConfig(vocab_size=len(tokenizer), **dims, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_ids=(tokenizer.eos_token_id,),
+                         pad_token_id=tokenizer.pad_token_id, param_dtype=model_cfg.dtype,
+                         dtype=model_cfg.compute_dtype, remat_policy=model_cfg.remat_policy)
+    return create_model(config, mesh=mesh, seed=seed), tokenizer

@@ -1,0 +1,131 @@
+"""Run configuration: ml_collections defaults, preset files, and `--config.a.b=value` overrides.
+
+A preset is a Python file with `get_config() -> ConfigDict` (see `configs/`). Configs are locked, so a
+misspelt override is an error that lists the valid keys.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.run_dir = "runs/default"
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""  # HF folder, aft_jax model folder or hub name; empty with `random` set: random init
+    c.model.tokenizer = ""  # tokenizer folder for a random model; "smollm2" = the built-in SmolLM2 one
+    c.model.dtype = "float32"  # parameter dtype
+    c.model.compute_dtype = "float32"
+    c.model.remat_policy = "none"  # none | full | dots | dots_no_batch
+    c.model.random = ml_collections.ConfigDict(
+        {"hidden_size": 0, "intermediate_size": 0, "num_layers": 0, "num_heads": 0, "num_kv_heads": 0, "head_dim": 0})
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train_file = ""  # groups JSONL (file or folder of shards) or a VFT pairs JSONL
+    c.data.max_length = 512
+    c.data.group_size = 8  # K: candidate slots per group (6 samples + reference + room)
+    c.data.truncation = "completion"  # completion | drop
+    c.data.pad_multiple = 64
+    c.data.shuffle = True
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.method = "aft"  # vft | rft | aft | rrhf | pro | dpo
+    c.loss.constraint = "boundary"  # none | detach | boundary
+    c.loss.beta = 0.1  # boundary margin
+    c.loss.beta_dpo = 0.1
+    c.loss.lam = 1.0  # lambda: weight of the alignment term
+    c.loss.vft_weight = -1.0  # weight of the NLL term; negative: method default (0 for dpo, else 1)
+    c.loss.vft_targets = "reference"  # reference | positives
+    c.loss.use_levels = False  # rank by `level` (GSM8K-RANK) instead of correct / incorrect
+    c.loss.logit_chunk = 128  # positions per chunk of the vocabulary projection
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 2e-5
+    c.optim.warmup_ratio = 0.03
+    c.optim.min_lr_ratio = 0.0
+    c.optim.weight_decay = 0.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.clip_norm = 1.0
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 128  # question groups per optimizer step (global)
+    c.train.grad_accum = 1  # micro-batches per step
+    c.train.num_epochs = 3
+    c.train.max_steps = -1  # > 0 overrides num_epochs
+    c.train.log_every = 1
+    c.train.mesh = "fsdp"  # preset name (aft_jax.sharding.MESH_PRESETS) or "data,fsdp,tensor" sizes
+    c.train.tensorboard = True
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.save_every = 500
+    c.checkpoint.keep = 2
+    c.checkpoint.async_save = True
+    c.checkpoint.export_hf = False  # also write the final model as a HF folder
+    return c
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+    """Loads `get_config()` from a preset file, locks it and applies `a.b=value` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
+    spec = importlib.util.spec_from_file_location(f"aft_jax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path}: a config file must define get_config()")
+    config = module.get_config()
+    config.lock()
+    for override in overrides:
+        apply_override(config, override)
+    return config
+
+
+def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
+    """Sets `a.b=value`, parsing value as the existing field's type."""
+    if "=" not in override:
+        raise ValueError(f"override {override!r} must look like key.sub=value")
+    dotted, raw = override.split("=", 1)
+    *parents, leaf = dotted.split(".")
+    node = config
+    for depth, key in enumerate(parents):
+        if key not in node or not isinstance(node[key], ml_collections.ConfigDict):
+            raise KeyError(_unknown(dotted, ".".join(parents[:depth]), node))
+        node = node[key]
+    if leaf not in node:
+        raise KeyError(_unknown(dotted, ".".join(parents), node))
+    current = node[leaf]
+    with node.unlocked():
+        node[leaf] = _parse(raw, current, dotted)
+
+
+def _unknown(dotted: str, where: str, node) -> str:
+    return f"unknown config key {dotted!r}; valid keys{' under ' + where if where else ''}: {', '.join(sorted(node))}"
+
+
+def _parse(raw: str, current, dotted: str):
+    if isinstance(current, bool):
+        if raw.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{dotted}: expected true or false, got {raw!r}")
+        return raw.lower() in ("true", "1")
+    if isinstance(current, ml_collections.ConfigDict):
+        raise ValueError(f"{dotted} is a section; set one of its keys: {', '.join(sorted(current))}")
+    try:
+        if isinstance(current, int):
+            return int(raw)
+        if isinstance(current, float):
+            return float(raw)
+        if isinstance(current, (tuple, list)):
+            return type(current)(ast.literal_eval(raw))
+    except (ValueError, SyntaxError) as err:
+        raise ValueError(f"{dotted}: cannot parse {raw!r} as {type(current).__name__}") from err
+    return raw

@@ -1,0 +1,82 @@
+"""The training command end to end: a run killed with SIGKILL resumes with exactly the same losses."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from aft_jax.metrics import read_metrics
+from conftest import REPO
+from train_helpers import write_arithmetic_groups
+
+
+def _command(run_dir, groups, *extra):
+    return [sys.executable, "-m", "aft_jax.cli", "aft", "--config", str(REPO / "configs" / "tiny.py"),
+            f"--config.data.train_file={groups}", f"--config.run_dir={run_dir}", *extra]
+
+
+@pytest.fixture(scope="module")
+def groups_file(tmp_path_factory, smollm2_dir):
+    path = tmp_path_factory.mktemp("data") / "groups.jsonl"
+    write_arithmetic_groups(path)
+    return path
+
+
+def test_killed_run_resumes_with_identical_losses(tmp_path, groups_file):
+    env = dict(os.environ)
+    subprocess.run(_command(tmp_path / "straight", groups_file), check=True, env=env, capture_output=True)
+    straight = read_metrics(tmp_path / "straight")
+    assert [m["step"] for m in straight] == list(range(1, 9))
+
+    interrupted = tmp_path / "interrupted"
+    proc = subprocess.Popen(_command(interrupted, groups_file), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        metrics_file = interrupted / "metrics.jsonl"
+        if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (interrupted / "model").exists(), "the run was killed before it finished"
+    saved = sorted(int(p.name) for p in (interrupted / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and max(saved) < 8
+
+    result = subprocess.run(_command(interrupted, groups_file), check=True, env=env, capture_output=True, text=True)
+    assert f"resumed from step {max(saved)}" in result.stderr
+    resumed = read_metrics(interrupted)
+    assert [m["step"] for m in resumed] == list(range(1, 9))
+    for a, b in zip(straight, resumed):
+        for key in ("loss", "vft_loss", "align_loss", "grad_norm", "lr", "assess_micro"):
+            assert a[key] == b[key], (a["step"], key)
+    assert (interrupted / "model" / "params").is_dir()
+
+
+def test_typo_in_override_lists_valid_keys():
+    from aft_jax.train_config import load_config
+
+    with pytest.raises(KeyError, match=r"unknown config key 'loss.betta'.*beta_dpo"):
+        load_config(REPO / "configs" / "tiny.py", ["loss.betta=0.2"])
+    with pytest.raises(ValueError, match=r"train.max_steps: cannot parse 'many' as int"):
+        load_config(REPO / "configs" / "tiny.py", ["train.max_steps=many"])
+    config = load_config(REPO / "configs" / "tiny.py", ["loss.beta=0.25", "train.tensorboard=true"])
+    assert config.loss.beta == 0.25 and config.train.tensorboard is True
+
+
+def test_malformed_groups_line_names_file_and_line(tmp_path):
+    from aft_jax.data import DataError, read_groups
+
+    path = tmp_path / "groups.jsonl"
+    good = {"id": 1, "prompt": "p", "answer": "1", "candidates": [{"text": "t", "correct": True}]}
+    bad = {"id": 2, "prompt": "p", "candidates": [{"text": "t", "correct": "yes"}]}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(DataError, match=rf"{path}:2: candidates\[0\]: field 'correct' should be bool"):
+        read_groups(path)
+    path.write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(DataError, match=rf"{path}:2: invalid JSON"):
+        read_groups(path)

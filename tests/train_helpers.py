@@ -1,0 +1,56 @@
+"""Small random models and candidate-group batches for trainer tests (no tokenizer needed)."""
+
+import json
+
+import numpy as np
+from ml_collections import ConfigDict
+
+import aft_jax
+from aft_jax.data import Candidate, EncodedGroup, collate
+from aft_jax.train_config import default_config
+
+VOCAB = 61
+
+
+def tiny_model(mesh=None, seed=0):
+    cfg = aft_jax.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                              num_kv_heads=2, head_dim=8, initializer_range=0.1)
+    return aft_jax.create_model(cfg, mesh=mesh, seed=seed)
+
+
+def random_batch(seed, groups=8, group_size=4, length=24, levels=2):
+    rng = np.random.default_rng(seed)
+    encoded = []
+    for _ in range(groups):
+        n = int(rng.integers(1, group_size + 1))
+        prompt_len = int(rng.integers(2, 8))
+        tokens, cands = [], []
+        prompt = list(rng.integers(1, VOCAB, size=prompt_len))
+        for k in range(n):
+            tokens.append(prompt + list(rng.integers(1, VOCAB, size=int(rng.integers(2, length - prompt_len)))))
+            level = levels - 1 if k == 0 else int(rng.integers(0, levels))
+            cands.append(Candidate("", correct=level == levels - 1, level=level, reference=k == 0,
+                                   logp_sum=float(-rng.random() * 30)))
+        encoded.append(EncodedGroup(tokens, [prompt_len] * n, cands))
+    return collate(encoded, group_size, length, pad_id=0)
+
+
+def loss_config(**changes) -> ConfigDict:
+    cfg = default_config().loss
+    cfg.update(changes)
+    return cfg
+
+
+def write_arithmetic_groups(path, n=32, seed=0):
+    """A groups file of simple sums: a correct reference and three wrong candidates each."""
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for q in range(n):
+            a, b = (int(x) for x in rng.integers(1, 50, size=2))
+            cands = [{"text": f"{a} plus {b} is {a + b}. The answer is {a + b}", "correct": True, "reference": True,
+                      "logp_sum": -5.0}]
+            for delta in rng.choice([-2, -1, 1, 2], size=3, replace=False):
+                x = a + b + int(delta)
+                cands.append({"text": f"{a} plus {b} is {x}. The answer is {x}", "correct": False, "logp_sum": -6.0})
+            f.write(json.dumps({"id": q, "prompt": f"What is {a} plus {b}?\n", "answer": str(a + b),
+                                "candidates": cands}) + "\n")
