@@ -3,11 +3,14 @@
 from aft_jax.config import ConfigError, LlamaConfig, RopeScaling
 from aft_jax.hf import from_pretrained, save_pretrained
 from aft_jax.hf_files import CheckpointError
+from aft_jax import losses
 from aft_jax.model import KVCache, Llama, create_model, init_cache
+from aft_jax.sampling import generate
+from aft_jax.scoring import sequence_scores
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ConfigError", "KVCache", "Llama", "LlamaConfig", "RopeScaling",
-    "create_model", "from_pretrained", "init_cache", "save_pretrained",
+    "create_model", "from_pretrained", "generate", "init_cache", "losses", "save_pretrained", "sequence_scores",
 ]

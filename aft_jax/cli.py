@@ -34,18 +34,33 @@ def _demo(args) -> None:
     run_demo(args.data_dir, args.num_questions)
 
 
-def _train(args) -> None:
-    from aft_jax.train import run_training
+def _load(args):
     from aft_jax.train_config import load_config
 
     try:
-        config = load_config(args.config, args.overrides)
+        return load_config(args.config, args.overrides)
     except (KeyError, ValueError, FileNotFoundError) as err:
         raise SystemExit(f"aft-jax {args.command}: {err.args[0] if err.args else err}") from None
+
+
+def _train(args) -> None:
+    from aft_jax.train import run_training
+
+    config = _load(args)
     if args.command == "vft":
         with config.unlocked():
             config.loss.method = "vft"
     print(f"exported the final model to {run_training(config)}")
+
+
+def _sample(args) -> None:
+    from aft_jax.candidates import sample_candidates
+    from aft_jax.runtime import mesh_from_config, model_from_config
+
+    config = _load(args)
+    mesh = mesh_from_config(config.train.mesh)
+    model, tokenizer = model_from_config(config.model, mesh, seed=config.seed)
+    print(f"groups written to {sample_candidates(config, model, tokenizer)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,11 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="allow loading pickled *.bin weights (runs code from the file: trusted files only)")
     convert.set_defaults(run=_convert)
 
-    for name, text in (("vft", "step 1: vanilla fine-tuning on (question, reference) pairs"),
-                       ("aft", "step 3: alignment fine-tuning on candidate groups (or a baseline: loss.method)")):
-        train = sub.add_parser(name, help=text, description=f"{text}. Override any config key with --config.KEY=VALUE.")
-        train.add_argument("--config", required=True, help="preset file, e.g. configs/tiny.py")
-        train.set_defaults(run=_train)
+    for name, text, run in (
+            ("vft", "step 1: vanilla fine-tuning on (question, reference) pairs", _train),
+            ("sample", "step 2: sample, label and score candidate groups with the VFT model", _sample),
+            ("aft", "step 3: alignment fine-tuning on candidate groups (or a baseline: loss.method)", _train)):
+        command = sub.add_parser(name, help=text, description=f"{text}. Override any config key with --config.KEY=VALUE.")
+        command.add_argument("--config", required=True, help="preset file, e.g. configs/tiny.py")
+        command.set_defaults(run=run)
 
     demo = sub.add_parser("demo", help="port SmolLM2-135M and score correct vs. wrong GSM8K solutions")
     demo.add_argument("--data-dir", default=None, help="benchmark data folder (default: $AFT_DATA_DIR)")
@@ -80,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     args, extra = parser.parse_known_args(argv)
     overrides = [a[len("--config."):] for a in extra if a.startswith("--config.")]
     unknown = [a for a in extra if not a.startswith("--config.")]
-    if unknown or (overrides and args.command not in ("vft", "aft")):
+    if unknown or (overrides and not hasattr(args, "config")):
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     args.overrides = overrides
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

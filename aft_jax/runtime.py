@@ -15,24 +15,31 @@ def mesh_from_config(spec: str):
     return sharding.make_mesh(spec)
 
 
-def load_tokenizer(name: str):
-    from transformers import AutoTokenizer
-
+def resolve_model_path(name: str) -> str:
+    """"smollm2" names the built-in SmolLM2-135M checkpoint; anything else is a folder or hub name."""
     if name == "smollm2":
         from aft_jax.smollm2 import smollm2_checkpoint
 
-        name = str(smollm2_checkpoint())
-    return AutoTokenizer.from_pretrained(name)
+        return str(smollm2_checkpoint())
+    return name
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(name))
 
 
 def model_from_config(model_cfg, mesh, seed: int = 0):
-    """`(model, tokenizer)`: loaded from `model.path`, or randomly initialised from `model.random`."""
+    """`(model, tokenizer)`: loaded from `model.path` ("smollm2" names the built-in checkpoint), or randomly
+    initialised from `model.random`."""
     from aft_jax.hf import from_pretrained
     from aft_jax.model import create_model
 
     if model_cfg.path:
-        model, tokenizer = from_pretrained(model_cfg.path, dtype=model_cfg.dtype, compute_dtype=model_cfg.compute_dtype,
-                                           mesh=mesh, remat_policy=model_cfg.remat_policy)
+        model, tokenizer = from_pretrained(resolve_model_path(model_cfg.path), dtype=model_cfg.dtype,
+                                           compute_dtype=model_cfg.compute_dtype, mesh=mesh,
+                                           remat_policy=model_cfg.remat_policy)
         if model_cfg.tokenizer:
             tokenizer = load_tokenizer(model_cfg.tokenizer)
         if tokenizer is None:

@@ -117,6 +117,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def mesh_of(tree) -> Mesh:
+    """The mesh the (first) array of `tree` lives on; a one-device mesh for unsharded arrays."""
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(getattr(leaf, "sharding", None), NamedSharding):
+            return leaf.sharding.mesh
+    return single_device_mesh()
+
+
 def is_on_mesh(x: jax.Array, mesh: Mesh) -> bool:
     return isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
 

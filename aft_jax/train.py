@@ -17,7 +17,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from aft_jax import sharding
-from aft_jax.data import DataError, GroupBatcher, GroupEncoder, read_training_file
+from aft_jax.data import Candidate, DataError, Group, GroupBatcher, GroupEncoder, read_training_file
 from aft_jax.objective import finalize_metrics, normalisers, objective
 from aft_jax.runtime import mesh_from_config, model_from_config
 
@@ -54,20 +54,24 @@ def make_train_step(graphdef, loss_cfg, tx, schedule, grad_accum: int):
     def loss_fn(params, micro, norm):
         return objective(nnx.merge(graphdef, params), micro, norm, loss_cfg)
 
-    def train_step(state: TrainState, batch: dict):
-        norm = normalisers(batch, loss_cfg)
+    def gradients(params, batch, norm):
+        """Summed statistics and gradients, accumulated over micro-batches when grad_accum > 1."""
+        if grad_accum == 1:
+            (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, norm)
+            return grads, sums
         micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1),
                              batch)
 
         def accumulate(carry, micro_batch):
-            grads, sums = carry
-            (_, micro_sums), micro_grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, micro_batch, norm)
-            return (jax.tree.map(jnp.add, grads, micro_grads), jax.tree.map(jnp.add, sums, micro_sums)), None
+            (_, micro_sums), micro_grads = jax.value_and_grad(loss_fn, has_aux=True)(params, micro_batch, norm)
+            return jax.tree.map(jnp.add, carry, (micro_grads, micro_sums)), None
 
-        zero_grads = jax.tree.map(jnp.zeros_like, state.params)
-        zero_sums = jax.eval_shape(lambda: loss_fn(state.params, jax.tree.map(lambda x: x[0], micro), norm)[1])
-        zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_sums)
-        (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), micro)
+        zero_sums = jax.eval_shape(lambda: loss_fn(params, jax.tree.map(lambda x: x[0], micro), norm)[1])
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (params, zero_sums))
+        return jax.lax.scan(accumulate, zeros, micro)[0]
+
+    def train_step(state: TrainState, batch: dict):
+        grads, sums = gradients(state.params, batch, normalisers(batch, loss_cfg))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = finalize_metrics(sums) | {"grad_norm": global_norm(grads), "lr": schedule(state.step)}
@@ -167,10 +171,23 @@ def run_training(config) -> Path:
     return export_final(state, graphdef, tokenizer, run_dir, config)
 
 
+def training_groups(config, tokenizer) -> list[Group]:
+    """`data.train_file` if set; for VFT without one, the task's training split as (prompt, reference)."""
+    if config.data.train_file:
+        return read_training_file(config.data.train_file)
+    if config.loss.method != "vft":
+        raise ValueError(f"loss.method={config.loss.method!r} trains on candidate groups: set data.train_file to the "
+                         "output of `aft-jax sample`")
+    from aft_jax.candidates import load_examples, task_from_config
+
+    task = task_from_config(config)
+    return [Group(e.id, task.prompt(e, config.task.template, tokenizer), e.answer,
+                  (Candidate(e.target, correct=True, level=1, reference=True),))
+            for e in load_examples(config, config.task.train_split)]
+
+
 def make_batcher(config, tokenizer) -> GroupBatcher:
-    if not config.data.train_file:
-        raise ValueError("set data.train_file (a groups or VFT pairs JSONL file or folder)")
-    groups = read_training_file(config.data.train_file)
+    groups = training_groups(config, tokenizer)
     if config.loss.method == "dpo":
         missing = [g.id for g in groups for c in g.candidates if c.logp_sum is None]
         if missing:
@@ -180,8 +197,7 @@ def make_batcher(config, tokenizer) -> GroupBatcher:
     group_size = 1 if only_reference else config.data.group_size
     encoder = GroupEncoder(tokenizer, config.data.max_length, group_size, config.data.truncation, only_reference)
     encoded = [e for e in (encoder.encode(g) for g in groups) if e is not None]
-    log.info("data %s: %d groups, %s", config.data.train_file, len(encoded), dict(encoder.counts))
-    print(f"data: {len(encoded)} of {len(groups)} groups kept; {dict(sorted(encoder.counts.items()))}")
+    log.info("data: %d of %d groups kept; %s", len(encoded), len(groups), dict(sorted(encoder.counts.items())))
     return GroupBatcher(encoded, batch_size=config.train.batch_size, group_size=group_size,
                         max_length=config.data.max_length, pad_id=tokenizer.pad_token_id or 0, seed=config.seed,
                         pad_multiple=config.data.pad_multiple, shuffle=config.data.shuffle)

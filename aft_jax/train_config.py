@@ -27,8 +27,28 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.random = ml_collections.ConfigDict(
         {"hidden_size": 0, "intermediate_size": 0, "num_layers": 0, "num_heads": 0, "num_kv_heads": 0, "head_dim": 0})
 
+    c.task = ml_collections.ConfigDict()
+    c.task.name = "gsm8k"  # gsm8k | gsm8k_rank | aqua_rat | ecqa | synthetic
+    c.task.data_dir = ""  # the benchmark data folder; empty: $AFT_DATA_DIR
+    c.task.template = "alpaca"  # alpaca | plain | chat
+    c.task.train_split = "train"
+    c.task.eval_split = "test"
+    c.task.limit = -1  # > 0: use only the first N training questions
+    c.task.synthetic_train = 2000  # sizes of the generated synthetic splits
+    c.task.synthetic_test = 200
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.k = 6  # samples per training question
+    c.sample.temperature = 1.0
+    c.sample.top_k = 0
+    c.sample.top_p = 1.0
+    c.sample.max_new_tokens = 256
+    c.sample.batch_size = 32  # rows (question x sample) per decode batch
+    c.sample.shard_size = 256  # questions per groups shard
+    c.sample.out_dir = ""  # empty: <run_dir>/groups
+
     c.data = ml_collections.ConfigDict()
-    c.data.train_file = ""  # groups JSONL (file or folder of shards) or a VFT pairs JSONL
+    c.data.train_file = ""  # groups (file or folder of shards) or VFT pairs; empty for VFT: the task's train split
     c.data.max_length = 512
     c.data.group_size = 8  # K: candidate slots per group (6 samples + reference + room)
     c.data.truncation = "completion"  # completion | drop

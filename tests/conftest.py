@@ -12,11 +12,12 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("AFT_DATA_DIR", str(REPO.parent / "shared" / "data"))
 
 
 def data_dir() -> Path:
-    """The shared benchmark data: $AFT_DATA_DIR, else ../shared/data beside the checkout."""
-    return Path(os.environ.get("AFT_DATA_DIR", REPO.parent / "shared" / "data"))
+    """The shared benchmark data: $AFT_DATA_DIR, by default ../shared/data beside the checkout."""
+    return Path(os.environ["AFT_DATA_DIR"])
 
 
 @pytest.fixture(scope="session")

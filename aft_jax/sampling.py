@@ -1,0 +1,147 @@
+"""Sampling with the KV cache: a jitted prefill and a jitted `lax.while_loop` decode.
+
+Each row stops on its own at any EOS id (later positions are `pad_id`); the loop exits as soon as every
+row has stopped. Prompts are left-padded; positions come from the attention mask, so padding does not
+change what a row generates. `filter_logits` and `sample_next` are pure and tested on their own.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from aft_jax import sharding
+from aft_jax.model import init_cache
+
+
+class SamplingParams(NamedTuple):
+    max_new_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    eos_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+
+
+def filter_logits(logits_bv, top_k: int = 0, top_p: float = 1.0):
+    """Sets to -inf every token outside the top `top_k` (exactly k, ties by index) and outside the smallest
+    set of most probable tokens whose probability reaches `top_p`."""
+    if top_k > 0 and top_k < logits_bv.shape[-1]:
+        _, keep_idx = jax.lax.top_k(logits_bv, top_k)
+        keep = jnp.zeros(logits_bv.shape, bool).at[jnp.arange(logits_bv.shape[0])[:, None], keep_idx].set(True)
+        logits_bv = jnp.where(keep, logits_bv, -jnp.inf)
+    if top_p < 1.0:
+        order = jnp.argsort(-logits_bv, axis=-1, stable=True)
+        sorted_logits = jnp.take_along_axis(logits_bv, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep_sorted = mass_before < top_p
+        keep = jnp.zeros(logits_bv.shape, bool).at[jnp.arange(logits_bv.shape[0])[:, None], order].set(keep_sorted)
+        logits_bv = jnp.where(keep, logits_bv, -jnp.inf)
+    return logits_bv
+
+
+def sample_next(logits_bv, rng, params: SamplingParams):
+    """The next token per row: argmax at temperature 0, else a draw from softmax(filtered logits / T)."""
+    if params.temperature == 0.0:
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    logits_bv = filter_logits(logits_bv.astype(jnp.float32) / params.temperature, params.top_k, params.top_p)
+    return jax.random.categorical(rng, logits_bv, axis=-1).astype(jnp.int32)
+
+
+def _decode(graphdef, params: SamplingParams, state, prompt_ids_bt, prompt_mask_bt, rng):
+    """Prefill, then decode until every row has emitted an EOS or `max_new_tokens` are done.
+    Returns `tokens_bn` (pad after EOS) and `lengths_b` (tokens generated, EOS included)."""
+    model = nnx.merge(graphdef, state)
+    b, t = prompt_ids_bt.shape
+    n = params.max_new_tokens
+    cache = init_cache(model.config, b, t + n)
+    logits, cache = model(prompt_ids_bt, prompt_mask_bt, cache=cache)
+    eos = jnp.asarray(params.eos_ids or (-1,), jnp.int32)
+
+    def cond(carry):
+        step, _, _, _, done_b, _ = carry
+        return (step < n) & ~jnp.all(done_b)
+
+    def body(carry):
+        step, cache, last_logits, tokens_bn, done_b, rng = carry
+        rng, key = jax.random.split(rng)
+        token_b = jnp.where(done_b, params.pad_id, sample_next(last_logits, key, params))
+        tokens_bn = jax.lax.dynamic_update_slice(tokens_bn, token_b[:, None], (0, step))
+        done_b = done_b | jnp.isin(token_b, eos)
+        logits, cache = model(token_b[:, None], jnp.ones((b, 1), jnp.int32), cache=cache)
+        return step + 1, cache, logits[:, -1], tokens_bn, done_b, rng
+
+    tokens = jnp.full((b, n), params.pad_id, jnp.int32)
+    carry = (jnp.zeros((), jnp.int32), cache, logits[:, -1], tokens, jnp.zeros((b,), bool), rng)
+    _, _, _, tokens, _, _ = jax.lax.while_loop(cond, body, carry)
+    is_eos = jnp.isin(tokens, eos)
+    first_eos = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1, n)
+    return tokens, first_eos
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_decode(graphdef, params: SamplingParams):
+    return jax.jit(functools.partial(_decode, graphdef, params))
+
+
+def sample_token_ids(model, prompt_ids_bt, prompt_mask_bt, params: SamplingParams, rng):
+    """Runs the jitted sampler on left-padded prompts; returns NumPy `(tokens [B, N], lengths [B])`."""
+    graphdef, state = nnx.split(model)
+    mesh = sharding.mesh_of(state)
+    ids = jax.device_put(np.asarray(prompt_ids_bt, np.int32), sharding.batch_sharding(mesh, 2))
+    mask = jax.device_put(np.asarray(prompt_mask_bt, np.int32), sharding.batch_sharding(mesh, 2))
+    tokens, lengths = _compiled_decode(graphdef, params)(state, ids, mask, rng)
+    return np.asarray(tokens), np.asarray(lengths)
+
+
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, num_samples: int = 1, seed: int = 0, batch_size: int = 32,
+             pad_multiple: int = 64) -> list[list[str]]:
+    """`num_samples` completions per prompt (text after the prompt, without the EOS), seeded.
+
+    Prompts are tokenised as the tokenizer does by default (BOS included where it adds one), left-padded
+    to a multiple of `pad_multiple`, and decoded in batches of `batch_size` rows.
+    """
+    rows = [p for p in prompts for _ in range(num_samples)]
+    encoded = [tokenizer(p)["input_ids"] for p in rows]
+    params = sampling_params(model, tokenizer, max_new_tokens, temperature, top_k, top_p)
+    texts: list[str] = []
+    rng = jax.random.key(seed)
+    for start in range(0, len(rows), batch_size):
+        chunk = encoded[start:start + batch_size]
+        ids, mask = left_pad(chunk, batch_size, params.pad_id, pad_multiple)
+        tokens, lengths = sample_token_ids(model, ids, mask, params, jax.random.fold_in(rng, start))
+        for row in range(len(chunk)):
+            texts.append(decode_completion(tokenizer, tokens[row], lengths[row], params.eos_ids))
+    return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+
+
+def sampling_params(model, tokenizer, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0) -> SamplingParams:
+    eos_ids = tuple(sorted(set(model.config.eos_token_ids) | ({tokenizer.eos_token_id} - {None})))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    return SamplingParams(int(max_new_tokens), float(temperature), int(top_k), float(top_p), eos_ids, int(pad_id))
+
+
+def left_pad(sequences: list[list[int]], rows: int, pad_id: int, multiple: int = 1):
+    """`(ids [rows, T], mask [rows, T])`, each sequence right-aligned; missing rows are a single pad token
+    (masked out), so the batch shape, and the compiled program, stay fixed."""
+    longest = max(len(s) for s in sequences)
+    t = -(-longest // multiple) * multiple
+    ids = np.full((rows, t), pad_id, np.int32)
+    mask = np.zeros((rows, t), np.int32)
+    for r, seq in enumerate(sequences):
+        ids[r, t - len(seq):] = seq
+        mask[r, t - len(seq):] = 1
+    mask[len(sequences):, -1] = 1  # a filler row still needs one visible token
+    return ids, mask
+
+
+def decode_completion(tokenizer, tokens_n, length: int, eos_ids) -> str:
+    kept = [int(t) for t in tokens_n[:length] if int(t) not in eos_ids]
+    return tokenizer.decode(kept, skip_special_tokens=True)

@@ -1,0 +1,35 @@
+"""GSM8K-RANK (ours): GSM8K with graded feedback for the ranking losses.
+
+level 3: correct answer; 2: wrong answer but at least half of the reference's intermediate results (the
+values in its `<<a=b>>` notes) appear in the text; 1: some answer extracted; 0: none.
+"""
+
+from __future__ import annotations
+
+import re
+
+from aft_jax.tasks.base import all_numbers, parse_number
+from aft_jax.tasks.gsm8k import GSM8K
+
+NOTE_RESULT = re.compile(r"<<[^<>=]*=([^<>]*)>>")
+
+
+def intermediate_results(solution: str) -> list[float]:
+    values = (parse_number(m.group(1)) for m in NOTE_RESULT.finditer(solution))
+    return [v for v in values if v is not None]
+
+
+class GSM8KRank(GSM8K):
+    name = "gsm8k_rank"
+
+    def level(self, text, example):
+        predicted = self.extract_answer(text)
+        if predicted is None:
+            return 0
+        if self.answers_match(predicted, example.answer):
+            return 3
+        wanted = intermediate_results(example.meta.get("solution", ""))
+        present = set(all_numbers(text))
+        if wanted and 2 * sum(any(abs(v - p) < 1e-6 for p in present) for v in wanted) >= len(wanted):
+            return 2
+        return 1

@@ -1,0 +1,165 @@
+"""One AFT train step (1 group of K = 7 candidates x 256 tokens, AFT-BC + VFT, AdamW) on SmolLM2-135M:
+aft_jax against the same step written with PyTorch + transformers, on the same batch, in one run.
+
+    .venv/bin/python benchmarks/train_step_vs_torch.py [--steps 5] [--k 7] [--length 256]
+
+Each side runs in its own process (so peak RSS is its own); prints tokens/s and peak memory for both and
+the ratios, and writes them to benchmarks/results/train_step_remat_<policy>.json. `--remat full`
+(default) rematerialises every layer on both sides (torch: gradient checkpointing); `--remat none` neither.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+BETA = 0.1
+
+
+def make_batch(k: int, length: int, vocab: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    prompt = length // 4
+    ids = rng.integers(10, vocab, size=(1, k, length)).astype(np.int32)
+    ids[:, :, :prompt] = ids[:, :1, :prompt]  # one shared question
+    attention = np.ones((1, k, length), np.int32)
+    completion = np.zeros((1, k, length), np.int32)
+    completion[:, :, prompt:] = 1
+    is_pos = np.zeros((1, k), bool)
+    is_pos[0, :3] = True
+    return {"input_ids": ids, "attention_mask": attention, "completion_mask": completion, "valid": np.ones((1, k), bool),
+            "is_pos": is_pos, "is_neg": ~is_pos, "is_reference": np.eye(1, k, dtype=bool),
+            "levels": is_pos.astype(np.int32), "ref_logp_sum": np.zeros((1, k), np.float32)}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_jax(args, checkpoint: str) -> dict:
+    import jax
+    from flax import nnx
+
+    import aft_jax
+    from aft_jax import sharding
+    from aft_jax.train import build_optimizer, compile_step, init_state, make_train_step, shard_batch
+    from aft_jax.train_config import default_config
+
+    mesh = sharding.single_device_mesh()
+    model, _ = aft_jax.from_pretrained(checkpoint, mesh=mesh, remat_policy=args.remat)
+    cfg = default_config()
+    cfg.loss.update(method="aft", constraint="boundary", beta=BETA)
+    tx, schedule = build_optimizer(cfg.optim, total_steps=100)
+    state = init_state(model, tx, 0, mesh)
+    step = compile_step(make_train_step(nnx.graphdef(model), cfg.loss, tx, schedule, 1), state, mesh)
+    del model
+    batch = shard_batch(make_batch(args.k, args.length, 49152), mesh)
+    times, losses = [], []
+    for i in range(args.steps + 1):
+        began = time.perf_counter()
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+        if i:  # the first step compiles
+            times.append(time.perf_counter() - began)
+    return {"impl": "aft_jax", "step_s": float(np.median(times)), "losses": losses, "peak_rss_mb": peak_rss_mb(),
+            "jax": jax.__version__}
+
+
+def run_torch(args, checkpoint: str) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    model.train()
+    if args.remat != "none":
+        model.gradient_checkpointing_enable()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    batch = {k: torch.from_numpy(v) for k, v in make_batch(args.k, args.length, 49152).items()}
+    b, k, t = batch["input_ids"].shape
+    ids = batch["input_ids"].reshape(b * k, t).long()
+    attention = batch["attention_mask"].reshape(b * k, t)
+    completion = batch["completion_mask"].reshape(b * k, t)[:, 1:].float()
+
+    def loss_fn():
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None])[..., 0] * completion
+        scores = (logp.sum(-1) / completion.sum(-1)).reshape(b, k)
+        vft = -(logp.reshape(b, k, -1)[batch["is_reference"]]).sum() / completion.reshape(b, k, -1)[batch["is_reference"]].sum()
+        pos, neg = scores[0][batch["is_pos"][0]], scores[0][batch["is_neg"][0]]
+        bound = pos.min() - BETA
+        target = (2 * bound - pos).detach()
+        terms = torch.cat([(neg[None, :] - pos[:, None]).flatten(), (target[:, None] - neg[None, :]).flatten(),
+                           torch.zeros(1)])
+        return vft + torch.logsumexp(terms, 0)
+
+    times, losses = [], []
+    for i in range(args.steps + 1):
+        began = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss))
+        if i:
+            times.append(time.perf_counter() - began)
+    return {"impl": "torch", "step_s": float(np.median(times)), "losses": losses, "peak_rss_mb": peak_rss_mb(),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--k", type=int, default=7)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--remat", default="full",
+                        help="aft_jax remat policy (none, full, dots, ...); torch uses gradient checkpointing unless none")
+    parser.add_argument("--impl", choices=["jax", "torch"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    from aft_jax.smollm2 import smollm2_checkpoint
+
+    checkpoint = str(smollm2_checkpoint())
+    if args.impl:
+        result = (run_jax if args.impl == "jax" else run_torch)(args, checkpoint)
+        print("RESULT " + json.dumps(result))
+        return
+    results = {}
+    for impl in ("jax", "torch"):
+        cmd = [sys.executable, __file__, "--impl", impl, "--steps", str(args.steps), "--k", str(args.k),
+               "--length", str(args.length), "--remat", args.remat]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ)).stdout
+        results[impl] = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
+    tokens = args.k * args.length
+    jax_r, torch_r = results["jax"], results["torch"]
+    summary = {
+        "shape": {"groups": 1, "k": args.k, "length": args.length, "model": "SmolLM2-135M", "remat": args.remat},
+        "aft_jax": {"tokens_per_s": tokens / jax_r["step_s"], "peak_rss_mb": jax_r["peak_rss_mb"], "step_s": jax_r["step_s"]},
+        "torch": {"tokens_per_s": tokens / torch_r["step_s"], "peak_rss_mb": torch_r["peak_rss_mb"], "step_s": torch_r["step_s"]},
+        "first_loss": {"aft_jax": jax_r["losses"][0], "torch": torch_r["losses"][0]},
+        "cpu_count": os.cpu_count(),
+    }
+    summary["speed_ratio"] = summary["aft_jax"]["tokens_per_s"] / summary["torch"]["tokens_per_s"]
+    summary["memory_ratio"] = summary["aft_jax"]["peak_rss_mb"] / summary["torch"]["peak_rss_mb"]
+    print(f"{'':10} {'tokens/s':>10} {'peak RSS MB':>12} {'step s':>8} {'first loss':>11}")
+    for name in ("aft_jax", "torch"):
+        r = summary[name]
+        print(f"{name:10} {r['tokens_per_s']:>10.1f} {r['peak_rss_mb']:>12.0f} {r['step_s']:>8.2f} "
+              f"{summary['first_loss'][name]:>11.5f}")
+    print(f"speed ratio (aft_jax / torch): {summary['speed_ratio']:.2f}x; "
+          f"peak memory ratio: {summary['memory_ratio']:.2f}x")
+    out = Path(__file__).parent / "results" / f"train_step_remat_{args.remat}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

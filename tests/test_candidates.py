@@ -1,0 +1,81 @@
+"""Step 2: candidate groups are labelled and scored, and an interrupted run writes the same groups file."""
+
+import json
+
+import numpy as np
+import pytest
+
+from aft_jax import sharding
+from aft_jax.candidates import label_group, sample_candidates
+from aft_jax.data import read_groups
+from aft_jax.runtime import model_from_config
+from aft_jax.tasks import get_task
+from aft_jax.train_config import load_config
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(smollm2_dir):
+    config = load_config(REPO / "configs" / "tiny.py", [
+        "task.name=synthetic", "task.limit=5", "task.template=plain", "sample.k=3", "sample.max_new_tokens=6",
+        "sample.shard_size=2", "sample.batch_size=8", "data.max_length=96"])
+    model, tokenizer = model_from_config(config.model, sharding.make_mesh("fsdp"), seed=0)
+    return config, model, tokenizer
+
+
+def _files(directory):
+    return {p.name: p.read_text() for p in sorted(directory.glob("shard-*.jsonl"))}
+
+
+def test_interrupted_sampling_gives_the_same_groups(tmp_path, tiny_setup):
+    config, model, tokenizer = tiny_setup
+    with config.unlocked():
+        config.sample.out_dir = str(tmp_path / "straight")
+    straight = sample_candidates(config, model, tokenizer)
+    with config.unlocked():
+        config.sample.out_dir = str(tmp_path / "interrupted")
+    sample_candidates(config, model, tokenizer, stop_after_shards=1)
+    assert len(_files(tmp_path / "interrupted")) == 1 and not (tmp_path / "interrupted" / "stats.json").exists()
+    (tmp_path / "interrupted" / "shard-00001.jsonl.tmp").write_text("half a line")  # as a kill mid-write leaves
+    resumed = sample_candidates(config, model, tokenizer)
+    assert _files(resumed) == _files(straight) and len(_files(straight)) == 3
+
+    groups = read_groups(straight)
+    assert [g.id for g in groups] == [f"synthetic-train-{i}" for i in range(5)]
+    for group in groups:
+        reference = group.candidates[0]
+        assert reference.reference and reference.correct
+        assert 1 <= len(group.candidates) <= 4
+        texts = [" ".join(c.text.split()) for c in group.candidates]
+        assert len(set(texts)) == len(texts), "no duplicates within a group"
+        for c in group.candidates:
+            assert c.logp_sum <= 0 and c.logp_mean <= 0 and np.isfinite(c.logp_sum)
+    stats = json.loads((straight / "stats.json").read_text())
+    assert stats["groups"] == 5 and 0 <= stats["duplicate_rate"] <= 1 and stats["generated_tokens_per_s"] > 0
+
+
+def test_scores_in_groups_match_sequence_scores(tmp_path, tiny_setup):
+    import aft_jax
+
+    config, model, tokenizer = tiny_setup
+    with config.unlocked():
+        config.sample.out_dir = str(tmp_path / "g")
+    group = read_groups(sample_candidates(config, model, tokenizer))[0]
+    cand = group.candidates[0]
+    prompt = tokenizer(group.prompt)["input_ids"]
+    tokens = prompt + tokenizer(cand.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = np.array([tokens], np.int32)
+    completion = np.zeros_like(ids)
+    completion[0, len(prompt):] = 1
+    mean, total = aft_jax.sequence_scores(model, ids, np.ones_like(ids), completion)
+    np.testing.assert_allclose([cand.logp_mean, cand.logp_sum], [float(mean[0]), float(total[0])], rtol=1e-4)
+
+
+def test_labelling_dedupes_and_keeps_the_reference():
+    task = get_task("synthetic")
+    example = task.load("train", limit=1)[0]
+    samples = [example.target, "1 + 1 = 2\n#### 2", " 1 +  1 = 2\n####   2", f"#### {example.answer}"]
+    group, duplicates = label_group(task, example, "prompt", samples)
+    assert duplicates == 2
+    assert [c.reference for c in group.candidates] == [True, False, False]
+    assert [c.correct for c in group.candidates] == [True, example.answer == "2", True]

@@ -1,0 +1,100 @@
+"""Answer extraction and checking on a table of tricky cases, and every task's real data loading."""
+
+import pytest
+
+from aft_jax.tasks import format_prompt, get_task
+from aft_jax.tasks.choice import extract_option_letter
+from aft_jax.tasks.gsm8k import extract_number_answer
+
+NUMBER_CASES = [
+    ("so she has 5 + 3 = 8 apples.\n#### 8", "8"),
+    ("#### 1,080", "1080"),
+    ("The total is $1,234.50 in the end.\n#### $1,234.50", "1234.5"),
+    ("#### 18.00", "18"),
+    ("#### 72.", "72"),
+    ("The answer is -7.", "-7"),
+    ("It drops by 3 to 4 degrees.\n#### -3", "-3"),
+    ("first #### 5 then corrected\n#### 6", "6"),
+    ("The answer is: 42 apples", "42"),
+    ("the answer is $ 15", "15"),
+    ("We get 12 and then 0.5 of it is 6", "6"),
+    ("#### \n The answer is 9", "9"),
+    ("no digits at all", None),
+    ("#### .5", "0.5"),
+    ("__import__('os').system('echo pwned') #### 3", "3"),
+]
+
+
+@pytest.mark.parametrize("text,expected", NUMBER_CASES)
+def test_number_extraction(text, expected):
+    assert extract_number_answer(text) == expected
+
+
+@pytest.mark.parametrize("text,gold,correct", [
+    ("#### 18.00", "18", True), ("#### 1,080", "1080", True), ("The answer is $5.", "5", True),
+    ("#### 17", "18", False), ("nothing here", "3", False), ("#### -2", "2", False), ("#### 2.5", "2.50", True),
+])
+def test_gsm8k_is_correct(text, gold, correct):
+    assert get_task("gsm8k").is_correct(text, gold) is correct
+
+
+LETTER_CASES = [
+    ("Speed is 600. The answer is C.", "C"),
+    ("so the answer is (B)", "B"),
+    ("Answer: D", "D"),
+    ("The correct answer is E)", "E"),
+    ("the answer is: option A", "A"),
+    ("A train runs 60 km. Hence (C) is right", "C"),
+    ("A car goes fast. Option B) fits", "B"),
+    ("A man walks.", None),
+    ("The answer is B. Wait, the answer is D", "D"),
+    ("answer is c", "C"),
+]
+
+
+@pytest.mark.parametrize("text,expected", LETTER_CASES)
+def test_option_letter_extraction(text, expected):
+    assert extract_option_letter(text) == expected
+
+
+def test_gsm8k_rank_levels():
+    task = get_task("gsm8k_rank")
+    [example] = [e for e in task.load("train", limit=1)]
+    assert example.answer == "72"
+    assert task.level("48/2 = 24 in May, 48+24 = 72 in total. #### 72", example) == 3
+    assert task.level("48/2 = 24 in May, so 48+24 = 73.\n#### 73", example) == 2  # 24 of {24, 72}: half
+    assert task.level("She sold 100.\n#### 100", example) == 1
+    assert task.level("I do not know", example) == 0
+
+
+@pytest.mark.parametrize("name,split,count", [
+    ("gsm8k", "test", 1319), ("aqua_rat", "train", 2728), ("aqua_rat", "test", 254), ("ecqa", "test", 2194),
+])
+def test_real_data_loads_and_references_are_correct(name, split, count):
+    task = get_task(name)
+    examples = task.load(split)
+    assert len(examples) == count
+    assert all(task.is_correct(e.target, e.answer) for e in examples)
+
+
+def test_ecqa_uses_answer_key_and_lists_options():
+    example = get_task("ecqa").load("train", limit=1)[0]
+    assert example.answer in "ABCDE" and "(A)" in example.question and "(E)" in example.question
+
+
+def test_synthetic_is_seeded_and_has_several_orders():
+    task = get_task("synthetic", num_train=300)
+    a, b = task.load("train"), get_task("synthetic", num_train=300).load("train")
+    assert a == b
+    assert a != get_task("synthetic", num_train=300, seed=1).load("train")
+    assert all(task.is_correct(e.target, e.answer) for e in a)
+    first_steps = {e.target.splitlines()[0].split(" ")[1] for e in a}
+    assert {"+", "-", "*"} <= first_steps, "references start with different kinds of step"
+    assert not set(e.question for e in a) & set(e.question for e in task.load("test"))
+
+
+def test_prompt_templates():
+    assert format_prompt("Q?", "alpaca").endswith("### Instruction:\nQ?\n\n### Response:\n")
+    assert format_prompt("Q?", "plain") == "Question: Q?\nAnswer: "
+    with pytest.raises(ValueError, match="template"):
+        format_prompt("Q?", "fancy")
