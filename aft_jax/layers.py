@@ -55,11 +55,12 @@ class Attention(nnx.Module):
         self.v_proj = make_param(rngs, config, (d, kv, hd), ("embed", "kv_heads", "head_dim"), stack)
         self.o_proj = make_param(rngs, config, (h, hd, d), ("q_heads", "head_dim", "embed"), stack)
 
-    def __call__(self, x_btd, cos_btd, sin_btd, mask_bts, kv_cache=None, cache_end=None):
-        """Returns the attention output `[B, T, D]` and the updated `(keys, values)` cache (or None).
+    def __call__(self, x_btd, cos_btd, sin_btd, mask_btt, kv_cache=None, cache_mask_bts=None):
+        """Returns the attention output `[B, T, D]` and this call's keys/values `[B, T, Hkv, Dh]`.
 
-        With a cache, the new keys/values are written at slots `[cache_end, cache_end + T)` and the
-        queries attend to all S cache slots under `mask_bts`.
+        The queries attend to this call's own tokens under `mask_btt` and, with a cache (this layer's
+        `(keys, values)` `[B, S, Hkv, Dh]`), to the cached slots under `cache_mask_bts`, in one softmax.
+        The cache is only read here; the caller stores the new keys/values.
         """
         dt = self.dtype
         q_bthk = jnp.einsum("btd,dhk->bthk", x_btd, self.q_proj[...].astype(dt))
@@ -67,26 +68,28 @@ class Attention(nnx.Module):
         v_btgk = jnp.einsum("btd,dgk->btgk", x_btd, self.v_proj[...].astype(dt))
         q_bthk = apply_rope(q_bthk, cos_btd, sin_btd)
         k_btgk = apply_rope(k_btgk, cos_btd, sin_btd)
+        blocks = [(k_btgk, v_btgk, mask_btt)]
         if kv_cache is not None:
-            keys, values = kv_cache
-            start = (0, cache_end, 0, 0)
-            k_btgk = jax.lax.dynamic_update_slice(keys, k_btgk.astype(keys.dtype), start)
-            v_btgk = jax.lax.dynamic_update_slice(values, v_btgk.astype(values.dtype), start)
-            kv_cache = (k_btgk, v_btgk)
-        out_bthk = grouped_attention(q_bthk, k_btgk.astype(dt), v_btgk.astype(dt), mask_bts)
-        return jnp.einsum("bthk,hkd->btd", out_bthk, self.o_proj[...].astype(dt)), kv_cache
+            blocks.insert(0, (kv_cache[0].astype(dt), kv_cache[1].astype(dt), cache_mask_bts))
+        out_bthk = grouped_attention(q_bthk, blocks)
+        return jnp.einsum("bthk,hkd->btd", out_bthk, self.o_proj[...].astype(dt)), (k_btgk, v_btgk)
 
 
-def grouped_attention(q_bthk, k_bsgk, v_bsgk, mask_bts):
-    """softmax(q k^T / sqrt(head_dim) + mask) v, with the softmax in float32 and K/V shared by head groups."""
+def grouped_attention(q_bthk, blocks):
+    """softmax(q k^T / sqrt(head_dim) + mask) v over the keys of every `(k_bsgk, v_bsgk, mask_bts)` block
+    jointly, the softmax in float32; each key/value head serves a group of query heads."""
     b, t, h, hd = q_bthk.shape
-    groups = k_bsgk.shape[2]
+    groups = blocks[0][0].shape[2]
     q_btgrk = q_bthk.reshape(b, t, groups, h // groups, hd)
-    logits = jnp.einsum("btgrk,bsgk->bgrts", q_btgrk, k_bsgk, preferred_element_type=jnp.float32)
-    logits = logits * (hd ** -0.5)
-    logits = jnp.where(mask_bts[:, None, None, :, :], logits, _MASKED)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_bsgk.dtype)
-    out = jnp.einsum("bgrts,bsgk->btgrk", probs, v_bsgk)
+    logits = [jnp.where(mask[:, None, None], jnp.einsum("btgrk,bsgk->bgrts", q_btgrk, k,
+                                                         preferred_element_type=jnp.float32) * (hd ** -0.5), _MASKED)
+              for k, _, mask in blocks]
+    probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1)
+    out, offset = 0.0, 0
+    for k, v, _ in blocks:
+        part = probs[..., offset:offset + k.shape[1]].astype(v.dtype)
+        out = out + jnp.einsum("bgrts,bsgk->btgrk", part, v)
+        offset += k.shape[1]
     return out.reshape(b, t, h, hd)
 
 
@@ -116,7 +119,7 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config, rngs=rngs, stack=stack)
         self.mlp = MLP(config, rngs=rngs, stack=stack)
 
-    def __call__(self, x_btd, cos_btd, sin_btd, mask_bts, kv_cache=None, cache_end=None):
-        attn_out, kv_cache = self.attn(self.attn_norm(x_btd), cos_btd, sin_btd, mask_bts, kv_cache, cache_end)
+    def __call__(self, x_btd, cos_btd, sin_btd, mask_btt, kv_cache=None, cache_mask_bts=None):
+        attn_out, new_kv = self.attn(self.attn_norm(x_btd), cos_btd, sin_btd, mask_btt, kv_cache, cache_mask_bts)
         x_btd = x_btd + attn_out
-        return x_btd + self.mlp(self.mlp_norm(x_btd)), kv_cache
+        return x_btd + self.mlp(self.mlp_norm(x_btd)), new_kv

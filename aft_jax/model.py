@@ -74,20 +74,15 @@ class Llama(nnx.Module):
         cfg = self.config
         b, t = input_ids_bt.shape
         mask_bt = jnp.ones((b, t), bool) if attention_mask_bt is None else attention_mask_bt.astype(bool)
+        mask_btt = jnp.tril(jnp.ones((t, t), bool))[None] & mask_bt[:, None, :]
         if cache is None:
-            offset_b = jnp.zeros((b,), jnp.int32)
-            valid_bs, cache_end, kv = mask_bt, None, None
-            slot_s = query_slot_t = jnp.arange(t)
+            offset_b, kv, cache_mask_bts = jnp.zeros((b,), jnp.int32), None, None
         else:
             offset_b = jnp.sum(cache.valid_bs, axis=-1, dtype=jnp.int32)
-            cache_end = cache.end
-            valid_bs = jax.lax.dynamic_update_slice(cache.valid_bs, mask_bt, (0, cache_end))
             kv = (cache.keys, cache.values)
-            slot_s = jnp.arange(cache.valid_bs.shape[1])
-            query_slot_t = cache_end + jnp.arange(t)
+            cache_mask_bts = cache.valid_bs[:, None, :]  # unwritten slots are never valid
         if positions_bt is None:
             positions_bt = jnp.maximum(offset_b[:, None] + jnp.cumsum(mask_bt, axis=-1) - 1, 0)
-        mask_bts = (slot_s[None, :] <= query_slot_t[:, None])[None] & valid_bs[:, None, :]
         cos_btd, sin_btd = rope_tables(positions_bt, inverse_frequencies(cfg))
 
         x_btd = jnp.take(self.embed[...], input_ids_bt, axis=0).astype(cfg.dtype)
@@ -96,14 +91,23 @@ class Llama(nnx.Module):
 
         def layer(x_btd, layer_inputs):
             layer_state, layer_kv = layer_inputs
-            x_btd, layer_kv = nnx.merge(block_def, layer_state)(x_btd, cos_btd, sin_btd, mask_bts, layer_kv, cache_end)
+            block = nnx.merge(block_def, layer_state)
+            x_btd, new_kv = block(x_btd, cos_btd, sin_btd, mask_btt, layer_kv, cache_mask_bts)
             x_btd = sharding.constrain(x_btd, ("activation_batch", "activation_length", "activation_embed"))
-            return x_btd, layer_kv
+            return x_btd, (new_kv if kv is not None else None)
 
         if cfg.remat_policy != "none":
             layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
-        x_btd, kv = jax.lax.scan(layer, x_btd, (block_state, kv))
-        new_cache = None if cache is None else KVCache(kv[0], kv[1], valid_bs, cache_end + t)
+        # The cache is read layer by layer; only this call's new slots come out of the scan, and are
+        # written into the cache with one update (in place inside a decode loop).
+        x_btd, new_kv = jax.lax.scan(layer, x_btd, (block_state, kv))
+        new_cache = None
+        if cache is not None:
+            start = (0, 0, cache.end, 0, 0)
+            keys = jax.lax.dynamic_update_slice(cache.keys, new_kv[0].astype(cache.keys.dtype), start)
+            values = jax.lax.dynamic_update_slice(cache.values, new_kv[1].astype(cache.values.dtype), start)
+            valid_bs = jax.lax.dynamic_update_slice(cache.valid_bs, mask_bt, (0, cache.end))
+            new_cache = KVCache(keys, values, valid_bs, cache.end + t)
         return self.final_norm(x_btd), new_cache
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from aft_jax import sharding
-from aft_jax.model import init_cache
+from aft_jax.model import KVCache, init_cache
 
 
 class SamplingParams(NamedTuple):
@@ -47,21 +47,36 @@ def filter_logits(logits_bv, top_k: int = 0, top_p: float = 1.0):
 
 
 def sample_next(logits_bv, rng, params: SamplingParams):
-    """The next token per row: argmax at temperature 0, else a draw from softmax(filtered logits / T)."""
+    """The next token per row: argmax at temperature 0, else a draw from softmax(filtered logits / T) by
+    inverting the CDF with one uniform number per row (token i covers `[cdf_{i-1}, cdf_i)`, so a token of
+    probability 0 is never drawn)."""
     if params.temperature == 0.0:
         return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
     logits_bv = filter_logits(logits_bv.astype(jnp.float32) / params.temperature, params.top_k, params.top_p)
-    return jax.random.categorical(rng, logits_bv, axis=-1).astype(jnp.int32)
+    cdf_bv = jnp.cumsum(jax.nn.softmax(logits_bv, axis=-1), axis=-1)
+    u_b1 = jax.random.uniform(rng, (logits_bv.shape[0], 1)) * cdf_bv[:, -1:]
+    token_b = jnp.sum(cdf_bv <= u_b1, axis=-1)
+    return jnp.minimum(token_b, logits_bv.shape[-1] - 1).astype(jnp.int32)
 
 
-def _decode(graphdef, params: SamplingParams, state, prompt_ids_bt, prompt_mask_bt, rng):
-    """Prefill, then decode until every row has emitted an EOS or `max_new_tokens` are done.
-    Returns `tokens_bn` (pad after EOS) and `lengths_b` (tokens generated, EOS included)."""
+def repeat_rows(cache: KVCache, logits_bv, times: int):
+    """Each prompt's cache row (and last logits) repeated `times`: samples of one prompt share its prefill."""
+    if times == 1:
+        return cache, logits_bv
+    cache = KVCache(jnp.repeat(cache.keys, times, axis=1), jnp.repeat(cache.values, times, axis=1),
+                    jnp.repeat(cache.valid_bs, times, axis=0), cache.end)
+    return cache, jnp.repeat(logits_bv, times, axis=0)
+
+
+def _decode(graphdef, params: SamplingParams, num_samples: int, state, prompt_ids_qt, prompt_mask_qt, rng, cache):
+    """Prefill each of Q prompts once into the empty `cache`, then decode `num_samples` rows per prompt
+    until every row has emitted an EOS or `max_new_tokens` are done. Returns `tokens_bn`
+    (B = Q * num_samples, pad after EOS) and `lengths_b` (tokens generated, EOS included)."""
     model = nnx.merge(graphdef, state)
-    b, t = prompt_ids_bt.shape
-    n = params.max_new_tokens
-    cache = init_cache(model.config, b, t + n)
-    logits, cache = model(prompt_ids_bt, prompt_mask_bt, cache=cache)
+    q = prompt_ids_qt.shape[0]
+    b, n = q * num_samples, params.max_new_tokens
+    logits, cache = model(prompt_ids_qt, prompt_mask_qt, cache=cache)
+    cache, last_logits = repeat_rows(cache, logits[:, -1], num_samples)
     eos = jnp.asarray(params.eos_ids or (-1,), jnp.int32)
 
     def cond(carry):
@@ -78,7 +93,7 @@ def _decode(graphdef, params: SamplingParams, state, prompt_ids_bt, prompt_mask_
         return step + 1, cache, logits[:, -1], tokens_bn, done_b, rng
 
     tokens = jnp.full((b, n), params.pad_id, jnp.int32)
-    carry = (jnp.zeros((), jnp.int32), cache, logits[:, -1], tokens, jnp.zeros((b,), bool), rng)
+    carry = (jnp.zeros((), jnp.int32), cache, last_logits, tokens, jnp.zeros((b,), bool), rng)
     _, _, _, tokens, _, _ = jax.lax.while_loop(cond, body, carry)
     is_eos = jnp.isin(tokens, eos)
     first_eos = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1, n)
@@ -86,17 +101,23 @@ def _decode(graphdef, params: SamplingParams, state, prompt_ids_bt, prompt_mask_
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_decode(graphdef, params: SamplingParams):
-    return jax.jit(functools.partial(_decode, graphdef, params))
+def _compiled_decode(graphdef, params: SamplingParams, num_samples: int):
+    return jax.jit(functools.partial(_decode, graphdef, params, num_samples))
 
 
-def sample_token_ids(model, prompt_ids_bt, prompt_mask_bt, params: SamplingParams, rng):
-    """Runs the jitted sampler on left-padded prompts; returns NumPy `(tokens [B, N], lengths [B])`."""
+def sample_token_ids(model, prompt_ids_qt, prompt_mask_qt, params: SamplingParams, rng, num_samples: int = 1):
+    """Runs the jitted sampler on left-padded prompts; returns NumPy `(tokens [Q * num_samples, N],
+    lengths [Q * num_samples])`, the samples of prompt q in rows `q * num_samples ...`."""
     graphdef, state = nnx.split(model)
     mesh = sharding.mesh_of(state)
-    ids = jax.device_put(np.asarray(prompt_ids_bt, np.int32), sharding.batch_sharding(mesh, 2))
-    mask = jax.device_put(np.asarray(prompt_mask_bt, np.int32), sharding.batch_sharding(mesh, 2))
-    tokens, lengths = _compiled_decode(graphdef, params)(state, ids, mask, rng)
+    ids, mask = (sharding.shard_rows(np.asarray(x, np.int32), mesh) for x in (prompt_ids_qt, prompt_mask_qt))
+    q, t = ids.shape
+    # Built outside the jitted function: inside it, an all-empty cache is a constant XLA tries to fold.
+    cache = init_cache(model.config, q, t + params.max_new_tokens)
+    kv_axes = ("layers", "batch", None, "kv_heads", "head_dim")
+    cache = KVCache(sharding.put_logical(cache.keys, kv_axes, mesh), sharding.put_logical(cache.values, kv_axes, mesh),
+                    sharding.put_logical(cache.valid_bs, ("batch", None), mesh), sharding.put_logical(cache.end, (), mesh))
+    tokens, lengths = _compiled_decode(graphdef, params, num_samples)(state, ids, mask, rng, cache)
     return np.asarray(tokens), np.asarray(lengths)
 
 
@@ -106,20 +127,22 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempe
     """`num_samples` completions per prompt (text after the prompt, without the EOS), seeded.
 
     Prompts are tokenised as the tokenizer does by default (BOS included where it adds one), left-padded
-    to a multiple of `pad_multiple`, and decoded in batches of `batch_size` rows.
+    to a multiple of `pad_multiple`, and decoded `batch_size // num_samples` prompts (at least one) at a
+    time; the samples of a prompt share one prefill.
     """
-    rows = [p for p in prompts for _ in range(num_samples)]
-    encoded = [tokenizer(p)["input_ids"] for p in rows]
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
     params = sampling_params(model, tokenizer, max_new_tokens, temperature, top_k, top_p)
-    texts: list[str] = []
+    per_batch = max(1, batch_size // num_samples)
     rng = jax.random.key(seed)
-    for start in range(0, len(rows), batch_size):
-        chunk = encoded[start:start + batch_size]
-        ids, mask = left_pad(chunk, batch_size, params.pad_id, pad_multiple)
-        tokens, lengths = sample_token_ids(model, ids, mask, params, jax.random.fold_in(rng, start))
-        for row in range(len(chunk)):
-            texts.append(decode_completion(tokenizer, tokens[row], lengths[row], params.eos_ids))
-    return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+    results: list[list[str]] = []
+    for start in range(0, len(prompts), per_batch):
+        chunk = encoded[start:start + per_batch]
+        ids, mask = left_pad(chunk, per_batch, params.pad_id, pad_multiple)
+        tokens, lengths = sample_token_ids(model, ids, mask, params, jax.random.fold_in(rng, start), num_samples)
+        for q in range(len(chunk)):
+            rows = range(q * num_samples, (q + 1) * num_samples)
+            results.append([decode_completion(tokenizer, tokens[r], lengths[r], params.eos_ids) for r in rows])
+    return results
 
 
 def sampling_params(model, tokenizer, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0) -> SamplingParams:

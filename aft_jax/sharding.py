@@ -113,6 +113,16 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
 
 
+def put_logical(x, axes: Sequence[str | None], mesh: Mesh) -> jax.Array:
+    """Puts `x` on `mesh`, sharded by logical axis names (as far as the mesh divides each dimension)."""
+    return jax.device_put(x, NamedSharding(mesh, logical_to_spec(axes, np.shape(x), mesh)))
+
+
+def shard_rows(x, mesh: Mesh) -> jax.Array:
+    """Puts `x` on `mesh` with its leading (batch) axis split over data x fsdp as far as it divides."""
+    return put_logical(x, ("batch",) + (None,) * (np.ndim(x) - 1), mesh)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

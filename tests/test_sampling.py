@@ -112,3 +112,15 @@ def test_seeded_sampling_is_reproducible(smollm2_dir):
     c = aft_jax.generate(model, tokenizer, ["Tom has 3 apples.", "Count to five:"], seed=8, **kwargs)
     assert a == b and a != c
     assert len(a) == 2 and all(len(samples) == 3 for samples in a)
+
+
+def test_sharded_sampling_equals_single_device():
+    from aft_jax import sharding
+
+    prompts = [[5, 7, 11], [13, 17, 19, 23, 29], [31, 37], [41, 43, 47, 53]]
+    ids, mask = left_pad(prompts, 4, pad_id=0, multiple=8)
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, top_k=20, pad_id=0)
+    single, _ = sample_token_ids(tiny_model(seed=6), ids, mask, params, jax.random.key(3), num_samples=2)
+    mesh = sharding.make_mesh((2, 2, 2))
+    sharded, _ = sample_token_ids(tiny_model(mesh, seed=6), ids, mask, params, jax.random.key(3), num_samples=2)
+    np.testing.assert_array_equal(single, sharded)
