@@ -105,13 +105,14 @@ def group_statistics(groups: list[Group], duplicates: int, samples: int) -> dict
     }
 
 
-def sample_candidates(config, model, tokenizer, *, stop_after_shards: int | None = None) -> Path:
+def sample_candidates(config, model, tokenizer, *, examples: list[Example] | None = None,
+                      out_dir: str | Path | None = None, stop_after_shards: int | None = None) -> Path:
     """Writes `<out_dir>/shard-NNNNN.jsonl` (with a `.meta.json` of its counts and timing) for every shard
-    not yet complete, then `stats.json`.
+    not yet complete, then `stats.json`. Questions: `examples`, by default the task's training split.
     `stop_after_shards` ends the run early (as an interruption would) after that many new shards."""
     task = task_from_config(config)
-    examples = load_examples(config, config.task.train_split)
-    out_dir = Path(config.sample.out_dir or Path(config.run_dir) / "groups")
+    examples = examples if examples is not None else load_examples(config, config.task.train_split)
+    out_dir = Path(out_dir or config.sample.out_dir or Path(config.run_dir) / "groups")
     out_dir.mkdir(parents=True, exist_ok=True)
     s = config.sample
     shard_count = -(-len(examples) // s.shard_size)

@@ -6,6 +6,7 @@ An aft_jax model folder holds `config.json` (HF layout), the tokenizer files and
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -29,6 +30,19 @@ def save_params(path: str | Path, model: Llama) -> Path:
         checkpointer.save(path, state)
         checkpointer.wait_until_finished()
     return path
+
+
+def save_model_folder(model: Llama, tokenizer, out_dir: str | Path) -> Path:
+    """An aft_jax model folder: `config.json` (HF layout), the tokenizer files and `params/` (Orbax)."""
+    out_dir = Path(out_dir)
+    if (out_dir / "params").exists():
+        raise FileExistsError(f"{out_dir / 'params'}: already exists; choose an empty destination")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))
+    (out_dir / "config.json").write_text(json.dumps(model.config.to_hf_config(), indent=2) + "\n")
+    save_params(out_dir / "params", model)  # last: its presence marks the folder complete
+    return out_dir
 
 
 def restore_model(path: str | Path, config: LlamaConfig, mesh, rules=None) -> Llama:

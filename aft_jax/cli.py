@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import json
 import sys
 from pathlib import Path
 
@@ -18,13 +17,10 @@ def _convert(args) -> None:
     if args.to == "hf":
         aft_jax.save_pretrained(model, tokenizer, dst)
     else:
-        if (dst / "params").exists():
-            raise SystemExit(f"{dst / 'params'}: already exists; choose an empty destination")
-        dst.mkdir(parents=True, exist_ok=True)
-        checkpoint.save_params(dst / "params", model)
-        (dst / "config.json").write_text(json.dumps(model.config.to_hf_config(), indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(dst))
+        try:
+            checkpoint.save_model_folder(model, tokenizer, dst)
+        except FileExistsError as err:
+            raise SystemExit(str(err)) from None
     print(f"wrote {args.to} model to {dst}")
 
 
@@ -63,6 +59,12 @@ def _sample(args) -> None:
     print(f"groups written to {sample_candidates(config, model, tokenizer)}")
 
 
+def _pipeline(args) -> None:
+    from aft_jax.pipeline import run_pipeline
+
+    run_pipeline(_load(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aft-jax", description="Alignment Fine-Tuning for Llama-family models in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text, run in (
             ("vft", "step 1: vanilla fine-tuning on (question, reference) pairs", _train),
             ("sample", "step 2: sample, label and score candidate groups with the VFT model", _sample),
-            ("aft", "step 3: alignment fine-tuning on candidate groups (or a baseline: loss.method)", _train)):
+            ("aft", "step 3: alignment fine-tuning on candidate groups (or a baseline: loss.method)", _train),
+            ("pipeline", "all three steps, then evaluation and a comparison report, in one run directory",
+             _pipeline)):
         command = sub.add_parser(name, help=text, description=f"{text}. Override any config key with --config.KEY=VALUE.")
         command.add_argument("--config", required=True, help="preset file, e.g. configs/tiny.py")
         command.set_defaults(run=run)

@@ -3,7 +3,6 @@ with explicit shardings and a donated state, and the loop around it (data, loggi
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -205,16 +204,13 @@ def make_batcher(config, tokenizer) -> GroupBatcher:
 
 def export_final(state: TrainState, graphdef, tokenizer, run_dir: Path, config) -> Path:
     """The params-only model for the next step: `run_dir/model` (and `run_dir/model_hf` if asked)."""
-    from aft_jax.checkpoint import save_params
+    from aft_jax.checkpoint import save_model_folder
     from aft_jax.hf import save_pretrained
 
     model = nnx.merge(graphdef, state.params)
     out = run_dir / "model"
     if not (out / "params").exists():
-        out.mkdir(parents=True, exist_ok=True)
-        save_params(out / "params", model)
-        (out / "config.json").write_text(json.dumps(model.config.to_hf_config(), indent=2) + "\n")
-        tokenizer.save_pretrained(str(out))
+        save_model_folder(model, tokenizer, out)
     if config.checkpoint.export_hf:
         save_pretrained(model, tokenizer, run_dir / "model_hf")
     return out

@@ -47,6 +47,20 @@ def default_config() -> ml_collections.ConfigDict:
     c.sample.shard_size = 256  # questions per groups shard
     c.sample.out_dir = ""  # empty: <run_dir>/groups
 
+    c.eval = ml_collections.ConfigDict()
+    c.eval.limit = 200  # test questions for accuracy and self-consistency (<= 0: all)
+    c.eval.max_new_tokens = 256
+    c.eval.sc_k = 8  # samples per question for self-consistency
+    c.eval.sc_temperature = 0.7
+    c.eval.group_questions = 100  # test questions whose sampled groups measure assessment accuracy
+    c.eval.batch_size = 64
+
+    c.pipeline = ml_collections.ConfigDict()
+    c.pipeline.methods = "aft_bc,aft_dc,rft"  # alignment runs after VFT; see aft_jax.pipeline.METHOD_PRESETS
+    c.pipeline.init_from = "base"  # base | vft: where each alignment run starts
+    c.pipeline.vft_epochs = 3
+    c.pipeline.align_epochs = 3
+
     c.data = ml_collections.ConfigDict()
     c.data.train_file = ""  # groups (file or folder of shards) or VFT pairs; empty for VFT: the task's train split
     c.data.max_length = 512

@@ -1,6 +1,6 @@
 """synthetic (ours): multi-step arithmetic word problems generated from a seed, with no files.
 
-A start amount and 2-4 events (buy boxes of items, give away, find, eat). The events commute, so any
+A start amount and 2-3 events (buy boxes of items, give away, find, eat). The events commute, so any
 order of the steps is a valid chain of thought; each reference solution uses its own seeded order, one
 line per step (`a + b = c`), then `#### N`. Running totals never go negative in any order.
 """
@@ -20,17 +20,17 @@ SPLIT_SEEDS = {"train": 0, "test": 1_000_003}
 def make_problem(rng: random.Random) -> tuple[str, list[str], int, list[str]]:
     """`(question, reference steps, answer, all step lines of this problem)` for one problem."""
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    start = rng.randint(5, 20)
+    start = rng.randint(5, 12)
     events = []
-    for _ in range(rng.randint(2, 4)):
+    for _ in range(rng.randint(2, 3)):
         kind = rng.choice(["buy", "give", "find"])
         if kind == "buy":
-            boxes, each = rng.randint(2, 5), rng.randint(2, 6)
+            boxes, each = rng.randint(2, 3), rng.randint(2, 5)
             events.append((f"buys {boxes} boxes with {each} {item} in each box", boxes * each, f"{boxes} * {each}"))
         elif kind == "give":
-            events.append((f"gives away {(d := rng.randint(1, 5))} {item}", -d, None))
+            events.append((f"gives away {(d := rng.randint(1, 4))} {item}", -d, None))
         else:
-            events.append((f"finds {(e := rng.randint(1, 9))} more {item}", e, None))
+            events.append((f"finds {(e := rng.randint(1, 6))} more {item}", e, None))
     story = ". ".join(f"Then {name} {text}" if k else f"{name} {text}" for k, (text, _, _) in enumerate(events))
     question = f"{name} has {start} {item}. {story}. How many {item} does {name} have now?"
     order = list(range(len(events)))

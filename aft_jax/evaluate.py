@@ -1,0 +1,137 @@
+"""Metrics of AFT_METHOD section 6 and the report.
+
+- accuracy: greedy decoding on test questions, exact match of the extracted answer;
+- self-consistency: majority vote over `sc_k` samples at temperature `sc_temperature`;
+- assessment accuracy (macro and micro) and perplexity `exp(-mean s)` of positive and of negative
+  chains of thought, on held-out groups sampled once from test questions and scored by each model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from aft_jax.candidates import score_groups
+from aft_jax.data import Group
+from aft_jax.sampling import generate
+from aft_jax.tasks import Example, Task
+
+
+def majority_vote(answers: list[str | None]) -> str | None:
+    """The most frequent extracted answer (ties: the one seen first); None if none was extracted."""
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(a for a in answers if a is not None and counts[a] == best)
+
+
+def group_assessment(groups: list[Group]) -> dict:
+    """Assessment accuracy (pairs `s_p > s_n`) and perplexities from candidates' `logp_mean`."""
+    per_group, right, total = [], 0, 0
+    pos, neg = [], []
+    for g in groups:
+        p = [c.logp_mean for c in g.candidates if c.correct]
+        n = [c.logp_mean for c in g.candidates if not c.correct]
+        pos += p
+        neg += n
+        if p and n:
+            wins = sum(sp > sn for sp in p for sn in n)
+            per_group.append(wins / (len(p) * len(n)))
+            right, total = right + wins, total + len(p) * len(n)
+    return {
+        "assess_macro": float(np.mean(per_group)) if per_group else float("nan"),
+        "assess_micro": right / total if total else float("nan"),
+        "ppl_pos": float(np.exp(-np.mean(pos))) if pos else float("nan"),
+        "ppl_neg": float(np.exp(-np.mean(neg))) if neg else float("nan"),
+        "pos_scores": pos, "neg_scores": neg,
+    }
+
+
+def evaluate_model(config, task: Task, model, tokenizer, examples: list[Example], groups: list[Group]) -> dict:
+    e = config.eval
+    prompts = [task.prompt(x, config.task.template, tokenizer) for x in examples]
+    greedy = generate(model, tokenizer, prompts, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+    correct = [task.is_correct(out[0], x.answer) for out, x in zip(greedy, examples)]
+    sampled = generate(model, tokenizer, prompts, max_new_tokens=e.max_new_tokens, temperature=e.sc_temperature,
+                       num_samples=e.sc_k, seed=config.seed + 1, batch_size=e.batch_size)
+    votes = [majority_vote([task.extract_answer(t) for t in outs]) for outs in sampled]
+    consistent = [v is not None and task.answers_match(v, x.answer) for v, x in zip(votes, examples)]
+    rescored = score_groups(model, tokenizer, groups, max_length=config.data.max_length, batch_size=e.batch_size)
+    return {"accuracy": float(np.mean(correct)), "self_consistency": float(np.mean(consistent)),
+            "questions": len(examples), **group_assessment(rescored),
+            "examples": [{"question": x.question, "greedy": out[0], "correct": c}
+                         for x, out, c in zip(examples[:5], greedy, correct)]}
+
+
+COLUMNS = [("accuracy", "accuracy"), ("self_consistency", "self-consistency"), ("assess_macro", "AAcc macro"),
+           ("assess_micro", "AAcc micro"), ("ppl_pos", "ppl pos"), ("ppl_neg", "ppl neg")]
+
+
+def comparison_table(results: dict[str, dict]) -> str:
+    """A Markdown table: one row per model, accuracies in %, perplexities as numbers."""
+    header = "| method | " + " | ".join(title for _, title in COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (len(COLUMNS) + 1)]
+    for name, r in results.items():
+        cells = [f"{100 * r[k]:.1f}" if k.startswith(("acc", "self", "assess")) else f"{r[k]:.3g}" for k, _ in COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_scores(results: dict[str, dict], path: Path) -> None:
+    """Histograms of positive vs negative COT scores per model: the picture of assessment misalignment."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.2), squeeze=False)
+    for ax, (name, r) in zip(axes[0], results.items()):
+        everything = r["pos_scores"] + r["neg_scores"]
+        bins = np.linspace(min(everything, default=-1), max(everything, default=0), 30)
+        ax.hist(r["neg_scores"], bins=bins, alpha=0.6, label="negative", color="tab:red")
+        ax.hist(r["pos_scores"], bins=bins, alpha=0.6, label="positive", color="tab:green")
+        ax.set_title(f"{name} (AAcc {100 * r['assess_micro']:.0f}%)")
+        ax.set_xlabel("score s(c) = mean log p")
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_training(curves: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for name, rows in curves.items():
+        steps = [r["step"] for r in rows]
+        axes[0].plot(steps, [r["loss"] for r in rows], label=name)
+        axes[1].plot(steps, [r.get("assess_micro") for r in rows], label=name)
+    axes[0].set_title("training loss")
+    axes[1].set_title("in-batch assessment accuracy")
+    for ax in axes:
+        ax.set_xlabel("step")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(run_dir: Path, results: dict[str, dict], curves: dict[str, list[dict]], extra: str = "") -> Path:
+    """metrics.json, report.md and plots/ in `run_dir`."""
+    plots = run_dir / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    plot_scores(results, plots / "scores.png")
+    plot_training(curves, plots / "training.png")
+    summary = {name: {k: v for k, v in r.items() if k not in ("pos_scores", "neg_scores")} for name, r in results.items()}
+    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    report = [f"# AFT pipeline report: {run_dir.name}", "", comparison_table(results), "", extra,
+              "", "![scores](plots/scores.png)", "", "![training](plots/training.png)", ""]
+    (run_dir / "report.md").write_text("\n".join(report))
+    return run_dir / "report.md"

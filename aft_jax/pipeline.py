@@ -1,0 +1,172 @@
+"""`aft-jax pipeline`: the three AFT steps and the evaluation, end to end, in one run directory.
+
+    <run_dir>/manifest.json      stages and their status
+    <run_dir>/tokenizer/         (when model.tokenizer = "build") a tokenizer trained on the task's text
+    <run_dir>/base/              (when model.path is empty) the random initial model every run starts from
+    <run_dir>/vft/               step 1: VFT run (checkpoints, metrics, model/)
+    <run_dir>/groups/train|eval  step 2: candidate groups of training / held-out test questions
+    <run_dir>/<method>/          step 3: one alignment run per method
+    <run_dir>/eval/<model>.json  metrics of each model
+    <run_dir>/report.md, metrics.json, plots/
+
+Each stage is skipped when its output is complete and resumes (from checkpoints or shards) when not.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from aft_jax import sharding
+from aft_jax.metrics import read_metrics
+
+METHOD_PRESETS = {
+    "aft_bc": {"method": "aft", "constraint": "boundary"},
+    "aft_dc": {"method": "aft", "constraint": "detach"},
+    "aft_none": {"method": "aft", "constraint": "none"},
+    "rft": {"method": "rft", "constraint": "none"},
+    **{f"{m}{suffix}": {"method": m, "constraint": c}
+       for m in ("rrhf", "pro", "dpo") for suffix, c in (("", "none"), ("_bc", "boundary"), ("_dc", "detach"))},
+}
+
+
+class Manifest:
+    """`manifest.json`: each stage's status (`running` / `done`) and timing."""
+
+    def __init__(self, run_dir: Path, config):
+        self.path = run_dir / "manifest.json"
+        self.data = json.loads(self.path.read_text()) if self.path.exists() else {"stages": {}}
+        self.data["config"] = json.loads(config.to_json_best_effort())
+        self._save()
+
+    def _save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
+        tmp.replace(self.path)
+
+    def stage(self, name: str, done: bool, run) -> None:
+        """Runs `run()` unless the stage's output is already complete (`done`)."""
+        entry = self.data["stages"].setdefault(name, {})
+        if done:
+            entry["status"] = "done"
+            print(f"[pipeline] {name}: complete, skipped")
+            self._save()
+            return
+        entry.update(status="running", started=time.time())
+        self._save()
+        print(f"[pipeline] {name}: running")
+        run()
+        entry.update(status="done", seconds=round(time.time() - entry["started"], 1))
+        self._save()
+
+
+def _sub_config(config, **sections):
+    """A copy of `config` with `{"section": {"key": value}}` changes."""
+    sub = config.copy_and_resolve_references()
+    with sub.unlocked():
+        for section, values in sections.items():
+            if isinstance(values, dict):
+                sub[section].update(values)
+            else:
+                sub[section] = values
+    return sub
+
+
+def _model_done(folder: Path) -> bool:
+    return (folder / "model" / "params").is_dir()
+
+
+def run_pipeline(config) -> dict:
+    """Runs every stage not yet complete; returns the evaluation results per model."""
+    from aft_jax.candidates import load_examples, sample_candidates, task_from_config
+    from aft_jax.checkpoint import save_model_folder
+    from aft_jax.data import read_groups
+    from aft_jax.evaluate import comparison_table, evaluate_model, write_report
+    from aft_jax.hf import from_pretrained
+    from aft_jax.runtime import mesh_from_config, model_from_config
+    from aft_jax.train import run_training
+
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(run_dir, config)
+    methods = [m.strip() for m in config.pipeline.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHOD_PRESETS]
+    if unknown:
+        raise ValueError(f"pipeline.methods: unknown {unknown}; known: {', '.join(METHOD_PRESETS)}")
+    mesh = mesh_from_config(config.train.mesh)
+    task = task_from_config(config)
+
+    if config.model.tokenizer == "build":
+        from aft_jax.task_tokenizer import train_task_tokenizer
+
+        folder = run_dir / "tokenizer"
+        texts = [task.prompt(e, config.task.template) + e.target for e in load_examples(config, config.task.train_split)]
+        manifest.stage("tokenizer", (folder / "tokenizer.json").exists(), lambda: train_task_tokenizer(texts, folder))
+        config = _sub_config(config, model={"tokenizer": str(folder)})
+
+    base = config.model.path
+    if not base:
+        base = str(run_dir / "base")
+
+        def make_base():
+            model, tokenizer = model_from_config(config.model, mesh, seed=config.seed)
+            save_model_folder(model, tokenizer, base)
+
+        manifest.stage("base", (Path(base) / "params").is_dir(), make_base)
+    base_model = {"path": base, "tokenizer": ""}
+
+    vft_dir = run_dir / "vft"
+    vft_config = _sub_config(config, run_dir=str(vft_dir), model=base_model, loss={"method": "vft"},
+                             data={"train_file": ""}, train={"num_epochs": config.pipeline.vft_epochs})
+    manifest.stage("vft", _model_done(vft_dir), lambda: run_training(vft_config))
+    vft_model_dir = str(vft_dir / "model")
+
+    sampler_config = _sub_config(config, model={"path": vft_model_dir, "tokenizer": ""})
+    groups_train, groups_eval = run_dir / "groups" / "train", run_dir / "groups" / "eval"
+    loaded: dict = {}
+
+    def vft_model():
+        if "vft" not in loaded:
+            loaded["vft"] = from_pretrained(vft_model_dir, mesh=mesh)
+        return loaded["vft"]
+
+    manifest.stage("sample_train", (groups_train / "stats.json").exists(),
+                   lambda: sample_candidates(sampler_config, *vft_model(), out_dir=groups_train))
+    held_out = load_examples(config, config.task.eval_split)[: max(config.eval.group_questions, 0)]
+    manifest.stage("sample_eval", (groups_eval / "stats.json").exists(),
+                   lambda: sample_candidates(sampler_config, *vft_model(), examples=held_out, out_dir=groups_eval))
+    loaded.clear()
+
+    start = base if config.pipeline.init_from == "base" else vft_model_dir
+    for name in methods:
+        method_config = _sub_config(config, run_dir=str(run_dir / name), model={"path": start, "tokenizer": ""},
+                                    loss=METHOD_PRESETS[name], data={"train_file": str(groups_train)},
+                                    train={"num_epochs": config.pipeline.align_epochs})
+        manifest.stage(name, _model_done(run_dir / name), lambda c=method_config: run_training(c))
+
+    limit = config.eval.limit if config.eval.limit > 0 else None
+    examples = task.load(config.task.eval_split, data_dir=config.task.data_dir or None, limit=limit)
+    eval_groups = read_groups(groups_eval)
+    results = {}
+    for name in ["vft", *methods]:
+        out = run_dir / "eval" / f"{name}.json"
+
+        def evaluate(name=name, out=out):
+            model, tokenizer = from_pretrained(run_dir / name / "model", mesh=mesh)
+            result = evaluate_model(config, task, model, tokenizer, examples, eval_groups)
+            out.parent.mkdir(exist_ok=True)
+            out.write_text(json.dumps(result) + "\n")
+
+        manifest.stage(f"eval_{name}", out.exists(), evaluate)
+        results[name] = json.loads(out.read_text())
+
+    stats = json.loads((groups_train / "stats.json").read_text())
+    extra = ("Training groups: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in stats.items()) + ".")
+    curves = {name: read_metrics(run_dir / name) for name in ["vft", *methods]}
+    report = write_report(run_dir, results, curves, extra)
+    print("\n" + comparison_table(results) + "\n")
+    print(f"report: {report}\nplots:  {run_dir / 'plots'}\nmetrics: {run_dir / 'metrics.json'}")
+    print(f"on {sharding.describe(mesh)}")
+    return results
