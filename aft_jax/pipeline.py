@@ -142,7 +142,9 @@ def run_pipeline(config) -> dict:
     for name in methods:
         method_config = _sub_config(config, run_dir=str(run_dir / name), model={"path": start, "tokenizer": ""},
                                     loss=METHOD_PRESETS[name], data={"train_file": str(groups_train)},
-                                    train={"num_epochs": config.pipeline.align_epochs})
+                                    train={"num_epochs": config.pipeline.align_epochs},
+                                    optim={"lr": config.pipeline.align_lr if config.pipeline.align_lr > 0
+                                           else config.optim.lr})
         manifest.stage(name, _model_done(run_dir / name), lambda c=method_config: run_training(c))
 
     limit = config.eval.limit if config.eval.limit > 0 else None

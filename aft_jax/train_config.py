@@ -60,6 +60,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.pipeline.init_from = "base"  # base | vft: where each alignment run starts
     c.pipeline.vft_epochs = 3
     c.pipeline.align_epochs = 3
+    c.pipeline.align_lr = -1.0  # peak learning rate of the alignment runs; negative: optim.lr
 
     c.data = ml_collections.ConfigDict()
     c.data.train_file = ""  # groups (file or folder of shards) or VFT pairs; empty for VFT: the task's train split

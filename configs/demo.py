@@ -33,6 +33,7 @@ def get_config():
     c.pipeline.init_from = "vft"
     c.pipeline.vft_epochs = 6
     c.pipeline.align_epochs = 1
+    c.pipeline.align_lr = 1e-3
     c.data.max_length = 128
     c.data.group_size = 5
     c.data.pad_multiple = 32

@@ -13,6 +13,13 @@ import pytest
 from conftest import REPO
 
 
+def _env():
+    """The pipeline's own process on the plain CPU device: sharding is tested elsewhere, speed matters here."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    return env
+
+
 def _pipeline(run_dir):
     return [sys.executable, "-m", "aft_jax.cli", "pipeline", "--config", str(REPO / "configs" / "tiny.py"),
             f"--config.run_dir={run_dir}"]
@@ -22,7 +29,7 @@ def _pipeline(run_dir):
 def straight_run(tmp_path_factory, smollm2_dir):
     run_dir = tmp_path_factory.mktemp("pipeline") / "straight"
     began = time.time()
-    subprocess.run(_pipeline(run_dir), check=True, capture_output=True)
+    subprocess.run(_pipeline(run_dir), check=True, capture_output=True, env=_env())
     return run_dir, time.time() - began
 
 
@@ -46,7 +53,7 @@ def test_pipeline_runs_every_stage_and_reports(straight_run):
 def test_killed_pipeline_resumes_to_the_same_result(straight_run, tmp_path):
     straight_dir, _ = straight_run
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(_pipeline(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_pipeline(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
     deadline = time.time() + 120
     while time.time() < deadline and not list((run_dir / "groups" / "train").glob("shard-00000.jsonl")):
         time.sleep(0.05)
@@ -54,7 +61,7 @@ def test_killed_pipeline_resumes_to_the_same_result(straight_run, tmp_path):
     proc.wait()
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["stages"]["sample_train"]["status"] == "running"
-    result = subprocess.run(_pipeline(run_dir), check=True, capture_output=True, text=True)
+    result = subprocess.run(_pipeline(run_dir), check=True, capture_output=True, text=True, env=_env())
     assert "vft: complete, skipped" in result.stdout
     assert json.loads((run_dir / "metrics.json").read_text()) == json.loads((straight_dir / "metrics.json").read_text())
     for shard in sorted((straight_dir / "groups" / "train").glob("shard-*.jsonl")):

@@ -16,7 +16,7 @@ from train_helpers import write_arithmetic_groups
 
 def _command(run_dir, groups, *extra):
     return [sys.executable, "-m", "aft_jax.cli", "aft", "--config", str(REPO / "configs" / "tiny.py"),
-            f"--config.data.train_file={groups}", f"--config.run_dir={run_dir}", *extra]
+            f"--config.data.train_file={groups}", f"--config.run_dir={run_dir}", "--config.train.max_steps=8", *extra]
 
 
 @pytest.fixture(scope="module")
