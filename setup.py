@@ -24,6 +24,8 @@ setup(
         "sentencepiece>=0.2",
         "huggingface_hub>=0.26",
         "tqdm>=4.66",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
     ],
     extras_require={
         "gguf": GGUF,

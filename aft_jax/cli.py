@@ -24,12 +24,6 @@ def _convert(args) -> None:
     print(f"wrote {args.to} model to {dst}")
 
 
-def _demo(args) -> None:
-    from aft_jax.demo import run_demo
-
-    run_demo(args.data_dir, args.num_questions)
-
-
 def _load(args):
     from aft_jax.train_config import load_config
 
@@ -89,10 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--config", required=True, help="preset file, e.g. configs/tiny.py")
         command.set_defaults(run=run)
 
-    demo = sub.add_parser("demo", help="port SmolLM2-135M and score correct vs. wrong GSM8K solutions")
-    demo.add_argument("--data-dir", default=None, help="benchmark data folder (default: $AFT_DATA_DIR)")
-    demo.add_argument("--num-questions", type=int, default=8)
-    demo.set_defaults(run=_demo)
     return parser
 
 

@@ -58,11 +58,16 @@ def evaluate_model(config, task: Task, model, tokenizer, examples: list[Example]
     correct = [task.is_correct(out[0], x.answer) for out, x in zip(greedy, examples)]
     sampled = generate(model, tokenizer, prompts, max_new_tokens=e.max_new_tokens, temperature=e.sc_temperature,
                        num_samples=e.sc_k, seed=config.seed + 1, batch_size=e.batch_size)
-    votes = [majority_vote([task.extract_answer(t) for t in outs]) for outs in sampled]
+    votes = [majority_vote([task.extract_for(t, x) for t in outs]) for outs, x in zip(sampled, examples)]
     consistent = [v is not None and task.answers_match(v, x.answer) for v, x in zip(votes, examples)]
     rescored = score_groups(model, tokenizer, groups, max_length=config.data.max_length, batch_size=e.batch_size)
+    per_task = {}
+    for name in sorted({x.meta.get("task") for x in examples} - {None}):
+        rows = [i for i, x in enumerate(examples) if x.meta.get("task") == name]
+        per_task[name] = {"accuracy": float(np.mean([correct[i] for i in rows])),
+                          "self_consistency": float(np.mean([consistent[i] for i in rows])), "questions": len(rows)}
     return {"accuracy": float(np.mean(correct)), "self_consistency": float(np.mean(consistent)),
-            "questions": len(examples), **group_assessment(rescored),
+            "questions": len(examples), "per_task": per_task, **group_assessment(rescored),
             "examples": [{"question": x.question, "greedy": out[0], "correct": c}
                          for x, out, c in zip(examples[:5], greedy, correct)]}
 
@@ -78,6 +83,17 @@ def comparison_table(results: dict[str, dict]) -> str:
     for name, r in results.items():
         cells = [f"{100 * r[k]:.1f}" if k.startswith(("acc", "self", "assess")) else f"{r[k]:.3g}" for k, _ in COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def per_task_table(results: dict[str, dict]) -> str:
+    """Accuracy per task for the multi-task mix (empty for a single task)."""
+    tasks = sorted({t for r in results.values() for t in r.get("per_task", {})})
+    if not tasks:
+        return ""
+    lines = ["| method | " + " | ".join(f"{t} accuracy" for t in tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
+    for name, r in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * r['per_task'][t]['accuracy']:.1f}" for t in tasks) + " |")
     return "\n".join(lines)
 
 
@@ -131,7 +147,7 @@ def write_report(run_dir: Path, results: dict[str, dict], curves: dict[str, list
     plot_training(curves, plots / "training.png")
     summary = {name: {k: v for k, v in r.items() if k not in ("pos_scores", "neg_scores")} for name, r in results.items()}
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-    report = [f"# AFT pipeline report: {run_dir.name}", "", comparison_table(results), "", extra,
+    report = [f"# AFT pipeline report: {run_dir.name}", "", comparison_table(results), "", per_task_table(results), extra,
               "", "![scores](plots/scores.png)", "", "![training](plots/training.png)", ""]
     (run_dir / "report.md").write_text("\n".join(report))
     return run_dir / "report.md"

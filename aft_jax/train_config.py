@@ -109,8 +109,10 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> ml_collections.ConfigDict:
-    """Loads `get_config()` from a preset file, locks it and applies `a.b=value` overrides."""
-    path = Path(path)
+    """Loads `get_config()` (or `get_config(arg)` for `file.py:arg`) from a preset file, locks it and
+    applies `a.b=value` overrides."""
+    path, _, arg = str(path).partition(".py:")
+    path = Path(path if not arg else path + ".py")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: config file not found")
     spec = importlib.util.spec_from_file_location(f"aft_jax_config_{path.stem}", path)
@@ -118,7 +120,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> ml_collections.C
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ValueError(f"{path}: a config file must define get_config()")
-    config = module.get_config()
+    config = module.get_config(arg) if arg else module.get_config()
     config.lock()
     for override in overrides:
         apply_override(config, override)

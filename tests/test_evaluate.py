@@ -47,3 +47,11 @@ def test_comparison_table_holds_the_numbers():
     table = comparison_table({"vft": row, "aft_bc": row | {"accuracy": 0.5}})
     assert "| vft | 45.7 | 50.0 | 70.0 | 71.0 | 1.23 | 4.56 |" in table
     assert "| aft_bc | 50.0 |" in table
+
+
+def test_per_task_table_for_the_mix():
+    from aft_jax.evaluate import per_task_table
+
+    row = {"per_task": {"gsm8k": {"accuracy": 0.25}, "ecqa": {"accuracy": 0.5}}}
+    assert "| vft | 50.0 | 25.0 |" in per_task_table({"vft": row})
+    assert per_task_table({"vft": {"per_task": {}}}) == ""

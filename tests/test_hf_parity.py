@@ -29,3 +29,18 @@ def test_config_fields_come_from_hf(tmp_path):
     assert cfg.eos_token_ids == (5, 7)
     assert cfg.rope_scaling.rope_type == "llama3" and cfg.rope_scaling.factor == 8.0
     assert aft_jax.LlamaConfig.from_hf_config(cfg.to_hf_config()) == cfg
+
+
+def test_bfloat16_parameters_and_compute(tmp_path):
+    hf_model = save_tiny("gqa_tied", tmp_path)
+    model, _ = aft_jax.from_pretrained(tmp_path, dtype="bfloat16")
+    assert model.embed[...].dtype == np.dtype("bfloat16") and model.config.dtype == "bfloat16"
+    ids, mask = padded_batch(np.random.default_rng(2), 97, [9, 6], "right")
+    got = np.asarray(model(ids, mask))
+    assert got.dtype == np.float32, "logits stay float32"
+    expected = hf_logits(hf_model, ids, mask)
+    real = mask.astype(bool)
+    scale = np.abs(expected[real]).max()
+    assert np.max(np.abs(got[real] - expected[real])) <= 0.05 * scale  # bfloat16 has 8 bits of mantissa
+    mixed, _ = aft_jax.from_pretrained(tmp_path, dtype="float32", compute_dtype="bfloat16")
+    assert mixed.embed[...].dtype == np.float32 and np.asarray(mixed(ids, mask)).dtype == np.float32

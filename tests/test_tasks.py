@@ -98,3 +98,28 @@ def test_prompt_templates():
     assert format_prompt("Q?", "plain") == "Question: Q?\nAnswer: "
     with pytest.raises(ValueError, match="template"):
         format_prompt("Q?", "fancy")
+
+
+def test_ecqa_hub_layout_maps_to_the_same_example():
+    task = get_task("ecqa")
+    local = task.load("test", limit=1)[0]
+    import json
+    from pathlib import Path
+    import os
+
+    record = json.loads((Path(os.environ["AFT_DATA_DIR"]) / "ecqa" / "test.jsonl").read_text().splitlines()[0])
+    hub = {"q_no": record["id"], "q_text": record["question"], "q_ans": record["answer_text"],
+           "taskB": record["explanation"], **{f"q_op{k + 1}": c["text"] for k, c in enumerate(record["choices"])}}
+    mapped = task.parse_record(hub, "hub:0", 0)
+    assert (mapped.question, mapped.target, mapped.answer) == (local.question, local.target, local.answer)
+
+
+def test_mix_checks_each_example_by_its_own_task():
+    task = get_task("mix")
+    examples = task.load("test", limit=3)
+    assert [e.meta["task"] for e in examples] == ["gsm8k"] * 3 + ["aqua_rat"] * 3 + ["ecqa"] * 3
+    assert all(task.is_correct(e.target, e.answer) for e in examples)
+    gsm, aqua = examples[0], examples[3]
+    assert task.extract_for("so 3 apples. The answer is B", aqua) == "B"
+    assert task.extract_for("so 3 apples. The answer is B", gsm) == "3"
+    assert not task.is_correct(f"#### {gsm.answer}", aqua.answer)

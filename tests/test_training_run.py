@@ -80,3 +80,18 @@ def test_malformed_groups_line_names_file_and_line(tmp_path):
     path.write_text(json.dumps(good) + "\n{not json\n")
     with pytest.raises(DataError, match=rf"{path}:2: invalid JSON"):
         read_groups(path)
+
+
+def test_paper_presets_load():
+    from aft_jax.presets import PAPER_MODELS, PAPER_TASKS
+    from aft_jax.train_config import load_config
+
+    for model in PAPER_MODELS:
+        for task in PAPER_TASKS:
+            config = load_config(f"{REPO}/configs/paper.py:{model}-{task}")
+            assert config.task.name == task and config.model.path == PAPER_MODELS[model][0]
+            assert config.optim.lr == 2e-5 and config.train.batch_size == 128 and config.data.max_length == 512
+    assert load_config(REPO / "configs" / "llama2_13b_gsm8k.py").train.grad_accum == 8
+    assert load_config(f"{REPO}/configs/paper.py:llama2_7b-gsm8k_rank").loss.use_levels is True
+    with pytest.raises(ValueError, match="unknown paper preset"):
+        load_config(f"{REPO}/configs/paper.py:gpt2-gsm8k")

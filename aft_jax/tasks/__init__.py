@@ -1,13 +1,14 @@
-"""Tasks behind one interface (see `base.Task`): gsm8k, gsm8k_rank, aqua_rat, ecqa, synthetic."""
+"""Tasks behind one interface (see `base.Task`): gsm8k, gsm8k_rank, aqua_rat, ecqa, synthetic, mix."""
 
 from aft_jax.tasks.aqua_rat import AquaRat
 from aft_jax.tasks.base import TEMPLATES, Example, Task, TaskDataError, format_prompt
 from aft_jax.tasks.ecqa import ECQA
 from aft_jax.tasks.gsm8k import GSM8K
 from aft_jax.tasks.gsm8k_rank import GSM8KRank
+from aft_jax.tasks.mix import Mix
 from aft_jax.tasks.synthetic import Synthetic
 
-TASKS = {cls.name: cls for cls in (GSM8K, GSM8KRank, AquaRat, ECQA, Synthetic)}
+TASKS = {cls.name: cls for cls in (GSM8K, GSM8KRank, AquaRat, ECQA, Synthetic, Mix)}
 
 
 def get_task(name: str, **options) -> Task:

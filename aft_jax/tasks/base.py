@@ -111,6 +111,10 @@ class Task:
     def answers_match(self, predicted: str, gold: str) -> bool:
         raise NotImplementedError
 
+    def extract_for(self, text: str, example: Example) -> str | None:
+        """The answer in `text` for this example's task (the multi-task mix dispatches on the example)."""
+        return self.extract_answer(text)
+
     def is_correct(self, text: str, gold: str) -> bool:
         predicted = self.extract_answer(text)
         return predicted is not None and self.answers_match(predicted, gold)
