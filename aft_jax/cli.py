@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import logging
 import sys
 from pathlib import Path
@@ -59,6 +60,23 @@ def _pipeline(args) -> None:
     run_pipeline(_load(args))
 
 
+def _plan(args) -> None:
+    from aft_jax.plan import HBM_GB, plan_memory, recommend, request_host_devices
+
+    config = _load(args)
+    sizes = config.train.mesh.split(",") if "," in config.train.mesh else []
+    devices = args.devices or (math.prod(int(x) for x in sizes) if sizes and "-1" not in sizes else 0)
+    if not devices:
+        raise SystemExit("aft-jax plan: give --devices N (or a mesh of explicit sizes, e.g. --config.train.mesh=1,16,1)")
+    request_host_devices(devices)
+    plan = plan_memory(config, args.batch_size, args.seq_len)
+    hbm = args.hbm_gb or HBM_GB[args.chip]
+    print(f"mesh {plan.mesh}; per device: parameters {plan.params_gb:.2f} GB, optimizer state "
+          f"{plan.optimizer_gb:.2f} GB, activations and temporaries {plan.temporaries_gb:.2f} GB, total "
+          f"{plan.total_gb:.2f} GB (compiled in {plan.compile_s:.0f}s)")
+    print(recommend(plan, hbm, config))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aft-jax", description="Alignment Fine-Tuning for Llama-family models in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--config", required=True, help="preset file, e.g. configs/tiny.py")
         command.set_defaults(run=run)
 
+    plan = sub.add_parser("plan", help="per-device memory of the train step, from an ahead-of-time compilation",
+                          description="Compiles the train step on simulated devices with abstract shapes (no "
+                                      "weights) and reports XLA's per-device memory, with a recommendation.")
+    plan.add_argument("--config", required=True)
+    plan.add_argument("--devices", type=int, default=0, help="devices to simulate (default: the mesh's sizes)")
+    plan.add_argument("--chip", choices=["v4", "v5e", "v5p", "h100", "h200", "cpu"], default="cpu",
+                      help="accelerator whose HBM the plan is compared with")
+    plan.add_argument("--hbm-gb", type=float, default=0.0, help="HBM per device, overriding --chip")
+    plan.add_argument("--batch-size", type=int, default=0, help="groups per step (default: train.batch_size)")
+    plan.add_argument("--seq-len", type=int, default=0, help="tokens per sequence (default: data.max_length)")
+    plan.set_defaults(run=_plan)
     return parser
 
 

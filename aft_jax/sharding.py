@@ -108,6 +108,22 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=None):
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def shardings_like_params(tree, params, mesh: Mesh):
+    """A sharding for every leaf of `tree` (e.g. optimizer state): that of the parameter whose key path
+    ends the leaf's key path and whose shape it has (Adam's moments), else replicated (step counts)."""
+    by_path = {jax.tree_util.keystr(path): (leaf.shape, leaf.sharding)
+               for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+    def pick(path, leaf):
+        key = jax.tree_util.keystr(path)
+        for param_path, (shape, param_sharding) in by_path.items():
+            if key.endswith(param_path) and tuple(leaf.shape) == tuple(shape):
+                return param_sharding
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Leading (batch) axis over data x fsdp, the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
@@ -133,10 +149,6 @@ def mesh_of(tree) -> Mesh:
         if isinstance(getattr(leaf, "sharding", None), NamedSharding):
             return leaf.sharding.mesh
     return single_device_mesh()
-
-
-def is_on_mesh(x: jax.Array, mesh: Mesh) -> bool:
-    return isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
 
 
 @contextlib.contextmanager

@@ -86,11 +86,11 @@ def global_norm(tree) -> jax.Array:
 def init_state(model, tx, seed: int, mesh) -> TrainState:
     """Step 0: the model's parameters, optimizer state sharded like them, step and RNG replicated."""
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    opt_state = jax.jit(tx.init)(params)  # moments follow the (sharded) parameters
+    opt_shardings = sharding.shardings_like_params(jax.eval_shape(tx.init, params), params, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     step, rng = jnp.zeros((), jnp.int32), jax.random.key_data(jax.random.key(seed))
-    state = TrainState(step, params, opt_state, rng)
-    return jax.tree.map(lambda x: x if sharding.is_on_mesh(x, mesh) else jax.device_put(x, sharding.replicated(mesh)),
-                        state)
+    step, rng = jax.device_put((step, rng), sharding.replicated(mesh))
+    return TrainState(step, params, opt_state, rng)
 
 
 def compile_step(train_step, state: TrainState, mesh):

@@ -15,6 +15,9 @@ def _step(mesh, loss_cfg, grad_accum=1, steps=1, batch_seed=0):
     model = tiny_model(mesh)
     tx, schedule = build_optimizer(default_config().optim, total_steps=10)
     state = init_state(model, tx, seed=0, mesh=mesh)
+    adam = state.opt_state[1][0]  # (clip, adamw = (scale_by_adam, ...))
+    for moments in (adam.mu, adam.nu):  # Adam's moments are sharded exactly like the parameters
+        assert jax.tree.map(lambda m: m.sharding.spec, moments) == jax.tree.map(lambda p: p.sharding.spec, state.params)
     step = compile_step(make_train_step(nnx.graphdef(model), loss_cfg, tx, schedule, grad_accum), state, mesh)
     history = []
     for _ in range(steps):
