@@ -11,6 +11,17 @@ from aft_jax.scoring import sequence_scores
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "ConfigError", "KVCache", "Llama", "LlamaConfig", "RopeScaling",
-    "create_model", "from_pretrained", "generate", "init_cache", "losses", "save_pretrained", "sequence_scores",
+    "CheckpointError",
+    "ConfigError",
+    "KVCache",
+    "Llama",
+    "LlamaConfig",
+    "RopeScaling",
+    "create_model",
+    "from_pretrained",
+    "generate",
+    "init_cache",
+    "losses",
+    "save_pretrained",
+    "sequence_scores",
 ]

@@ -18,15 +18,16 @@ import numpy as np
 from tqdm import tqdm
 
 from aft_jax.data import Candidate, Group, GroupEncoder, read_groups
-from aft_jax.sampling import generate, left_pad
+from aft_jax.sampling import generate
 from aft_jax.scoring import sequence_scores
 from aft_jax.tasks import Example, Task, get_task
 
 
 def task_from_config(config) -> Task:
     if config.task.name == "synthetic":
-        return get_task("synthetic", num_train=config.task.synthetic_train, num_test=config.task.synthetic_test,
-                        seed=config.seed)
+        return get_task(
+            "synthetic", num_train=config.task.synthetic_train, num_test=config.task.synthetic_test, seed=config.seed
+        )
     return get_task(config.task.name)
 
 
@@ -51,7 +52,9 @@ def label_group(task: Task, example: Example, prompt: str, samples: list[str]) -
             duplicates += 1
             continue
         seen.add(key)
-        candidates.append(Candidate(text, correct=task.is_correct(text, example.answer), level=task.level(text, example)))
+        candidates.append(
+            Candidate(text, correct=task.is_correct(text, example.answer), level=task.level(text, example))
+        )
     return Group(example.id, prompt, example.answer, tuple(candidates)), duplicates
 
 
@@ -66,15 +69,15 @@ def score_groups(model, tokenizer, groups: list[Group], *, max_length: int, batc
     score = jax.jit(lambda ids, att, comp: sequence_scores(model, ids, att, comp))
     means, sums = np.zeros(len(rows), np.float32), np.zeros(len(rows), np.float32)
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
+        chunk = rows[start : start + batch_size]
         length = -(-max(len(r[2]) for r in chunk) // 64) * 64
         ids = np.zeros((batch_size, length), np.int32)
         att, comp = np.zeros_like(ids), np.zeros_like(ids)
         for i, (_, _, tokens, prompt_len) in enumerate(chunk):
-            ids[i, :len(tokens)], att[i, :len(tokens)], comp[i, prompt_len:len(tokens)] = tokens, 1, 1
+            ids[i, : len(tokens)], att[i, : len(tokens)], comp[i, prompt_len : len(tokens)] = tokens, 1, 1
         mean, total = score(ids, att, comp)
-        means[start:start + len(chunk)] = np.asarray(mean)[:len(chunk)]
-        sums[start:start + len(chunk)] = np.asarray(total)[:len(chunk)]
+        means[start : start + len(chunk)] = np.asarray(mean)[: len(chunk)]
+        sums[start : start + len(chunk)] = np.asarray(total)[: len(chunk)]
     candidates = [list(g.candidates) for g in groups]
     for (g, c, _, _), mean, total in zip(rows, means, sums):
         cand = candidates[g][c]
@@ -105,8 +108,15 @@ def group_statistics(groups: list[Group], duplicates: int, samples: int) -> dict
     }
 
 
-def sample_candidates(config, model, tokenizer, *, examples: list[Example] | None = None,
-                      out_dir: str | Path | None = None, stop_after_shards: int | None = None) -> Path:
+def sample_candidates(
+    config,
+    model,
+    tokenizer,
+    *,
+    examples: list[Example] | None = None,
+    out_dir: str | Path | None = None,
+    stop_after_shards: int | None = None,
+) -> Path:
     """Writes `<out_dir>/shard-NNNNN.jsonl` (with a `.meta.json` of its counts and timing) for every shard
     not yet complete, then `stats.json`. Questions: `examples`, by default the task's training split.
     `stop_after_shards` ends the run early (as an interruption would) after that many new shards."""
@@ -125,19 +135,33 @@ def sample_candidates(config, model, tokenizer, *, examples: list[Example] | Non
             continue
         if stop_after_shards is not None and written >= stop_after_shards:
             break
-        chunk = examples[shard * s.shard_size:(shard + 1) * s.shard_size]
+        chunk = examples[shard * s.shard_size : (shard + 1) * s.shard_size]
         prompts = [task.prompt(e, config.task.template, tokenizer) for e in chunk]
         began = time.perf_counter()
-        samples = generate(model, tokenizer, prompts, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                           top_k=s.top_k, top_p=s.top_p, num_samples=s.k, seed=config.seed * 1_000_003 + shard,
-                           batch_size=s.batch_size)
+        samples = generate(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            num_samples=s.k,
+            seed=config.seed * 1_000_003 + shard,
+            batch_size=s.batch_size,
+        )
         seconds = time.perf_counter() - began
         tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for row in samples for t in row)
         labelled = [label_group(task, e, p, row) for e, p, row in zip(chunk, prompts, samples)]
-        groups = score_groups(model, tokenizer, [g for g, _ in labelled], max_length=config.data.max_length,
-                              batch_size=s.batch_size)
-        meta = {"duplicates": sum(d for _, d in labelled), "samples": len(chunk) * s.k, "generated_tokens": tokens,
-                "seconds": seconds}
+        groups = score_groups(
+            model, tokenizer, [g for g, _ in labelled], max_length=config.data.max_length, batch_size=s.batch_size
+        )
+        meta = {
+            "duplicates": sum(d for _, d in labelled),
+            "samples": len(chunk) * s.k,
+            "generated_tokens": tokens,
+            "seconds": seconds,
+        }
         write_atomically(path.with_suffix(".meta.json"), [json.dumps(meta)])  # before the shard it describes
         write_atomically(path, [g.to_json() for g in groups])
         written += 1
@@ -157,7 +181,9 @@ def write_statistics(out_dir: Path) -> dict:
     samples = sum(p["samples"] for p in progress.values())
     stats = group_statistics(groups, duplicates, samples)
     seconds = sum(p["seconds"] for p in progress.values())
-    stats["generated_tokens_per_s"] = sum(p["generated_tokens"] for p in progress.values()) / seconds if seconds else 0.0
+    stats["generated_tokens_per_s"] = (
+        sum(p["generated_tokens"] for p in progress.values()) / seconds if seconds else 0.0
+    )
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     print("groups: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
     return stats

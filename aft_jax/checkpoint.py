@@ -49,8 +49,11 @@ def restore_model(path: str | Path, config: LlamaConfig, mesh, rules=None) -> Ll
     """Restores parameters saved by `save_params` straight into their shardings on `mesh`."""
     graphdef, abstract_state = nnx.split(abstract_model(config))
     shardings = sharding.state_shardings(abstract_state, mesh, rules)
-    target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                          nnx.to_pure_dict(abstract_state), nnx.to_pure_dict(shardings))
+    target = jax.tree.map(
+        lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+        nnx.to_pure_dict(abstract_state),
+        nnx.to_pure_dict(shardings),
+    )
     with ocp.StandardCheckpointer() as checkpointer:
         restored = checkpointer.restore(Path(path).absolute(), target)
     nnx.replace_by_pure_dict(abstract_state, restored)
@@ -64,10 +67,10 @@ class TrainCheckpointer:
     complete one."""
 
     def __init__(self, directory: str | Path, *, save_every: int, keep: int, async_save: bool = True):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
-                                               enable_async_checkpointing=async_save, create=True)
-        self._manager = ocp.CheckpointManager(Path(directory).absolute(), options=options,
-                                              item_names=("state", "data"))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=save_every, enable_async_checkpointing=async_save, create=True
+        )
+        self._manager = ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=("state", "data"))
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

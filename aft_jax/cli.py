@@ -67,47 +67,68 @@ def _plan(args) -> None:
     sizes = config.train.mesh.split(",") if "," in config.train.mesh else []
     devices = args.devices or (math.prod(int(x) for x in sizes) if sizes and "-1" not in sizes else 0)
     if not devices:
-        raise SystemExit("aft-jax plan: give --devices N (or a mesh of explicit sizes, e.g. --config.train.mesh=1,16,1)")
+        raise SystemExit(
+            "aft-jax plan: give --devices N (or a mesh of explicit sizes, e.g. --config.train.mesh=1,16,1)"
+        )
     request_host_devices(devices)
     plan = plan_memory(config, args.batch_size, args.seq_len)
     hbm = args.hbm_gb or HBM_GB[args.chip]
-    print(f"mesh {plan.mesh}; per device: parameters {plan.params_gb:.2f} GB, optimizer state "
-          f"{plan.optimizer_gb:.2f} GB, activations and temporaries {plan.temporaries_gb:.2f} GB, total "
-          f"{plan.total_gb:.2f} GB (compiled in {plan.compile_s:.0f}s)")
+    print(
+        f"mesh {plan.mesh}; per device: parameters {plan.params_gb:.2f} GB, optimizer state "
+        f"{plan.optimizer_gb:.2f} GB, activations and temporaries {plan.temporaries_gb:.2f} GB, total "
+        f"{plan.total_gb:.2f} GB (compiled in {plan.compile_s:.0f}s)"
+    )
     print(recommend(plan, hbm, config))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aft-jax", description="Alignment Fine-Tuning for Llama-family models in JAX.")
+    parser = argparse.ArgumentParser(
+        prog="aft-jax", description="Alignment Fine-Tuning for Llama-family models in JAX."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    convert = sub.add_parser("convert", help="convert a model between Hugging Face and Orbax formats",
-                             description="HF folder (or hub name) -> aft_jax Orbax model folder, or back.")
+    convert = sub.add_parser(
+        "convert",
+        help="convert a model between Hugging Face and Orbax formats",
+        description="HF folder (or hub name) -> aft_jax Orbax model folder, or back.",
+    )
     convert.add_argument("--to", choices=["orbax", "hf"], required=True, help="target format")
     convert.add_argument("src", help="source: HF checkpoint folder, hub name, or aft_jax model folder")
     convert.add_argument("dst", help="destination folder")
     convert.add_argument("--dtype", default="float32", help="parameter dtype (float32 or bfloat16)")
-    convert.add_argument("--allow-pickle", action="store_true",
-                         help="allow loading pickled *.bin weights (runs code from the file: trusted files only)")
+    convert.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow loading pickled *.bin weights (runs code from the file: trusted files only)",
+    )
     convert.set_defaults(run=_convert)
 
     for name, text, run in (
-            ("vft", "step 1: vanilla fine-tuning on (question, reference) pairs", _train),
-            ("sample", "step 2: sample, label and score candidate groups with the VFT model", _sample),
-            ("aft", "step 3: alignment fine-tuning on candidate groups (or a baseline: loss.method)", _train),
-            ("pipeline", "all three steps, then evaluation and a comparison report, in one run directory",
-             _pipeline)):
-        command = sub.add_parser(name, help=text, description=f"{text}. Override any config key with --config.KEY=VALUE.")
+        ("vft", "step 1: vanilla fine-tuning on (question, reference) pairs", _train),
+        ("sample", "step 2: sample, label and score candidate groups with the VFT model", _sample),
+        ("aft", "step 3: alignment fine-tuning on candidate groups (or a baseline: loss.method)", _train),
+        ("pipeline", "all three steps, then evaluation and a comparison report, in one run directory", _pipeline),
+    ):
+        command = sub.add_parser(
+            name, help=text, description=f"{text}. Override any config key with --config.KEY=VALUE."
+        )
         command.add_argument("--config", required=True, help="preset file, e.g. configs/tiny.py")
         command.set_defaults(run=run)
 
-    plan = sub.add_parser("plan", help="per-device memory of the train step, from an ahead-of-time compilation",
-                          description="Compiles the train step on simulated devices with abstract shapes (no "
-                                      "weights) and reports XLA's per-device memory, with a recommendation.")
+    plan = sub.add_parser(
+        "plan",
+        help="per-device memory of the train step, from an ahead-of-time compilation",
+        description="Compiles the train step on simulated devices with abstract shapes (no "
+        "weights) and reports XLA's per-device memory, with a recommendation.",
+    )
     plan.add_argument("--config", required=True)
     plan.add_argument("--devices", type=int, default=0, help="devices to simulate (default: the mesh's sizes)")
-    plan.add_argument("--chip", choices=["v4", "v5e", "v5p", "h100", "h200", "cpu"], default="cpu",
-                      help="accelerator whose HBM the plan is compared with")
+    plan.add_argument(
+        "--chip",
+        choices=["v4", "v5e", "v5p", "h100", "h200", "cpu"],
+        default="cpu",
+        help="accelerator whose HBM the plan is compared with",
+    )
     plan.add_argument("--hbm-gb", type=float, default=0.0, help="HBM per device, overriding --chip")
     plan.add_argument("--batch-size", type=int, default=0, help="groups per step (default: train.batch_size)")
     plan.add_argument("--seq-len", type=int, default=0, help="tokens per sequence (default: data.max_length)")
@@ -118,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    overrides = [a[len("--config."):] for a in extra if a.startswith("--config.")]
+    overrides = [a[len("--config.") :] for a in extra if a.startswith("--config.")]
     unknown = [a for a in extra if not a.startswith("--config.")]
     if unknown or (overrides and not hasattr(args, "config")):
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")

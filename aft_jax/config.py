@@ -65,9 +65,7 @@ class LlamaConfig:
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
-            raise ConfigError(
-                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
-            )
+            raise ConfigError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
 
@@ -89,8 +87,11 @@ class LlamaConfig:
                 raise ConfigError(f"{source}: {flag}=true is not supported (Llama has no biases)")
         if hf.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported, expected 'silu'")
-        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                               "num_attention_heads") if k not in hf]
+        missing = [
+            k
+            for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+            if k not in hf
+        ]
         if missing:
             raise ConfigError(f"{source}: missing required field(s) {missing}")
         num_heads = int(hf["num_attention_heads"])

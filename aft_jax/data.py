@@ -49,8 +49,15 @@ class Group:
     candidates: tuple[Candidate, ...]
 
     def to_json(self) -> str:
-        return json.dumps({"id": self.id, "prompt": self.prompt, "answer": self.answer,
-                           "candidates": [dataclasses.asdict(c) for c in self.candidates]}, ensure_ascii=False)
+        return json.dumps(
+            {
+                "id": self.id,
+                "prompt": self.prompt,
+                "answer": self.answer,
+                "candidates": [dataclasses.asdict(c) for c in self.candidates],
+            },
+            ensure_ascii=False,
+        )
 
 
 def _data_files(path: str | Path) -> list[Path]:
@@ -106,13 +113,24 @@ def read_groups(path: str | Path) -> list[Group]:
             if not isinstance(c, dict):
                 raise DataError(f"{at}: expected an object")
             correct = _field(c, "correct", bool, at)
-            candidates.append(Candidate(
-                text=_field(c, "text", str, at), correct=correct, level=_field(c, "level", int, at, int(correct)),
-                reference=_field(c, "reference", bool, at, False), logp_sum=_field(c, "logp_sum", float, at, None),
-                logp_mean=_field(c, "logp_mean", float, at, None)))
-        groups.append(Group(id=str(_field(record, "id", (str, int), where)), prompt=_field(record, "prompt", str, where),
-                            answer=str(_field(record, "answer", (str, int, float), where, "")),
-                            candidates=tuple(candidates)))
+            candidates.append(
+                Candidate(
+                    text=_field(c, "text", str, at),
+                    correct=correct,
+                    level=_field(c, "level", int, at, int(correct)),
+                    reference=_field(c, "reference", bool, at, False),
+                    logp_sum=_field(c, "logp_sum", float, at, None),
+                    logp_mean=_field(c, "logp_mean", float, at, None),
+                )
+            )
+        groups.append(
+            Group(
+                id=str(_field(record, "id", (str, int), where)),
+                prompt=_field(record, "prompt", str, where),
+                answer=str(_field(record, "answer", (str, int, float), where, "")),
+                candidates=tuple(candidates),
+            )
+        )
     return groups
 
 
@@ -121,9 +139,14 @@ def read_pairs(path: str | Path) -> list[Group]:
     groups = []
     for index, (where, record) in enumerate(_records(path)):
         target = _field(record, "target", str, where)
-        groups.append(Group(id=str(record.get("id", index)), prompt=_field(record, "prompt", str, where),
-                            answer=str(record.get("answer", "")),
-                            candidates=(Candidate(target, correct=True, level=1, reference=True),)))
+        groups.append(
+            Group(
+                id=str(record.get("id", index)),
+                prompt=_field(record, "prompt", str, where),
+                answer=str(record.get("answer", "")),
+                candidates=(Candidate(target, correct=True, level=1, reference=True),),
+            )
+        )
     return groups
 
 
@@ -151,8 +174,9 @@ class GroupEncoder:
     dropped (`"drop"`); a prompt that leaves no room for any completion token is always dropped.
     `counts` tallies every such decision so it can be logged."""
 
-    def __init__(self, tokenizer, max_length: int, group_size: int, truncation: str = "completion",
-                 only_reference: bool = False):
+    def __init__(
+        self, tokenizer, max_length: int, group_size: int, truncation: str = "completion", only_reference: bool = False
+    ):
         if truncation not in TRUNCATION:
             raise ValueError(f"truncation={truncation!r}; expected one of {TRUNCATION}")
         if tokenizer.eos_token_id is None:
@@ -225,8 +249,18 @@ class GroupBatcher:
     """Seeded, epoch-shuffled batches of whole groups (a short last batch is dropped). Its position,
     `state()`, is saved with each checkpoint and `restore(state)` continues exactly there."""
 
-    def __init__(self, groups: list[EncodedGroup], *, batch_size: int, group_size: int, max_length: int,
-                 pad_id: int, seed: int = 0, pad_multiple: int = 64, shuffle: bool = True):
+    def __init__(
+        self,
+        groups: list[EncodedGroup],
+        *,
+        batch_size: int,
+        group_size: int,
+        max_length: int,
+        pad_id: int,
+        seed: int = 0,
+        pad_multiple: int = 64,
+        shuffle: bool = True,
+    ):
         if len(groups) < batch_size:
             raise ValueError(f"{len(groups)} usable groups is fewer than one batch of {batch_size}")
         self.groups, self.batch_size, self.group_size = groups, batch_size, group_size
@@ -254,7 +288,7 @@ class GroupBatcher:
     def next_batch(self) -> dict[str, np.ndarray]:
         if self.index >= self.steps_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
-        rows = self._order(self.epoch)[self.index * self.batch_size:(self.index + 1) * self.batch_size]
+        rows = self._order(self.epoch)[self.index * self.batch_size : (self.index + 1) * self.batch_size]
         self.index += 1
         chosen = [self.groups[r] for r in rows]
         longest = max(len(t) for g in chosen for t in g.tokens)

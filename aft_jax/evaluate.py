@@ -47,7 +47,8 @@ def group_assessment(groups: list[Group]) -> dict:
         "assess_micro": right / total if total else float("nan"),
         "ppl_pos": float(np.exp(-np.mean(pos))) if pos else float("nan"),
         "ppl_neg": float(np.exp(-np.mean(neg))) if neg else float("nan"),
-        "pos_scores": pos, "neg_scores": neg,
+        "pos_scores": pos,
+        "neg_scores": neg,
     }
 
 
@@ -56,24 +57,47 @@ def evaluate_model(config, task: Task, model, tokenizer, examples: list[Example]
     prompts = [task.prompt(x, config.task.template, tokenizer) for x in examples]
     greedy = generate(model, tokenizer, prompts, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
     correct = [task.is_correct(out[0], x.answer) for out, x in zip(greedy, examples)]
-    sampled = generate(model, tokenizer, prompts, max_new_tokens=e.max_new_tokens, temperature=e.sc_temperature,
-                       num_samples=e.sc_k, seed=config.seed + 1, batch_size=e.batch_size)
+    sampled = generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=e.max_new_tokens,
+        temperature=e.sc_temperature,
+        num_samples=e.sc_k,
+        seed=config.seed + 1,
+        batch_size=e.batch_size,
+    )
     votes = [majority_vote([task.extract_for(t, x) for t in outs]) for outs, x in zip(sampled, examples)]
     consistent = [v is not None and task.answers_match(v, x.answer) for v, x in zip(votes, examples)]
     rescored = score_groups(model, tokenizer, groups, max_length=config.data.max_length, batch_size=e.batch_size)
     per_task = {}
     for name in sorted({x.meta.get("task") for x in examples} - {None}):
         rows = [i for i, x in enumerate(examples) if x.meta.get("task") == name]
-        per_task[name] = {"accuracy": float(np.mean([correct[i] for i in rows])),
-                          "self_consistency": float(np.mean([consistent[i] for i in rows])), "questions": len(rows)}
-    return {"accuracy": float(np.mean(correct)), "self_consistency": float(np.mean(consistent)),
-            "questions": len(examples), "per_task": per_task, **group_assessment(rescored),
-            "examples": [{"question": x.question, "greedy": out[0], "correct": c}
-                         for x, out, c in zip(examples[:5], greedy, correct)]}
+        per_task[name] = {
+            "accuracy": float(np.mean([correct[i] for i in rows])),
+            "self_consistency": float(np.mean([consistent[i] for i in rows])),
+            "questions": len(rows),
+        }
+    return {
+        "accuracy": float(np.mean(correct)),
+        "self_consistency": float(np.mean(consistent)),
+        "questions": len(examples),
+        "per_task": per_task,
+        **group_assessment(rescored),
+        "examples": [
+            {"question": x.question, "greedy": out[0], "correct": c} for x, out, c in zip(examples[:5], greedy, correct)
+        ],
+    }
 
 
-COLUMNS = [("accuracy", "accuracy"), ("self_consistency", "self-consistency"), ("assess_macro", "AAcc macro"),
-           ("assess_micro", "AAcc micro"), ("ppl_pos", "ppl pos"), ("ppl_neg", "ppl neg")]
+COLUMNS = [
+    ("accuracy", "accuracy"),
+    ("self_consistency", "self-consistency"),
+    ("assess_macro", "AAcc macro"),
+    ("assess_micro", "AAcc micro"),
+    ("ppl_pos", "ppl pos"),
+    ("ppl_neg", "ppl neg"),
+]
 
 
 def comparison_table(results: dict[str, dict]) -> str:
@@ -145,9 +169,22 @@ def write_report(run_dir: Path, results: dict[str, dict], curves: dict[str, list
     plots.mkdir(parents=True, exist_ok=True)
     plot_scores(results, plots / "scores.png")
     plot_training(curves, plots / "training.png")
-    summary = {name: {k: v for k, v in r.items() if k not in ("pos_scores", "neg_scores")} for name, r in results.items()}
+    summary = {
+        name: {k: v for k, v in r.items() if k not in ("pos_scores", "neg_scores")} for name, r in results.items()
+    }
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-    report = [f"# AFT pipeline report: {run_dir.name}", "", comparison_table(results), "", per_task_table(results), extra,
-              "", "![scores](plots/scores.png)", "", "![training](plots/training.png)", ""]
+    report = [
+        f"# AFT pipeline report: {run_dir.name}",
+        "",
+        comparison_table(results),
+        "",
+        per_task_table(results),
+        extra,
+        "",
+        "![scores](plots/scores.png)",
+        "",
+        "![training](plots/training.png)",
+        "",
+    ]
     (run_dir / "report.md").write_text("\n".join(report))
     return run_dir / "report.md"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,7 @@ from safetensors.numpy import save_file
 
 from aft_jax import sharding
 from aft_jax.config import LlamaConfig
-from aft_jax.hf_files import (CheckpointError, TensorReader, read_config,
-                              resolve_checkpoint_dir)
+from aft_jax.hf_files import CheckpointError, TensorReader, read_config, resolve_checkpoint_dir
 from aft_jax.hf_weights import IGNORED_SUFFIXES, WeightSpec, hf_names, weight_specs
 from aft_jax.model import Llama, abstract_model
 
@@ -31,9 +29,17 @@ log = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
 
-def from_pretrained(path_or_name: str | os.PathLike, *, dtype: str = "float32", compute_dtype: str | None = None,
-                    mesh=None, revision: str | None = None, allow_pickle: bool = False,
-                    trust_remote_code: bool = False, **config_overrides) -> tuple[Llama, Any]:
+def from_pretrained(
+    path_or_name: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    compute_dtype: str | None = None,
+    mesh=None,
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    **config_overrides,
+) -> tuple[Llama, Any]:
     """Loads `(model, tokenizer)` from a HF checkpoint folder, an aft_jax model folder, or a hub name.
 
     `dtype` is the parameter dtype, `compute_dtype` the activation dtype (defaults to `dtype`); weights
@@ -41,8 +47,13 @@ def from_pretrained(path_or_name: str | os.PathLike, *, dtype: str = "float32", 
     when the folder has no tokenizer files.
     """
     directory = resolve_checkpoint_dir(path_or_name, revision)
-    config = LlamaConfig.from_hf_config(read_config(directory), source=str(directory / "config.json"),
-                                        param_dtype=dtype, dtype=compute_dtype or dtype, **config_overrides)
+    config = LlamaConfig.from_hf_config(
+        read_config(directory),
+        source=str(directory / "config.json"),
+        param_dtype=dtype,
+        dtype=compute_dtype or dtype,
+        **config_overrides,
+    )
     mesh = mesh or sharding.single_device_mesh()
     from aft_jax import checkpoint  # Orbax is imported only when needed
 
@@ -70,8 +81,9 @@ def load_hf_weights(directory: Path, config: LlamaConfig, mesh, *, allow_pickle:
     with TensorReader(directory, allow_pickle=allow_pickle) as reader:
         check_tensors(reader, specs, config)
         arrays = {spec.path: _load_param(reader, spec, config, shardings) for spec in specs}
-    state = jax.tree.map_with_path(lambda path, v: v.replace(arrays[_path(path)]), abstract_state,
-                                   is_leaf=lambda x: isinstance(x, nnx.Variable))
+    state = jax.tree.map_with_path(
+        lambda path, v: v.replace(arrays[_path(path)]), abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
     return nnx.merge(graphdef, state)
 
 
@@ -84,13 +96,18 @@ def check_tensors(reader: TensorReader, specs: list[WeightSpec], config: LlamaCo
             if name not in present:
                 problems.append(f"missing tensor {name!r} (expected shape {list(spec.hf_shape)})")
             elif reader.shape(name) != spec.hf_shape:
-                problems.append(f"{reader.file_of(name).name}: tensor {name!r} has shape "
-                                f"{list(reader.shape(name))}, expected {list(spec.hf_shape)} from config.json")
+                problems.append(
+                    f"{reader.file_of(name).name}: tensor {name!r} has shape "
+                    f"{list(reader.shape(name))}, expected {list(spec.hf_shape)} from config.json"
+                )
     if problems:
         raise CheckpointError(f"{reader.directory}: " + "; ".join(problems))
     expected = {n for spec in specs for n in hf_names(spec, config)}
-    extra = [n for n in present - expected
-             if not n.endswith(IGNORED_SUFFIXES) and not (config.tie_word_embeddings and n == "lm_head.weight")]
+    extra = [
+        n
+        for n in present - expected
+        if not n.endswith(IGNORED_SUFFIXES) and not (config.tie_word_embeddings and n == "lm_head.weight")
+    ]
     if extra:
         log.warning("%s: ignoring %d unexpected tensor(s): %s", reader.directory, len(extra), sorted(extra)[:5])
 
@@ -106,13 +123,17 @@ def _load_param(reader: TensorReader, spec: WeightSpec, config: LlamaConfig, sha
             return np.stack([spec.to_ours(reader.read(names[i]))[index[1:]].astype(dtype) for i in layers])
         return np.ascontiguousarray(spec.to_ours(reader.read(names[0]))[index].astype(dtype))
 
-    shape = (config.num_layers, *spec.to_ours(np.empty(spec.hf_shape, np.int8)).shape) if spec.stacked \
+    shape = (
+        (config.num_layers, *spec.to_ours(np.empty(spec.hf_shape, np.int8)).shape)
+        if spec.stacked
         else spec.to_ours(np.empty(spec.hf_shape, np.int8)).shape
+    )
     return jax.make_array_from_callback(tuple(shape), target.get_value(), shard)
 
 
-def save_pretrained(model: Llama, tokenizer, out_dir: str | os.PathLike, *, dtype: str | None = None,
-                    max_shard_bytes: int = 2 * 1024**3) -> Path:
+def save_pretrained(
+    model: Llama, tokenizer, out_dir: str | os.PathLike, *, dtype: str | None = None, max_shard_bytes: int = 2 * 1024**3
+) -> Path:
     """Writes safetensors (sharded with an index when large), config.json and the tokenizer files.
 
     Tensors are gathered one layer at a time. Files are written to a temporary folder first and moved
@@ -128,9 +149,17 @@ def save_pretrained(model: Llama, tokenizer, out_dir: str | os.PathLike, *, dtyp
         _write_shards(_hf_tensors(params, config, out_dtype), tmp_dir, max_shard_bytes)
         hf_config = config.to_hf_config() | {"torch_dtype": str(jnp.dtype(out_dtype))}
         (tmp_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        (tmp_dir / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": config.bos_token_id, "eos_token_id": hf_config["eos_token_id"],
-             "pad_token_id": config.pad_token_id}, indent=2) + "\n")
+        (tmp_dir / "generation_config.json").write_text(
+            json.dumps(
+                {
+                    "bos_token_id": config.bos_token_id,
+                    "eos_token_id": hf_config["eos_token_id"],
+                    "pad_token_id": config.pad_token_id,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp_dir))
         out_dir.mkdir(exist_ok=True)

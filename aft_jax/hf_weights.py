@@ -42,8 +42,10 @@ def weight_specs(cfg: LlamaConfig) -> list[WeightSpec]:
     h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
     def in_proj(heads):  # HF [heads*hd, d] <-> ours [d, heads, hd]
-        return (lambda w: w.reshape(heads, hd, d).transpose(2, 0, 1),
-                lambda w: w.transpose(1, 2, 0).reshape(heads * hd, d))
+        return (
+            lambda w: w.reshape(heads, hd, d).transpose(2, 0, 1),
+            lambda w: w.transpose(1, 2, 0).reshape(heads * hd, d),
+        )
 
     layer = "model.layers.{i}."
     specs = [
@@ -52,9 +54,13 @@ def weight_specs(cfg: LlamaConfig) -> list[WeightSpec]:
         WeightSpec(("layers", "attn", "q_proj"), layer + "self_attn.q_proj.weight", (h * hd, d), *in_proj(h)),
         WeightSpec(("layers", "attn", "k_proj"), layer + "self_attn.k_proj.weight", (kv * hd, d), *in_proj(kv)),
         WeightSpec(("layers", "attn", "v_proj"), layer + "self_attn.v_proj.weight", (kv * hd, d), *in_proj(kv)),
-        WeightSpec(("layers", "attn", "o_proj"), layer + "self_attn.o_proj.weight", (d, h * hd),
-                   lambda w: w.reshape(d, h, hd).transpose(1, 2, 0),
-                   lambda w: w.transpose(2, 0, 1).reshape(d, h * hd)),
+        WeightSpec(
+            ("layers", "attn", "o_proj"),
+            layer + "self_attn.o_proj.weight",
+            (d, h * hd),
+            lambda w: w.reshape(d, h, hd).transpose(1, 2, 0),
+            lambda w: w.transpose(2, 0, 1).reshape(d, h * hd),
+        ),
         WeightSpec(("layers", "mlp_norm", "scale"), layer + "post_attention_layernorm.weight", (d,), _same, _same),
         WeightSpec(("layers", "mlp", "gate_proj"), layer + "mlp.gate_proj.weight", (f, d), _transpose, _transpose),
         WeightSpec(("layers", "mlp", "up_proj"), layer + "mlp.up_proj.weight", (f, d), _transpose, _transpose),

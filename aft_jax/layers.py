@@ -17,8 +17,15 @@ from aft_jax.rope import apply_rope
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
 
-def make_param(rngs: nnx.Rngs, config: LlamaConfig, shape: tuple[int, ...], axes: tuple[str, ...],
-               stack: int | None, *, ones: bool = False) -> nnx.Param:
+def make_param(
+    rngs: nnx.Rngs,
+    config: LlamaConfig,
+    shape: tuple[int, ...],
+    axes: tuple[str, ...],
+    stack: int | None,
+    *,
+    ones: bool = False,
+) -> nnx.Param:
     """A weight of `shape` (with a leading `layers` axis when stacked): N(0, initializer_range) or ones."""
     if stack:
         shape, axes = (stack, *shape), ("layers", *axes)
@@ -81,13 +88,18 @@ def grouped_attention(q_bthk, blocks):
     b, t, h, hd = q_bthk.shape
     groups = blocks[0][0].shape[2]
     q_btgrk = q_bthk.reshape(b, t, groups, h // groups, hd)
-    logits = [jnp.where(mask[:, None, None], jnp.einsum("btgrk,bsgk->bgrts", q_btgrk, k,
-                                                         preferred_element_type=jnp.float32) * (hd ** -0.5), _MASKED)
-              for k, _, mask in blocks]
+    logits = [
+        jnp.where(
+            mask[:, None, None],
+            jnp.einsum("btgrk,bsgk->bgrts", q_btgrk, k, preferred_element_type=jnp.float32) * (hd**-0.5),
+            _MASKED,
+        )
+        for k, _, mask in blocks
+    ]
     probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1)
     out, offset = 0.0, 0
     for k, v, _ in blocks:
-        part = probs[..., offset:offset + k.shape[1]].astype(v.dtype)
+        part = probs[..., offset : offset + k.shape[1]].astype(v.dtype)
         out = out + jnp.einsum("bgrts,bsgk->btgrk", part, v)
         offset += k.shape[1]
     return out.reshape(b, t, h, hd)

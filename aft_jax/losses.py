@@ -67,8 +67,7 @@ def ranking_loss(scores_bk, levels_bk, valid_bk, *, constraint: str = "boundary"
 
 def alignment_loss(scores_bk, is_pos_bk, is_neg_bk, *, constraint: str = "boundary", beta: float = 0.1):
     """Binary-feedback AFT (L_A, L_DC or L_BC), `[B]`: positives are level 1 and negatives level 0."""
-    return ranking_loss(scores_bk, is_pos_bk.astype(jnp.int32), is_pos_bk | is_neg_bk,
-                        constraint=constraint, beta=beta)
+    return ranking_loss(scores_bk, is_pos_bk.astype(jnp.int32), is_pos_bk | is_neg_bk, constraint=constraint, beta=beta)
 
 
 def _with_constraint(loss_b, scores_bk, pairs_bij, constraint: str, beta: float):
@@ -81,8 +80,9 @@ def rrhf_loss(scores_bk, levels_bk, valid_bk, *, constraint: str = "none", beta:
     pairs_bij = ordered_pairs(levels_bk, valid_bk)
     lower_bk = sg(scores_bk) if constraint == "detach" else scores_bk
     hinge_bij = jnp.maximum(0.0, lower_bk[:, None, :] - scores_bk[:, :, None])
-    return _with_constraint(jnp.sum(jnp.where(pairs_bij, hinge_bij, 0.0), axis=(1, 2)),
-                            scores_bk, pairs_bij, constraint, beta)
+    return _with_constraint(
+        jnp.sum(jnp.where(pairs_bij, hinge_bij, 0.0), axis=(1, 2)), scores_bk, pairs_bij, constraint, beta
+    )
 
 
 def pro_loss(scores_bk, levels_bk, valid_bk, *, constraint: str = "none", beta: float = 0.1):
@@ -94,14 +94,24 @@ def pro_loss(scores_bk, levels_bk, valid_bk, *, constraint: str = "none", beta: 
     lower_bij = jnp.broadcast_to(lower_bk[:, None, :], pairs_bij.shape)
     own_bi1 = scores_bk[:, :, None]
     denominator_bi = jax.nn.logsumexp(
-        jnp.concatenate([own_bi1, jnp.where(pairs_bij, lower_bij, -jnp.inf)], axis=2), axis=2)
+        jnp.concatenate([own_bi1, jnp.where(pairs_bij, lower_bij, -jnp.inf)], axis=2), axis=2
+    )
     has_lower_bi = jnp.any(pairs_bij, axis=2)
     loss_b = jnp.sum(jnp.where(has_lower_bi, denominator_bi - scores_bk, 0.0), axis=1)
     return _with_constraint(loss_b, scores_bk, pairs_bij, constraint, beta)
 
 
-def dpo_loss(sum_logp_bk, ref_sum_logp_bk, levels_bk, valid_bk, *, beta_dpo: float = 0.1,
-             constraint: str = "none", scores_bk=None, beta: float = 0.1):
+def dpo_loss(
+    sum_logp_bk,
+    ref_sum_logp_bk,
+    levels_bk,
+    valid_bk,
+    *,
+    beta_dpo: float = 0.1,
+    constraint: str = "none",
+    scores_bk=None,
+    beta: float = 0.1,
+):
     """DPO over ordered pairs: mean over the group's pairs of
     `-log sigmoid(beta_dpo * ((S_i - R_i) - (S_j - R_j)))`, `[B]`.
 

@@ -40,8 +40,12 @@ class KVCache(NamedTuple):
 def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
     shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
     dtype = jnp.dtype(dtype or config.dtype)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                   jnp.zeros((batch_size, max_length), bool), jnp.zeros((), jnp.int32))
+    return KVCache(
+        jnp.zeros(shape, dtype),
+        jnp.zeros(shape, dtype),
+        jnp.zeros((batch_size, max_length), bool),
+        jnp.zeros((), jnp.int32),
+    )
 
 
 class Llama(nnx.Module):
@@ -64,10 +68,10 @@ class Llama(nnx.Module):
         """float32 logits of final hidden states (any leading shape)."""
         dt = jnp.dtype(self.config.dtype)
         if self.config.tie_word_embeddings:
-            return jnp.einsum("...d,vd->...v", hidden_btd, self.embed[...].astype(dt),
-                              preferred_element_type=jnp.float32)
-        return jnp.einsum("...d,dv->...v", hidden_btd, self.lm_head[...].astype(dt),
-                          preferred_element_type=jnp.float32)
+            return jnp.einsum(
+                "...d,vd->...v", hidden_btd, self.embed[...].astype(dt), preferred_element_type=jnp.float32
+            )
+        return jnp.einsum("...d,dv->...v", hidden_btd, self.lm_head[...].astype(dt), preferred_element_type=jnp.float32)
 
     def hidden_states(self, input_ids_bt, attention_mask_bt=None, positions_bt=None, cache=None):
         """Final-norm hidden states `[B, T, D]` in the compute dtype, and the updated cache (or None)."""

@@ -28,7 +28,10 @@ def normalisers(batch, loss_cfg) -> dict:
     rows_bk = vft_rows(batch, loss_cfg)
     tokens = jnp.sum(batch["completion_mask"].astype(bool) & rows_bk[..., None])
     groups = jnp.sum(jnp.any(batch["valid"], axis=-1))
-    return {"vft_tokens": jnp.maximum(tokens, 1).astype(jnp.float32), "groups": jnp.maximum(groups, 1).astype(jnp.float32)}
+    return {
+        "vft_tokens": jnp.maximum(tokens, 1).astype(jnp.float32),
+        "groups": jnp.maximum(groups, 1).astype(jnp.float32),
+    }
 
 
 def vft_weight(loss_cfg) -> float:
@@ -52,8 +55,16 @@ def alignment_terms(scores_bk, sum_logp_bk, batch, loss_cfg):
     if method == "pro":
         return losses.pro_loss(scores_bk, levels_bk, valid_bk, constraint=constraint, beta=beta)
     if method == "dpo":
-        return losses.dpo_loss(sum_logp_bk, batch["ref_logp_sum"], levels_bk, valid_bk, beta_dpo=loss_cfg.beta_dpo,
-                               constraint=constraint, scores_bk=scores_bk, beta=beta)
+        return losses.dpo_loss(
+            sum_logp_bk,
+            batch["ref_logp_sum"],
+            levels_bk,
+            valid_bk,
+            beta_dpo=loss_cfg.beta_dpo,
+            constraint=constraint,
+            scores_bk=scores_bk,
+            beta=beta,
+        )
     raise ValueError(f"loss.method={method!r}; expected one of {METHODS}")
 
 
@@ -61,9 +72,13 @@ def objective(model, batch, norm, loss_cfg):
     """Returns `(loss, sums)`: the scalar loss of this (micro-)batch and additive statistics for metrics."""
     b, k, t = batch["input_ids"].shape
     completion_nt = batch["completion_mask"].reshape(b * k, t)
-    logp_nt = completion_logprobs(model, batch["input_ids"].reshape(b * k, t),
-                                  batch["attention_mask"].reshape(b * k, t), completion_nt,
-                                  chunk_size=loss_cfg.logit_chunk)
+    logp_nt = completion_logprobs(
+        model,
+        batch["input_ids"].reshape(b * k, t),
+        batch["attention_mask"].reshape(b * k, t),
+        completion_nt,
+        chunk_size=loss_cfg.logit_chunk,
+    )
     sum_logp_bk = jnp.sum(logp_nt, axis=-1).reshape(b, k)
     count_bk = jnp.sum(completion_nt.astype(bool), axis=-1).reshape(b, k)
     scores_bk = sum_logp_bk / jnp.maximum(count_bk, 1)
@@ -76,10 +91,15 @@ def objective(model, batch, norm, loss_cfg):
     is_pos, is_neg = batch["is_pos"] & batch["valid"], batch["is_neg"] & batch["valid"]
     right_b, pairs_b = losses.assessment_counts(scores_bk, is_pos, is_neg)
     sums = {
-        "loss": loss, "vft_loss": vft_nll, "align_loss": align,
-        "pos_score_sum": jnp.sum(jnp.where(is_pos, scores_bk, 0.0)), "pos_count": jnp.sum(is_pos),
-        "neg_score_sum": jnp.sum(jnp.where(is_neg, scores_bk, 0.0)), "neg_count": jnp.sum(is_neg),
-        "pairs_right": jnp.sum(right_b), "pairs_total": jnp.sum(pairs_b),
+        "loss": loss,
+        "vft_loss": vft_nll,
+        "align_loss": align,
+        "pos_score_sum": jnp.sum(jnp.where(is_pos, scores_bk, 0.0)),
+        "pos_count": jnp.sum(is_pos),
+        "neg_score_sum": jnp.sum(jnp.where(is_neg, scores_bk, 0.0)),
+        "neg_count": jnp.sum(is_neg),
+        "pairs_right": jnp.sum(right_b),
+        "pairs_total": jnp.sum(pairs_b),
         "macro_sum": jnp.sum(jnp.where(pairs_b > 0, right_b / jnp.maximum(pairs_b, 1), 0.0)),
         "macro_groups": jnp.sum(pairs_b > 0),
     }
@@ -91,8 +111,12 @@ def finalize_metrics(sums) -> dict:
     pos = sums["pos_score_sum"] / sums["pos_count"]
     neg = sums["neg_score_sum"] / sums["neg_count"]
     return {
-        "loss": sums["loss"], "vft_loss": sums["vft_loss"], "align_loss": sums["align_loss"],
-        "pos_score": pos, "neg_score": neg, "margin": pos - neg,
+        "loss": sums["loss"],
+        "vft_loss": sums["vft_loss"],
+        "align_loss": sums["align_loss"],
+        "pos_score": pos,
+        "neg_score": neg,
+        "margin": pos - neg,
         "assess_macro": sums["macro_sum"] / sums["macro_groups"],
         "assess_micro": sums["pairs_right"] / sums["pairs_total"],
     }

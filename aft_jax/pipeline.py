@@ -26,8 +26,11 @@ METHOD_PRESETS = {
     "aft_dc": {"method": "aft", "constraint": "detach"},
     "aft_none": {"method": "aft", "constraint": "none"},
     "rft": {"method": "rft", "constraint": "none"},
-    **{f"{m}{suffix}": {"method": m, "constraint": c}
-       for m in ("rrhf", "pro", "dpo") for suffix, c in (("", "none"), ("_bc", "boundary"), ("_dc", "detach"))},
+    **{
+        f"{m}{suffix}": {"method": m, "constraint": c}
+        for m in ("rrhf", "pro", "dpo")
+        for suffix, c in (("", "none"), ("_bc", "boundary"), ("_dc", "detach"))
+    },
 }
 
 
@@ -101,7 +104,9 @@ def run_pipeline(config) -> dict:
         from aft_jax.task_tokenizer import train_task_tokenizer
 
         folder = run_dir / "tokenizer"
-        texts = [task.prompt(e, config.task.template) + e.target for e in load_examples(config, config.task.train_split)]
+        texts = [
+            task.prompt(e, config.task.template) + e.target for e in load_examples(config, config.task.train_split)
+        ]
         manifest.stage("tokenizer", (folder / "tokenizer.json").exists(), lambda: train_task_tokenizer(texts, folder))
         config = _sub_config(config, model={"tokenizer": str(folder)})
 
@@ -117,8 +122,14 @@ def run_pipeline(config) -> dict:
     base_model = {"path": base, "tokenizer": ""}
 
     vft_dir = run_dir / "vft"
-    vft_config = _sub_config(config, run_dir=str(vft_dir), model=base_model, loss={"method": "vft"},
-                             data={"train_file": ""}, train={"num_epochs": config.pipeline.vft_epochs})
+    vft_config = _sub_config(
+        config,
+        run_dir=str(vft_dir),
+        model=base_model,
+        loss={"method": "vft"},
+        data={"train_file": ""},
+        train={"num_epochs": config.pipeline.vft_epochs},
+    )
     manifest.stage("vft", _model_done(vft_dir), lambda: run_training(vft_config))
     vft_model_dir = str(vft_dir / "model")
 
@@ -131,20 +142,30 @@ def run_pipeline(config) -> dict:
             loaded["vft"] = from_pretrained(vft_model_dir, mesh=mesh)
         return loaded["vft"]
 
-    manifest.stage("sample_train", (groups_train / "stats.json").exists(),
-                   lambda: sample_candidates(sampler_config, *vft_model(), out_dir=groups_train))
+    manifest.stage(
+        "sample_train",
+        (groups_train / "stats.json").exists(),
+        lambda: sample_candidates(sampler_config, *vft_model(), out_dir=groups_train),
+    )
     held_out = load_examples(config, config.task.eval_split)[: max(config.eval.group_questions, 0)]
-    manifest.stage("sample_eval", (groups_eval / "stats.json").exists(),
-                   lambda: sample_candidates(sampler_config, *vft_model(), examples=held_out, out_dir=groups_eval))
+    manifest.stage(
+        "sample_eval",
+        (groups_eval / "stats.json").exists(),
+        lambda: sample_candidates(sampler_config, *vft_model(), examples=held_out, out_dir=groups_eval),
+    )
     loaded.clear()
 
     start = base if config.pipeline.init_from == "base" else vft_model_dir
     for name in methods:
-        method_config = _sub_config(config, run_dir=str(run_dir / name), model={"path": start, "tokenizer": ""},
-                                    loss=METHOD_PRESETS[name], data={"train_file": str(groups_train)},
-                                    train={"num_epochs": config.pipeline.align_epochs},
-                                    optim={"lr": config.pipeline.align_lr if config.pipeline.align_lr > 0
-                                           else config.optim.lr})
+        method_config = _sub_config(
+            config,
+            run_dir=str(run_dir / name),
+            model={"path": start, "tokenizer": ""},
+            loss=METHOD_PRESETS[name],
+            data={"train_file": str(groups_train)},
+            train={"num_epochs": config.pipeline.align_epochs},
+            optim={"lr": config.pipeline.align_lr if config.pipeline.align_lr > 0 else config.optim.lr},
+        )
         manifest.stage(name, _model_done(run_dir / name), lambda c=method_config: run_training(c))
 
     limit = config.eval.limit if config.eval.limit > 0 else None
@@ -164,8 +185,11 @@ def run_pipeline(config) -> dict:
         results[name] = json.loads(out.read_text())
 
     stats = json.loads((groups_train / "stats.json").read_text())
-    extra = ("Training groups: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                                             for k, v in stats.items()) + ".")
+    extra = (
+        "Training groups: "
+        + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items())
+        + "."
+    )
     curves = {name: read_metrics(run_dir / name) for name in ["vft", *methods]}
     report = write_report(run_dir, results, curves, extra)
     print("\n" + comparison_table(results) + "\n")

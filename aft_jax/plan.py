@@ -16,12 +16,36 @@ from aft_jax.config import LlamaConfig
 
 # Configs of models users name by hub id, so a plan needs no download.
 KNOWN_MODELS = {
-    "huggyllama/llama-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
-                                num_heads=32, num_kv_heads=32, head_dim=128, rms_norm_eps=1e-6),
-    "meta-llama/Llama-2-7b-hf": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
-                                     num_heads=32, num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5),
-    "meta-llama/Llama-2-13b-hf": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_layers=40,
-                                      num_heads=40, num_kv_heads=40, head_dim=128, rms_norm_eps=1e-5),
+    "huggyllama/llama-7b": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        head_dim=128,
+        rms_norm_eps=1e-6,
+    ),
+    "meta-llama/Llama-2-7b-hf": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+    ),
+    "meta-llama/Llama-2-13b-hf": dict(
+        vocab_size=32000,
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_layers=40,
+        num_heads=40,
+        num_kv_heads=40,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+    ),
 }
 HBM_GB = {"v4": 32, "v5e": 16, "v5p": 95, "h100": 80, "h200": 141, "cpu": 0}
 
@@ -79,45 +103,86 @@ def plan_memory(config, batch_size: int | None = None, seq_len: int | None = Non
     from aft_jax.train import TrainState, build_optimizer, make_train_step
 
     mesh = mesh_from_config(config.train.mesh)
+    b = batch_size or config.train.batch_size
+    data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if b % (config.train.grad_accum * data_ways):
+        raise ValueError(
+            f"batch {b} must be a multiple of grad_accum x data x fsdp = "
+            f"{config.train.grad_accum} x {data_ways}: every device needs whole groups"
+        )
     cfg = model_config(config)
     graphdef, abstract_state = nnx.split(abstract_model(cfg))
     param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_state, mesh))
-    params = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                          nnx.to_pure_dict(abstract_state), param_shardings)
+    params = jax.tree.map(
+        lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+        nnx.to_pure_dict(abstract_state),
+        param_shardings,
+    )
     tx, schedule = build_optimizer(config.optim, total_steps=1000)
     replicated = sharding.replicated(mesh)
     abstract_opt = jax.eval_shape(tx.init, params)
-    opt_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_opt,
-                             sharding.shardings_like_params(abstract_opt, params, mesh))
-    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params, opt_state,
-                       jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated))
-    b = batch_size or config.train.batch_size
+    opt_state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        abstract_opt,
+        sharding.shardings_like_params(abstract_opt, params, mesh),
+    )
+    state = TrainState(
+        jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+        params,
+        opt_state,
+        jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),
+    )
     k = 1 if config.loss.method == "vft" else config.data.group_size
     t = seq_len or config.data.max_length
-    batch_shapes = {"input_ids": ((b, k, t), jnp.int32), "attention_mask": ((b, k, t), jnp.int32),
-                    "completion_mask": ((b, k, t), jnp.int32), "valid": ((b, k), bool), "is_pos": ((b, k), bool),
-                    "is_neg": ((b, k), bool), "is_reference": ((b, k), bool), "levels": ((b, k), jnp.int32),
-                    "ref_logp_sum": ((b, k), jnp.float32)}
-    batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
-             for name, (shape, dtype) in batch_shapes.items()}
+    batch_shapes = {
+        "input_ids": ((b, k, t), jnp.int32),
+        "attention_mask": ((b, k, t), jnp.int32),
+        "completion_mask": ((b, k, t), jnp.int32),
+        "valid": ((b, k), bool),
+        "is_pos": ((b, k), bool),
+        "is_neg": ((b, k), bool),
+        "is_reference": ((b, k), bool),
+        "levels": ((b, k), jnp.int32),
+        "ref_logp_sum": ((b, k), jnp.float32),
+    }
+    batch = {
+        name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+        for name, (shape, dtype) in batch_shapes.items()
+    }
     step = make_train_step(graphdef, config.loss, tx, schedule, config.train.grad_accum)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     began = time.perf_counter()
     with sharding.use_mesh(mesh):
-        compiled = jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh, 1)),
-                           out_shardings=(state_shardings, replicated), donate_argnums=(0,)).lower(state, batch).compile()
+        compiled = (
+            jax.jit(
+                step,
+                in_shardings=(state_shardings, sharding.batch_sharding(mesh, 1)),
+                out_shardings=(state_shardings, replicated),
+                donate_argnums=(0,),
+            )
+            .lower(state, batch)
+            .compile()
+        )
     seconds = time.perf_counter() - began
     analysis = compiled.memory_analysis()
 
     def per_device(tree) -> float:
-        return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+        return sum(
+            math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
+        )
 
-    gb = 1024 ** 3
+    gb = 1024**3
     params_b, opt_b = per_device(params), per_device(opt_state)
     temp_b = float(getattr(analysis, "temp_size_in_bytes", 0))
-    return MemoryPlan(devices=mesh.devices.size, mesh=sharding.describe(mesh), params_gb=params_b / gb,
-                      optimizer_gb=opt_b / gb, temporaries_gb=temp_b / gb, total_gb=(params_b + opt_b + temp_b) / gb,
-                      compile_s=seconds)
+    return MemoryPlan(
+        devices=mesh.devices.size,
+        mesh=sharding.describe(mesh),
+        params_gb=params_b / gb,
+        optimizer_gb=opt_b / gb,
+        temporaries_gb=temp_b / gb,
+        total_gb=(params_b + opt_b + temp_b) / gb,
+        compile_s=seconds,
+    )
 
 
 def recommend(plan: MemoryPlan, hbm_gb: float, config) -> str:
@@ -126,9 +191,11 @@ def recommend(plan: MemoryPlan, hbm_gb: float, config) -> str:
     if plan.total_gb <= 0.85 * hbm_gb:
         return f"fits: {plan.total_gb:.1f} of {hbm_gb} GB per device ({100 * plan.total_gb / hbm_gb:.0f}%)"
     advice = []
-    if config.model.remat_policy in ("none", "dots"):
-        advice.append("model.remat_policy=dots_no_batch or full (fewer saved activations)")
-    advice.append(f"train.grad_accum={2 * config.train.grad_accum} (half the micro-batch)")
+    if config.model.remat_policy != "full":
+        advice.append("model.remat_policy=full (keeps only each layer's input for the backward pass)")
+    devices = plan.devices
+    if config.train.batch_size % (2 * config.train.grad_accum * devices) == 0:
+        advice.append(f"train.grad_accum={2 * config.train.grad_accum} (half the micro-batch)")
     if plan.params_gb + plan.optimizer_gb > 0.5 * hbm_gb:
         advice.append("more devices on the fsdp axis (parameters and optimizer state are split over it)")
     return f"does not fit: {plan.total_gb:.1f} GB per device > 85% of {hbm_gb} GB; try " + "; ".join(advice)

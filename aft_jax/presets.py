@@ -14,8 +14,11 @@ PAPER_TASKS = {
     "gsm8k": {"task": {"name": "gsm8k"}},
     "aqua_rat": {"task": {"name": "aqua_rat"}},
     "ecqa": {"task": {"name": "ecqa"}},
-    "gsm8k_rank": {"task": {"name": "gsm8k_rank"}, "loss": {"use_levels": True},
-                   "pipeline": {"methods": "aft_bc,aft_dc,rrhf,pro,dpo"}},
+    "gsm8k_rank": {
+        "task": {"name": "gsm8k_rank"},
+        "loss": {"use_levels": True},
+        "pipeline": {"methods": "aft_bc,aft_dc,rrhf,pro,dpo"},
+    },
     "mix": {"task": {"name": "mix"}},  # GSM8K + AQuA-RAT + ECQA together
 }
 
@@ -23,8 +26,9 @@ PAPER_TASKS = {
 def paper_config(model: str, task: str):
     """`model` in PAPER_MODELS, `task` in PAPER_TASKS."""
     if model not in PAPER_MODELS or task not in PAPER_TASKS:
-        raise ValueError(f"unknown paper preset {model}-{task}; models: {sorted(PAPER_MODELS)}, "
-                         f"tasks: {sorted(PAPER_TASKS)}")
+        raise ValueError(
+            f"unknown paper preset {model}-{task}; models: {sorted(PAPER_MODELS)}, tasks: {sorted(PAPER_TASKS)}"
+        )
     path, grad_accum = PAPER_MODELS[model]
     c = default_config()
     c.run_dir = f"runs/{model}_{task}"

@@ -16,7 +16,7 @@ def mesh_from_config(spec: str):
 
 
 def resolve_model_path(name: str) -> str:
-    """"smollm2" names the built-in SmolLM2-135M checkpoint; anything else is a folder or hub name."""
+    """ "smollm2" names the built-in SmolLM2-135M checkpoint; anything else is a folder or hub name."""
     if name == "smollm2":
         from aft_jax.smollm2 import smollm2_checkpoint
 
@@ -37,9 +37,13 @@ def model_from_config(model_cfg, mesh, seed: int = 0):
     from aft_jax.model import create_model
 
     if model_cfg.path:
-        model, tokenizer = from_pretrained(resolve_model_path(model_cfg.path), dtype=model_cfg.dtype,
-                                           compute_dtype=model_cfg.compute_dtype, mesh=mesh,
-                                           remat_policy=model_cfg.remat_policy)
+        model, tokenizer = from_pretrained(
+            resolve_model_path(model_cfg.path),
+            dtype=model_cfg.dtype,
+            compute_dtype=model_cfg.compute_dtype,
+            mesh=mesh,
+            remat_policy=model_cfg.remat_policy,
+        )
         if model_cfg.tokenizer:
             tokenizer = load_tokenizer(model_cfg.tokenizer)
         if tokenizer is None:
@@ -49,8 +53,15 @@ def model_from_config(model_cfg, mesh, seed: int = 0):
         raise ValueError("set model.path, or model.tokenizer and model.random.* for a randomly initialised model")
     tokenizer = load_tokenizer(model_cfg.tokenizer)
     dims = dict(model_cfg.random)
-    config = LlamaConfig(vocab_size=len(tokenizer), **dims, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_ids=(tokenizer.eos_token_id,),
-                         pad_token_id=tokenizer.pad_token_id, param_dtype=model_cfg.dtype,
-                         dtype=model_cfg.compute_dtype, remat_policy=model_cfg.remat_policy)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        **dims,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_ids=(tokenizer.eos_token_id,),
+        pad_token_id=tokenizer.pad_token_id,
+        param_dtype=model_cfg.dtype,
+        dtype=model_cfg.compute_dtype,
+        remat_policy=model_cfg.remat_policy,
+    )
     return create_model(config, mesh=mesh, seed=seed), tokenizer

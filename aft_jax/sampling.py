@@ -63,8 +63,12 @@ def repeat_rows(cache: KVCache, logits_bv, times: int):
     """Each prompt's cache row (and last logits) repeated `times`: samples of one prompt share its prefill."""
     if times == 1:
         return cache, logits_bv
-    cache = KVCache(jnp.repeat(cache.keys, times, axis=1), jnp.repeat(cache.values, times, axis=1),
-                    jnp.repeat(cache.valid_bs, times, axis=0), cache.end)
+    cache = KVCache(
+        jnp.repeat(cache.keys, times, axis=1),
+        jnp.repeat(cache.values, times, axis=1),
+        jnp.repeat(cache.valid_bs, times, axis=0),
+        cache.end,
+    )
     return cache, jnp.repeat(logits_bv, times, axis=0)
 
 
@@ -115,15 +119,30 @@ def sample_token_ids(model, prompt_ids_qt, prompt_mask_qt, params: SamplingParam
     # Built outside the jitted function: inside it, an all-empty cache is a constant XLA tries to fold.
     cache = init_cache(model.config, q, t + params.max_new_tokens)
     kv_axes = ("layers", "batch", None, "kv_heads", "head_dim")
-    cache = KVCache(sharding.put_logical(cache.keys, kv_axes, mesh), sharding.put_logical(cache.values, kv_axes, mesh),
-                    sharding.put_logical(cache.valid_bs, ("batch", None), mesh), sharding.put_logical(cache.end, (), mesh))
+    cache = KVCache(
+        sharding.put_logical(cache.keys, kv_axes, mesh),
+        sharding.put_logical(cache.values, kv_axes, mesh),
+        sharding.put_logical(cache.valid_bs, ("batch", None), mesh),
+        sharding.put_logical(cache.end, (), mesh),
+    )
     tokens, lengths = _compiled_decode(graphdef, params, num_samples)(state, ids, mask, rng, cache)
     return np.asarray(tokens), np.asarray(lengths)
 
 
-def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, num_samples: int = 1, seed: int = 0, batch_size: int = 32,
-             pad_multiple: int = 64) -> list[list[str]]:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    num_samples: int = 1,
+    seed: int = 0,
+    batch_size: int = 32,
+    pad_multiple: int = 64,
+) -> list[list[str]]:
     """`num_samples` completions per prompt (text after the prompt, without the EOS), seeded.
 
     Prompts are tokenised as the tokenizer does by default (BOS included where it adds one), left-padded
@@ -136,7 +155,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempe
     rng = jax.random.key(seed)
     results: list[list[str]] = []
     for start in range(0, len(prompts), per_batch):
-        chunk = encoded[start:start + per_batch]
+        chunk = encoded[start : start + per_batch]
         ids, mask = left_pad(chunk, per_batch, params.pad_id, pad_multiple)
         tokens, lengths = sample_token_ids(model, ids, mask, params, jax.random.fold_in(rng, start), num_samples)
         for q in range(len(chunk)):
@@ -159,9 +178,9 @@ def left_pad(sequences: list[list[int]], rows: int, pad_id: int, multiple: int =
     ids = np.full((rows, t), pad_id, np.int32)
     mask = np.zeros((rows, t), np.int32)
     for r, seq in enumerate(sequences):
-        ids[r, t - len(seq):] = seq
-        mask[r, t - len(seq):] = 1
-    mask[len(sequences):, -1] = 1  # a filler row still needs one visible token
+        ids[r, t - len(seq) :] = seq
+        mask[r, t - len(seq) :] = 1
+    mask[len(sequences) :, -1] = 1  # a filler row still needs one visible token
     return ids, mask
 
 

@@ -111,8 +111,10 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=None):
 def shardings_like_params(tree, params, mesh: Mesh):
     """A sharding for every leaf of `tree` (e.g. optimizer state): that of the parameter whose key path
     ends the leaf's key path and whose shape it has (Adam's moments), else replicated (step counts)."""
-    by_path = {jax.tree_util.keystr(path): (leaf.shape, leaf.sharding)
-               for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    by_path = {
+        jax.tree_util.keystr(path): (leaf.shape, leaf.sharding)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
 
     def pick(path, leaf):
         key = jax.tree_util.keystr(path)

@@ -41,8 +41,7 @@ def smollm2_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    quantized = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name,
-                                                     dtype=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

@@ -17,15 +17,21 @@ def train_task_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int 
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL["unk_token"]))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL.values()),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     bos = tokenizer.token_to_id(SPECIAL["bos_token"])
-    tokenizer.post_processor = processors.TemplateProcessing(single=f"{SPECIAL['bos_token']} $A",
-                                                             special_tokens=[(SPECIAL["bos_token"], bos)])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{SPECIAL['bos_token']} $A", special_tokens=[(SPECIAL["bos_token"], bos)]
+    )
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -34,15 +34,27 @@ def build_optimizer(optim_cfg, total_steps: int):
     """AdamW with linear warmup and cosine decay, after global-norm gradient clipping; no decay on norms."""
     warmup = max(1, int(round(optim_cfg.warmup_ratio * total_steps))) if optim_cfg.warmup_ratio > 0 else 0
     schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if warmup else optim_cfg.lr, peak_value=optim_cfg.lr, warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1), end_value=optim_cfg.lr * optim_cfg.min_lr_ratio)
+        init_value=0.0 if warmup else optim_cfg.lr,
+        peak_value=optim_cfg.lr,
+        warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
+        end_value=optim_cfg.lr * optim_cfg.min_lr_ratio,
+    )
 
     def decay_mask(params):
         return jax.tree.map_with_path(lambda path, _: not any(getattr(k, "key", None) == "scale" for k in path), params)
 
-    tx = optax.chain(optax.clip_by_global_norm(optim_cfg.clip_norm),
-                     optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                                 weight_decay=optim_cfg.weight_decay, mask=decay_mask))
+    tx = optax.chain(
+        optax.clip_by_global_norm(optim_cfg.clip_norm),
+        optax.adamw(
+            schedule,
+            b1=optim_cfg.b1,
+            b2=optim_cfg.b2,
+            eps=optim_cfg.eps,
+            weight_decay=optim_cfg.weight_decay,
+            mask=decay_mask,
+        ),
+    )
     return tx, schedule
 
 
@@ -58,8 +70,9 @@ def make_train_step(graphdef, loss_cfg, tx, schedule, grad_accum: int):
         if grad_accum == 1:
             (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, norm)
             return grads, sums
-        micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1),
-                             batch)
+        micro = jax.tree.map(
+            lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch
+        )
 
         def accumulate(carry, micro_batch):
             (_, micro_sums), micro_grads = jax.value_and_grad(loss_fn, has_aux=True)(params, micro_batch, norm)
@@ -97,15 +110,21 @@ def compile_step(train_step, state: TrainState, mesh):
     """`jax.jit` with the state's own shardings in and out, the batch over (data, fsdp), state donated."""
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     batch_sharding = sharding.batch_sharding(mesh, 1)  # prefix: leading axis of every batch array
-    return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
-                   out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+    return jax.jit(
+        train_step,
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
 
 
 def train_flops(model_config, batch: dict) -> float:
     """Approximate FLOPs of one step on the padded batch: 6 N per token plus attention scores."""
     n_seq, length = int(np.prod(batch["input_ids"].shape[:-1])), batch["input_ids"].shape[-1]
     c = model_config
-    per_layer = (c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads) + 3 * c.hidden_size * c.intermediate_size)
+    per_layer = (
+        c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads) + 3 * c.hidden_size * c.intermediate_size
+    )
     params = c.num_layers * per_layer + c.vocab_size * c.hidden_size
     attention = 12 * c.num_layers * c.num_heads * c.head_dim * length  # per token, forward + backward
     return float(n_seq * length * (6 * params + attention))
@@ -127,17 +146,25 @@ def run_training(config) -> Path:
     mesh = mesh_from_config(config.train.mesh)
     data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.train.batch_size % (config.train.grad_accum * data_ways):
-        raise ValueError(f"train.batch_size={config.train.batch_size} must be a multiple of grad_accum x data x fsdp "
-                         f"= {config.train.grad_accum} x {data_ways}")
+        raise ValueError(
+            f"train.batch_size={config.train.batch_size} must be a multiple of grad_accum x data x fsdp "
+            f"= {config.train.grad_accum} x {data_ways}"
+        )
     model, tokenizer = model_from_config(config.model, mesh, seed=config.seed)
     graphdef, model_config = nnx.graphdef(model), model.config
     batcher = make_batcher(config, tokenizer)
-    total_steps = config.train.max_steps if config.train.max_steps > 0 else config.train.num_epochs * batcher.steps_per_epoch
+    total_steps = (
+        config.train.max_steps if config.train.max_steps > 0 else config.train.num_epochs * batcher.steps_per_epoch
+    )
     tx, schedule = build_optimizer(config.optim, total_steps)
     state = init_state(model, tx, config.seed, mesh)
     del model
-    checkpointer = TrainCheckpointer(run_dir / "checkpoints", save_every=config.checkpoint.save_every,
-                                     keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    checkpointer = TrainCheckpointer(
+        run_dir / "checkpoints",
+        save_every=config.checkpoint.save_every,
+        keep=config.checkpoint.keep,
+        async_save=config.checkpoint.async_save,
+    )
     start = checkpointer.latest_step() or 0
     if start:
         restored, data_state = checkpointer.restore(start, state)
@@ -155,9 +182,12 @@ def run_training(config) -> Path:
             state, metrics = step_fn(state, shard_batch(batch, mesh))
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             seconds = time.perf_counter() - began
-            metrics |= {"tokens_per_s": float(batch["attention_mask"].sum()) / seconds, "step_s": seconds,
-                        "tflops_per_device": train_flops(model_config, batch) / seconds / devices / 1e12,
-                        "epoch": batcher.epoch}
+            metrics |= {
+                "tokens_per_s": float(batch["attention_mask"].sum()) / seconds,
+                "step_s": seconds,
+                "tflops_per_device": train_flops(model_config, batch) / seconds / devices / 1e12,
+                "epoch": batcher.epoch,
+            }
             checkpointer.save(step, state, batcher.state(), force=step == total_steps)
             if step % config.train.log_every == 0 or step == total_steps:
                 writer.write(step, metrics)
@@ -175,14 +205,22 @@ def training_groups(config, tokenizer) -> list[Group]:
     if config.data.train_file:
         return read_training_file(config.data.train_file)
     if config.loss.method != "vft":
-        raise ValueError(f"loss.method={config.loss.method!r} trains on candidate groups: set data.train_file to the "
-                         "output of `aft-jax sample`")
+        raise ValueError(
+            f"loss.method={config.loss.method!r} trains on candidate groups: set data.train_file to the "
+            "output of `aft-jax sample`"
+        )
     from aft_jax.candidates import load_examples, task_from_config
 
     task = task_from_config(config)
-    return [Group(e.id, task.prompt(e, config.task.template, tokenizer), e.answer,
-                  (Candidate(e.target, correct=True, level=1, reference=True),))
-            for e in load_examples(config, config.task.train_split)]
+    return [
+        Group(
+            e.id,
+            task.prompt(e, config.task.template, tokenizer),
+            e.answer,
+            (Candidate(e.target, correct=True, level=1, reference=True),),
+        )
+        for e in load_examples(config, config.task.train_split)
+    ]
 
 
 def make_batcher(config, tokenizer) -> GroupBatcher:
@@ -190,16 +228,25 @@ def make_batcher(config, tokenizer) -> GroupBatcher:
     if config.loss.method == "dpo":
         missing = [g.id for g in groups for c in g.candidates if c.logp_sum is None]
         if missing:
-            raise DataError(f"{config.data.train_file}: DPO needs each candidate's reference log-prob (logp_sum); "
-                            f"missing in groups {missing[:5]}")
+            raise DataError(
+                f"{config.data.train_file}: DPO needs each candidate's reference log-prob (logp_sum); "
+                f"missing in groups {missing[:5]}"
+            )
     only_reference = config.loss.method == "vft"
     group_size = 1 if only_reference else config.data.group_size
     encoder = GroupEncoder(tokenizer, config.data.max_length, group_size, config.data.truncation, only_reference)
     encoded = [e for e in (encoder.encode(g) for g in groups) if e is not None]
     log.info("data: %d of %d groups kept; %s", len(encoded), len(groups), dict(sorted(encoder.counts.items())))
-    return GroupBatcher(encoded, batch_size=config.train.batch_size, group_size=group_size,
-                        max_length=config.data.max_length, pad_id=tokenizer.pad_token_id or 0, seed=config.seed,
-                        pad_multiple=config.data.pad_multiple, shuffle=config.data.shuffle)
+    return GroupBatcher(
+        encoded,
+        batch_size=config.train.batch_size,
+        group_size=group_size,
+        max_length=config.data.max_length,
+        pad_id=tokenizer.pad_token_id or 0,
+        seed=config.seed,
+        pad_multiple=config.data.pad_multiple,
+        shuffle=config.data.shuffle,
+    )
 
 
 def export_final(state: TrainState, graphdef, tokenizer, run_dir: Path, config) -> Path:

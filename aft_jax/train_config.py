@@ -25,7 +25,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.compute_dtype = "float32"
     c.model.remat_policy = "none"  # none | full | dots | dots_no_batch
     c.model.random = ml_collections.ConfigDict(
-        {"hidden_size": 0, "intermediate_size": 0, "num_layers": 0, "num_heads": 0, "num_kv_heads": 0, "head_dim": 0})
+        {"hidden_size": 0, "intermediate_size": 0, "num_layers": 0, "num_heads": 0, "num_kv_heads": 0, "head_dim": 0}
+    )
 
     c.task = ml_collections.ConfigDict()
     c.task.name = "gsm8k"  # gsm8k | gsm8k_rank | aqua_rat | ecqa | synthetic

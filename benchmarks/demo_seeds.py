@@ -28,14 +28,33 @@ def main() -> None:
     per_seed = {}
     for seed in args.seeds:
         run_dir = Path(args.run_root) / f"seed{seed}"
-        subprocess.run([sys.executable, "-m", "aft_jax.cli", "pipeline", "--config", str(REPO / "configs" / "demo.py"),
-                        f"--config.seed={seed}", f"--config.run_dir={run_dir}"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "aft_jax.cli",
+                "pipeline",
+                "--config",
+                str(REPO / "configs" / "demo.py"),
+                f"--config.seed={seed}",
+                f"--config.run_dir={run_dir}",
+            ],
+            check=True,
+        )
         per_seed[seed] = json.loads((run_dir / "metrics.json").read_text())
         per_seed[seed]["_groups"] = json.loads((run_dir / "groups" / "train" / "stats.json").read_text())
     methods = [m for m in per_seed[args.seeds[0]] if not m.startswith("_")]
-    summary = {m: {k: {"mean": float(np.mean([per_seed[s][m][k] for s in args.seeds])),
-                       "std": float(np.std([per_seed[s][m][k] for s in args.seeds], ddof=1)) if len(args.seeds) > 1 else 0.0,
-                       "values": [per_seed[s][m][k] for s in args.seeds]} for k in METRICS} for m in methods}
+    summary = {
+        m: {
+            k: {
+                "mean": float(np.mean([per_seed[s][m][k] for s in args.seeds])),
+                "std": float(np.std([per_seed[s][m][k] for s in args.seeds], ddof=1)) if len(args.seeds) > 1 else 0.0,
+                "values": [per_seed[s][m][k] for s in args.seeds],
+            }
+            for k in METRICS
+        }
+        for m in methods
+    }
     print(f"\n{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}): mean ± std")
     print("| method | " + " | ".join(METRICS) + " |")
     print("|---" * (len(METRICS) + 1) + "|")
@@ -43,13 +62,21 @@ def main() -> None:
         cells = []
         for k in METRICS:
             scale = 100 if not k.startswith("ppl") else 1
-            cells.append(f"{scale * summary[m][k]['mean']:.1f} ± {scale * summary[m][k]['std']:.1f}"
-                         if scale == 100 else f"{summary[m][k]['mean']:.3f} ± {summary[m][k]['std']:.3f}")
+            cells.append(
+                f"{scale * summary[m][k]['mean']:.1f} ± {scale * summary[m][k]['std']:.1f}"
+                if scale == 100
+                else f"{summary[m][k]['mean']:.3f} ± {summary[m][k]['std']:.3f}"
+            )
         print(f"| {m} | " + " | ".join(cells) + " |")
     out = REPO / "benchmarks" / "results" / "demo_seeds.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"seeds": args.seeds, "summary": summary,
-                               "groups": {s: per_seed[s]["_groups"] for s in args.seeds}}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {"seeds": args.seeds, "summary": summary, "groups": {s: per_seed[s]["_groups"] for s in args.seeds}},
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

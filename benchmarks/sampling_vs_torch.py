@@ -57,21 +57,36 @@ def main() -> None:
     torch.manual_seed(0)
     with torch.no_grad():
         began = time.perf_counter()
-        out = hf_model.generate(**encoded, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                                temperature=args.temperature, top_k=0, top_p=1.0, pad_token_id=params.pad_id,
-                                eos_token_id=list(params.eos_ids))
+        out = hf_model.generate(
+            **encoded,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.temperature > 0,
+            temperature=args.temperature,
+            top_k=0,
+            top_p=1.0,
+            pad_token_id=params.pad_id,
+            eos_token_id=list(params.eos_ids),
+        )
         torch_seconds = time.perf_counter() - began
-    generated = out[:, encoded["input_ids"].shape[1]:].numpy()
+    generated = out[:, encoded["input_ids"].shape[1] :].numpy()
     is_eos = np.isin(generated, params.eos_ids)
     torch_lengths = np.where(is_eos.any(1), is_eos.argmax(1) + 1, generated.shape[1])
     torch_tokens = int(torch_lengths.sum())
 
     result = {
-        "batch_rows": batch, "questions": args.questions, "k": args.k, "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature, "cpu_count": os.cpu_count(),
+        "batch_rows": batch,
+        "questions": args.questions,
+        "k": args.k,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "cpu_count": os.cpu_count(),
         "aft_jax": {"tokens": jax_tokens, "seconds": jax_seconds, "tokens_per_s": jax_tokens / jax_seconds},
-        "torch": {"tokens": torch_tokens, "seconds": torch_seconds, "tokens_per_s": torch_tokens / torch_seconds,
-                  "threads": torch.get_num_threads()},
+        "torch": {
+            "tokens": torch_tokens,
+            "seconds": torch_seconds,
+            "tokens_per_s": torch_tokens / torch_seconds,
+            "threads": torch.get_num_threads(),
+        },
     }
     result["speed_ratio"] = result["aft_jax"]["tokens_per_s"] / result["torch"]["tokens_per_s"]
     for name in ("aft_jax", "torch"):

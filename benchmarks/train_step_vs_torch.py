@@ -34,9 +34,17 @@ def make_batch(k: int, length: int, vocab: int, seed: int = 0) -> dict:
     completion[:, :, prompt:] = 1
     is_pos = np.zeros((1, k), bool)
     is_pos[0, :3] = True
-    return {"input_ids": ids, "attention_mask": attention, "completion_mask": completion, "valid": np.ones((1, k), bool),
-            "is_pos": is_pos, "is_neg": ~is_pos, "is_reference": np.eye(1, k, dtype=bool),
-            "levels": is_pos.astype(np.int32), "ref_logp_sum": np.zeros((1, k), np.float32)}
+    return {
+        "input_ids": ids,
+        "attention_mask": attention,
+        "completion_mask": completion,
+        "valid": np.ones((1, k), bool),
+        "is_pos": is_pos,
+        "is_neg": ~is_pos,
+        "is_reference": np.eye(1, k, dtype=bool),
+        "levels": is_pos.astype(np.int32),
+        "ref_logp_sum": np.zeros((1, k), np.float32),
+    }
 
 
 def peak_rss_mb() -> float:
@@ -68,8 +76,13 @@ def run_jax(args, checkpoint: str) -> dict:
         losses.append(float(metrics["loss"]))
         if i:  # the first step compiles
             times.append(time.perf_counter() - began)
-    return {"impl": "aft_jax", "step_s": float(np.median(times)), "losses": losses, "peak_rss_mb": peak_rss_mb(),
-            "jax": jax.__version__}
+    return {
+        "impl": "aft_jax",
+        "step_s": float(np.median(times)),
+        "losses": losses,
+        "peak_rss_mb": peak_rss_mb(),
+        "jax": jax.__version__,
+    }
 
 
 def run_torch(args, checkpoint: str) -> dict:
@@ -92,12 +105,16 @@ def run_torch(args, checkpoint: str) -> dict:
         logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
         logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None])[..., 0] * completion
         scores = (logp.sum(-1) / completion.sum(-1)).reshape(b, k)
-        vft = -(logp.reshape(b, k, -1)[batch["is_reference"]]).sum() / completion.reshape(b, k, -1)[batch["is_reference"]].sum()
+        vft = (
+            -(logp.reshape(b, k, -1)[batch["is_reference"]]).sum()
+            / completion.reshape(b, k, -1)[batch["is_reference"]].sum()
+        )
         pos, neg = scores[0][batch["is_pos"][0]], scores[0][batch["is_neg"][0]]
         bound = pos.min() - BETA
         target = (2 * bound - pos).detach()
-        terms = torch.cat([(neg[None, :] - pos[:, None]).flatten(), (target[:, None] - neg[None, :]).flatten(),
-                           torch.zeros(1)])
+        terms = torch.cat(
+            [(neg[None, :] - pos[:, None]).flatten(), (target[:, None] - neg[None, :]).flatten(), torch.zeros(1)]
+        )
         return vft + torch.logsumexp(terms, 0)
 
     times, losses = [], []
@@ -111,8 +128,14 @@ def run_torch(args, checkpoint: str) -> dict:
         losses.append(float(loss))
         if i:
             times.append(time.perf_counter() - began)
-    return {"impl": "torch", "step_s": float(np.median(times)), "losses": losses, "peak_rss_mb": peak_rss_mb(),
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    return {
+        "impl": "torch",
+        "step_s": float(np.median(times)),
+        "losses": losses,
+        "peak_rss_mb": peak_rss_mb(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def main() -> None:
@@ -120,8 +143,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--k", type=int, default=7)
     parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--remat", default="full",
-                        help="aft_jax remat policy (none, full, dots, ...); torch uses gradient checkpointing unless none")
+    parser.add_argument(
+        "--remat",
+        default="full",
+        help="aft_jax remat policy (none, full, dots, ...); torch uses gradient checkpointing unless none",
+    )
     parser.add_argument("--impl", choices=["jax", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -134,16 +160,36 @@ def main() -> None:
         return
     results = {}
     for impl in ("jax", "torch"):
-        cmd = [sys.executable, __file__, "--impl", impl, "--steps", str(args.steps), "--k", str(args.k),
-               "--length", str(args.length), "--remat", args.remat]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--impl",
+            impl,
+            "--steps",
+            str(args.steps),
+            "--k",
+            str(args.k),
+            "--length",
+            str(args.length),
+            "--remat",
+            args.remat,
+        ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ)).stdout
         results[impl] = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
     tokens = args.k * args.length
     jax_r, torch_r = results["jax"], results["torch"]
     summary = {
         "shape": {"groups": 1, "k": args.k, "length": args.length, "model": "SmolLM2-135M", "remat": args.remat},
-        "aft_jax": {"tokens_per_s": tokens / jax_r["step_s"], "peak_rss_mb": jax_r["peak_rss_mb"], "step_s": jax_r["step_s"]},
-        "torch": {"tokens_per_s": tokens / torch_r["step_s"], "peak_rss_mb": torch_r["peak_rss_mb"], "step_s": torch_r["step_s"]},
+        "aft_jax": {
+            "tokens_per_s": tokens / jax_r["step_s"],
+            "peak_rss_mb": jax_r["peak_rss_mb"],
+            "step_s": jax_r["step_s"],
+        },
+        "torch": {
+            "tokens_per_s": tokens / torch_r["step_s"],
+            "peak_rss_mb": torch_r["peak_rss_mb"],
+            "step_s": torch_r["step_s"],
+        },
         "first_loss": {"aft_jax": jax_r["losses"][0], "torch": torch_r["losses"][0]},
         "cpu_count": os.cpu_count(),
     }
@@ -152,10 +198,14 @@ def main() -> None:
     print(f"{'':10} {'tokens/s':>10} {'peak RSS MB':>12} {'step s':>8} {'first loss':>11}")
     for name in ("aft_jax", "torch"):
         r = summary[name]
-        print(f"{name:10} {r['tokens_per_s']:>10.1f} {r['peak_rss_mb']:>12.0f} {r['step_s']:>8.2f} "
-              f"{summary['first_loss'][name]:>11.5f}")
-    print(f"speed ratio (aft_jax / torch): {summary['speed_ratio']:.2f}x; "
-          f"peak memory ratio: {summary['memory_ratio']:.2f}x")
+        print(
+            f"{name:10} {r['tokens_per_s']:>10.1f} {r['peak_rss_mb']:>12.0f} {r['step_s']:>8.2f} "
+            f"{summary['first_loss'][name]:>11.5f}"
+        )
+    print(
+        f"speed ratio (aft_jax / torch): {summary['speed_ratio']:.2f}x; "
+        f"peak memory ratio: {summary['memory_ratio']:.2f}x"
+    )
     out = Path(__file__).parent / "results" / f"train_step_remat_{args.remat}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")

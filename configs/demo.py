@@ -13,8 +13,9 @@ def get_config():
     c = default_config()
     c.run_dir = "runs/demo"
     c.model.tokenizer = "build"
-    c.model.random.update(hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2,
-                          head_dim=32)
+    c.model.random.update(
+        hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32
+    )
     c.model.remat_policy = "none"
     c.task.name = "synthetic"
     c.task.template = "plain"

@@ -10,10 +10,18 @@ TINY_CONFIGS = {
     "mha_untied": dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
     "gqa_tied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e5),
     "llama3_rope": dict(
-        num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False, rope_theta=5e5,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+        rope_theta=5e5,
         max_position_embeddings=256,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 16},
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
         eos_token_id=[5, 7],
     ),
 }
@@ -24,8 +32,15 @@ def tiny_hf_model(name: str, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    fields = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3, rms_norm_eps=1e-5,
-                  max_position_embeddings=128, initializer_range=0.2)
+    fields = dict(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+    )
     fields.update(TINY_CONFIGS[name])
     model = LlamaForCausalLM(LlamaConfig(**fields)).eval()
     with torch.no_grad():  # norms away from 1 so a mixed-up norm weight is caught
@@ -61,5 +76,5 @@ def padded_batch(rng: np.random.Generator, vocab: int, lengths: list[int], side:
         if side == "right":
             mask[b, :n] = 1
         else:
-            mask[b, t - n:] = 1
+            mask[b, t - n :] = 1
     return np.where(mask == 1, ids, 0), mask

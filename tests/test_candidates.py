@@ -16,9 +16,19 @@ from conftest import REPO
 
 @pytest.fixture(scope="module")
 def tiny_setup(smollm2_dir):
-    config = load_config(REPO / "configs" / "tiny.py", [
-        "task.name=synthetic", "task.limit=5", "task.template=plain", "sample.k=3", "sample.max_new_tokens=6",
-        "sample.shard_size=2", "sample.batch_size=8", "data.max_length=96"])
+    config = load_config(
+        REPO / "configs" / "tiny.py",
+        [
+            "task.name=synthetic",
+            "task.limit=5",
+            "task.template=plain",
+            "sample.k=3",
+            "sample.max_new_tokens=6",
+            "sample.shard_size=2",
+            "sample.batch_size=8",
+            "data.max_length=96",
+        ],
+    )
     model, tokenizer = model_from_config(config.model, sharding.make_mesh("fsdp"), seed=0)
     return config, model, tokenizer
 
@@ -66,7 +76,7 @@ def test_scores_in_groups_match_sequence_scores(tmp_path, tiny_setup):
     tokens = prompt + tokenizer(cand.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids = np.array([tokens], np.int32)
     completion = np.zeros_like(ids)
-    completion[0, len(prompt):] = 1
+    completion[0, len(prompt) :] = 1
     mean, total = aft_jax.sequence_scores(model, ids, np.ones_like(ids), completion)
     np.testing.assert_allclose([cand.logp_mean, cand.logp_sum], [float(mean[0]), float(total[0])], rtol=1e-4)
 

@@ -40,8 +40,11 @@ def test_wrong_shape_names_file_and_tensor(tmp_path):
     save_tiny("mha_untied", tmp_path)
     name = "model.layers.1.mlp.up_proj.weight"
     _rewrite(tmp_path, lambda t: t.__setitem__(name, np.zeros((63, 32), np.float32)))
-    with pytest.raises(aft_jax.CheckpointError, match=rf"model\.safetensors: tensor '{name}' has shape \[63, 32\], "
-                                                     r"expected \[64, 32\]"):
+    with pytest.raises(
+        aft_jax.CheckpointError,
+        match=rf"model\.safetensors: tensor '{name}' has shape \[63, 32\], "
+        r"expected \[64, 32\]",
+    ):
         aft_jax.from_pretrained(tmp_path)
 
 
@@ -61,5 +64,4 @@ def test_pickled_weights_are_refused_unless_allowed(tmp_path):
     with pytest.raises(aft_jax.CheckpointError, match=r"pytorch_model\.bin.*allow_pickle=True"):
         aft_jax.from_pretrained(tmp_path)
     model, _ = aft_jax.from_pretrained(tmp_path, allow_pickle=True)
-    np.testing.assert_array_equal(np.asarray(model.embed[...]),
-                                  hf_model.model.embed_tokens.weight.detach().numpy())
+    np.testing.assert_array_equal(np.asarray(model.embed[...]), hf_model.model.embed_tokens.weight.detach().numpy())

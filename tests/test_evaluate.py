@@ -42,8 +42,14 @@ def test_group_assessment_matches_numpy_and_the_jax_metric():
 
 
 def test_comparison_table_holds_the_numbers():
-    row = {"accuracy": 0.4567, "self_consistency": 0.5, "assess_macro": 0.7, "assess_micro": 0.71, "ppl_pos": 1.23,
-           "ppl_neg": 4.56}
+    row = {
+        "accuracy": 0.4567,
+        "self_consistency": 0.5,
+        "assess_macro": 0.7,
+        "assess_micro": 0.71,
+        "ppl_pos": 1.23,
+        "ppl_neg": 4.56,
+    }
     table = comparison_table({"vft": row, "aft_bc": row | {"accuracy": 0.5}})
     assert "| vft | 45.7 | 50.0 | 70.0 | 71.0 | 1.23 | 4.56 |" in table
     assert "| aft_bc | 50.0 |" in table

@@ -19,7 +19,7 @@ def test_prefill_then_incremental_equals_full_forward(tmp_path, name):
     logits, cache = model(ids[:, :prompt_len], mask[:, :prompt_len], cache=cache)
     steps = [np.asarray(logits)]
     for t in range(prompt_len, ids.shape[1]):
-        logits, cache = model(ids[:, t:t + 1], mask[:, t:t + 1], cache=cache)
+        logits, cache = model(ids[:, t : t + 1], mask[:, t : t + 1], cache=cache)
         steps.append(np.asarray(logits))
     incremental = np.concatenate(steps, axis=1)
     assert int(cache.end) == ids.shape[1]

@@ -79,8 +79,7 @@ def np_dpo(total, ref, s, lv, valid, beta_dpo, constraint):
     out = []
     for g in range(s.shape[0]):
         pairs = np_pairs(lv, valid, g)
-        vals = [np.log1p(np.exp(-beta_dpo * ((total[g, i] - ref[g, i]) - (total[g, j] - ref[g, j]))))
-                for i, j in pairs]
+        vals = [np.log1p(np.exp(-beta_dpo * ((total[g, i] - ref[g, i]) - (total[g, j] - ref[g, j])))) for i, j in pairs]
         value = float(np.mean(vals)) if vals else 0.0
         out.append(value + (np_boundary(s, lv, valid, g, pairs) if constraint == "boundary" else 0.0))
     return np.array(out)
@@ -106,10 +105,18 @@ def test_alignment_loss_is_binary_ranking(constraint):
 @pytest.mark.parametrize("constraint", losses.CONSTRAINTS)
 def test_rrhf_and_pro_match_numpy(constraint):
     s, lv, valid = random_groups(11, levels=3)
-    np.testing.assert_allclose(losses.rrhf_loss(s, lv, valid, constraint=constraint, beta=BETA),
-                               np_rrhf(s, lv, valid, constraint), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(losses.pro_loss(s, lv, valid, constraint=constraint, beta=BETA),
-                               np_pro(s, lv, valid, constraint), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        losses.rrhf_loss(s, lv, valid, constraint=constraint, beta=BETA),
+        np_rrhf(s, lv, valid, constraint),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        losses.pro_loss(s, lv, valid, constraint=constraint, beta=BETA),
+        np_pro(s, lv, valid, constraint),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("constraint", losses.CONSTRAINTS)
@@ -188,14 +195,19 @@ def test_dpo_applies_beta_once():
     grad = jax.grad(lambda t: losses.dpo_loss(t, ref, levels, valid, beta_dpo=beta).sum())(total)
     expected = -beta * (1 - jax.nn.sigmoid(beta * margin))
     np.testing.assert_allclose(grad[0, 0], expected, rtol=1e-6)
-    np.testing.assert_allclose(losses.dpo_loss(total, ref, levels, valid, beta_dpo=beta)[0],
-                               -np.log(1 / (1 + np.exp(-beta * margin))), rtol=1e-6)
+    np.testing.assert_allclose(
+        losses.dpo_loss(total, ref, levels, valid, beta_dpo=beta)[0],
+        -np.log(1 / (1 + np.exp(-beta * margin))),
+        rtol=1e-6,
+    )
 
 
 def test_padding_gets_no_gradient():
     s, lv, valid = random_groups(9)
-    for fn in (lambda x: losses.ranking_loss(x, lv, valid, constraint="boundary"),
-               lambda x: losses.pro_loss(x, lv, valid, constraint="boundary"),
-               lambda x: losses.rrhf_loss(x, lv, valid, constraint="boundary")):
+    for fn in (
+        lambda x: losses.ranking_loss(x, lv, valid, constraint="boundary"),
+        lambda x: losses.pro_loss(x, lv, valid, constraint="boundary"),
+        lambda x: losses.rrhf_loss(x, lv, valid, constraint="boundary"),
+    ):
         grad = np.asarray(jax.grad(lambda x: fn(x).sum())(jnp.asarray(s)))
         assert np.all(grad[~valid] == 0.0) and np.all(np.isfinite(grad))

@@ -21,8 +21,15 @@ def _env():
 
 
 def _pipeline(run_dir):
-    return [sys.executable, "-m", "aft_jax.cli", "pipeline", "--config", str(REPO / "configs" / "tiny.py"),
-            f"--config.run_dir={run_dir}"]
+    return [
+        sys.executable,
+        "-m",
+        "aft_jax.cli",
+        "pipeline",
+        "--config",
+        str(REPO / "configs" / "tiny.py"),
+        f"--config.run_dir={run_dir}",
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -38,8 +38,10 @@ def test_export_loads_in_transformers_with_identical_logits(tmp_path):
     assert (tmp_path / "out" / "model.safetensors.index.json").exists(), "small shards force an index"
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     ids, mask = padded_batch(np.random.default_rng(0), 97, [9, 5], "left")
-    np.testing.assert_array_equal(hf_logits(reloaded, ids, mask),
-                                  hf_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "src").eval(), ids, mask))
+    np.testing.assert_array_equal(
+        hf_logits(reloaded, ids, mask),
+        hf_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "src").eval(), ids, mask),
+    )
 
 
 def test_convert_cli_orbax_roundtrip(tmp_path, smollm2_dir):

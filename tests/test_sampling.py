@@ -26,11 +26,15 @@ def test_greedy_matches_transformers_generate(smollm2_dir, gsm8k_test_questions)
     with torch.no_grad():
         out = hf_model.generate(**batch, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     for row, [text] in enumerate(ours):
-        hf_tokens = out[row, batch["input_ids"].shape[1]:].tolist()
+        hf_tokens = out[row, batch["input_ids"].shape[1] :].tolist()
         hf_text = tokenizer.decode([t for t in hf_tokens if t != tokenizer.eos_token_id], skip_special_tokens=True)
         assert text == hf_text, row
-        assert tokenizer(text, add_special_tokens=False)["input_ids"] == \
-            [t for t in hf_tokens if t != tokenizer.eos_token_id][:len(tokenizer(text, add_special_tokens=False)["input_ids"])]
+        assert (
+            tokenizer(text, add_special_tokens=False)["input_ids"]
+            == [t for t in hf_tokens if t != tokenizer.eos_token_id][
+                : len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            ]
+        )
 
 
 def test_top_k_and_top_p_keep_exactly_the_right_tokens():
@@ -89,8 +93,8 @@ def test_rows_stop_at_eos_and_are_padded_after():
             np.testing.assert_array_equal(tokens[row], greedy[row])
             assert lengths[row] == 12
         else:
-            np.testing.assert_array_equal(tokens[row, :hit + 1], greedy[row, :hit + 1])
-            assert np.all(tokens[row, hit + 1:] == 60) and lengths[row] == hit + 1
+            np.testing.assert_array_equal(tokens[row, : hit + 1], greedy[row, : hit + 1])
+            assert np.all(tokens[row, hit + 1 :] == 60) and lengths[row] == hit + 1
     assert first_hits[0] is not None and first_hits[0] <= 3
 
 
@@ -98,8 +102,10 @@ def test_left_padding_does_not_change_the_output():
     model = tiny_model(seed=5)
     prompt = [[8, 9, 10, 11]]
     params = SamplingParams(max_new_tokens=6, temperature=0.0, pad_id=0)
-    outs = [sample_token_ids(model, *left_pad(prompt, 2, 0, multiple=m), params, jax.random.key(0))[0][0]
-            for m in (1, 8, 16)]
+    outs = [
+        sample_token_ids(model, *left_pad(prompt, 2, 0, multiple=m), params, jax.random.key(0))[0][0]
+        for m in (1, 8, 16)
+    ]
     for other in outs[1:]:
         np.testing.assert_array_equal(outs[0], other)
 

@@ -10,17 +10,25 @@ from aft_jax.scoring import sequence_scores
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = aft_jax.LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                              num_kv_heads=2, head_dim=8, initializer_range=0.3)
+    cfg = aft_jax.LlamaConfig(
+        vocab_size=101,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        initializer_range=0.3,
+    )
     return aft_jax.create_model(cfg, seed=1)
 
 
 def _place(tokens, prompt_len, width, left_pad):
     ids, att, comp = np.zeros(width, np.int32), np.zeros(width, np.int32), np.zeros(width, np.int32)
     start = width - len(tokens) if left_pad else 0
-    ids[start:start + len(tokens)] = tokens
-    att[start:start + len(tokens)] = 1
-    comp[start + prompt_len:start + len(tokens)] = 1
+    ids[start : start + len(tokens)] = tokens
+    att[start : start + len(tokens)] = 1
+    comp[start + prompt_len : start + len(tokens)] = 1
     return ids, att, comp
 
 
@@ -32,8 +40,11 @@ def test_scores_match_full_log_softmax(model):
     ids, att, comp = (np.stack(x) for x in zip(*rows))
     mean, total = sequence_scores(model, ids, att, comp, chunk_size=5)
     logits = np.asarray(model(ids, att), np.float64)
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+    logp = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
         - logits.max(-1, keepdims=True)
+    )
     for b, (t, p) in enumerate(zip(tokens, prompt_lens)):
         picked = [logp[b, pos - 1, t[pos]] for pos in range(p, len(t))]
         np.testing.assert_allclose(total[b], np.sum(picked), rtol=1e-5)
@@ -47,6 +58,7 @@ def test_scores_do_not_depend_on_padding(model):
     scores = []
     for ids, att, comp in variants:
         mean, total = jax.jit(lambda i, a, c: sequence_scores(model, i, a, c, chunk_size=4))(
-            ids[None], att[None], comp[None])
+            ids[None], att[None], comp[None]
+        )
         scores.append((float(mean[0]), float(total[0])))
     np.testing.assert_allclose(scores, [scores[0]] * len(scores), rtol=2e-6)

@@ -33,9 +33,11 @@ def test_sharded_forward_matches_single_device(tmp_path):
     @jax.jit
     def forward(model_state, ids, mask):
         from flax import nnx
+
         return nnx.merge(graphdef, model_state)(ids, mask)
 
     from flax import nnx
+
     graphdef, state = nnx.split(sharded)
     with sharding.use_mesh(mesh):
         got = forward(state, ids_sharded, mask_sharded)
@@ -44,8 +46,9 @@ def test_sharded_forward_matches_single_device(tmp_path):
 
 
 def test_create_model_is_initialised_in_place():
-    cfg = aft_jax.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                              num_kv_heads=2, head_dim=8)
+    cfg = aft_jax.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8
+    )
     mesh = sharding.make_mesh("fsdp_tensor4")
     model = aft_jax.create_model(cfg, mesh=mesh)
     down = model.layers.mlp.down_proj[...]

@@ -30,10 +30,18 @@ def test_number_extraction(text, expected):
     assert extract_number_answer(text) == expected
 
 
-@pytest.mark.parametrize("text,gold,correct", [
-    ("#### 18.00", "18", True), ("#### 1,080", "1080", True), ("The answer is $5.", "5", True),
-    ("#### 17", "18", False), ("nothing here", "3", False), ("#### -2", "2", False), ("#### 2.5", "2.50", True),
-])
+@pytest.mark.parametrize(
+    "text,gold,correct",
+    [
+        ("#### 18.00", "18", True),
+        ("#### 1,080", "1080", True),
+        ("The answer is $5.", "5", True),
+        ("#### 17", "18", False),
+        ("nothing here", "3", False),
+        ("#### -2", "2", False),
+        ("#### 2.5", "2.50", True),
+    ],
+)
 def test_gsm8k_is_correct(text, gold, correct):
     assert get_task("gsm8k").is_correct(text, gold) is correct
 
@@ -67,9 +75,15 @@ def test_gsm8k_rank_levels():
     assert task.level("I do not know", example) == 0
 
 
-@pytest.mark.parametrize("name,split,count", [
-    ("gsm8k", "test", 1319), ("aqua_rat", "train", 2728), ("aqua_rat", "test", 254), ("ecqa", "test", 2194),
-])
+@pytest.mark.parametrize(
+    "name,split,count",
+    [
+        ("gsm8k", "test", 1319),
+        ("aqua_rat", "train", 2728),
+        ("aqua_rat", "test", 254),
+        ("ecqa", "test", 2194),
+    ],
+)
 def test_real_data_loads_and_references_are_correct(name, split, count):
     task = get_task(name)
     examples = task.load(split)
@@ -108,8 +122,13 @@ def test_ecqa_hub_layout_maps_to_the_same_example():
     import os
 
     record = json.loads((Path(os.environ["AFT_DATA_DIR"]) / "ecqa" / "test.jsonl").read_text().splitlines()[0])
-    hub = {"q_no": record["id"], "q_text": record["question"], "q_ans": record["answer_text"],
-           "taskB": record["explanation"], **{f"q_op{k + 1}": c["text"] for k, c in enumerate(record["choices"])}}
+    hub = {
+        "q_no": record["id"],
+        "q_text": record["question"],
+        "q_ans": record["answer_text"],
+        "taskB": record["explanation"],
+        **{f"q_op{k + 1}": c["text"] for k, c in enumerate(record["choices"])},
+    }
     mapped = task.parse_record(hub, "hub:0", 0)
     assert (mapped.question, mapped.target, mapped.answer) == (local.question, local.target, local.answer)
 

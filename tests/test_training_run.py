@@ -15,8 +15,18 @@ from train_helpers import write_arithmetic_groups
 
 
 def _command(run_dir, groups, *extra):
-    return [sys.executable, "-m", "aft_jax.cli", "aft", "--config", str(REPO / "configs" / "tiny.py"),
-            f"--config.data.train_file={groups}", f"--config.run_dir={run_dir}", "--config.train.max_steps=8", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "aft_jax.cli",
+        "aft",
+        "--config",
+        str(REPO / "configs" / "tiny.py"),
+        f"--config.data.train_file={groups}",
+        f"--config.run_dir={run_dir}",
+        "--config.train.max_steps=8",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +43,9 @@ def test_killed_run_resumes_with_identical_losses(tmp_path, groups_file):
     assert [m["step"] for m in straight] == list(range(1, 9))
 
     interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen(_command(interrupted, groups_file), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _command(interrupted, groups_file), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
         metrics_file = interrupted / "metrics.jsonl"

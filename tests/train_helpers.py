@@ -13,8 +13,16 @@ VOCAB = 61
 
 
 def tiny_model(mesh=None, seed=0):
-    cfg = aft_jax.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                              num_kv_heads=2, head_dim=8, initializer_range=0.1)
+    cfg = aft_jax.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        initializer_range=0.1,
+    )
     return aft_jax.create_model(cfg, mesh=mesh, seed=seed)
 
 
@@ -29,8 +37,11 @@ def random_batch(seed, groups=8, group_size=4, length=24, levels=2):
         for k in range(n):
             tokens.append(prompt + list(rng.integers(1, VOCAB, size=int(rng.integers(2, length - prompt_len)))))
             level = levels - 1 if k == 0 else int(rng.integers(0, levels))
-            cands.append(Candidate("", correct=level == levels - 1, level=level, reference=k == 0,
-                                   logp_sum=float(-rng.random() * 30)))
+            cands.append(
+                Candidate(
+                    "", correct=level == levels - 1, level=level, reference=k == 0, logp_sum=float(-rng.random() * 30)
+                )
+            )
         encoded.append(EncodedGroup(tokens, [prompt_len] * n, cands))
     return collate(encoded, group_size, length, pad_id=0)
 
@@ -47,10 +58,18 @@ def write_arithmetic_groups(path, n=32, seed=0):
     with open(path, "w") as f:
         for q in range(n):
             a, b = (int(x) for x in rng.integers(1, 50, size=2))
-            cands = [{"text": f"{a} plus {b} is {a + b}. The answer is {a + b}", "correct": True, "reference": True,
-                      "logp_sum": -5.0}]
+            cands = [
+                {
+                    "text": f"{a} plus {b} is {a + b}. The answer is {a + b}",
+                    "correct": True,
+                    "reference": True,
+                    "logp_sum": -5.0,
+                }
+            ]
             for delta in rng.choice([-2, -1, 1, 2], size=3, replace=False):
                 x = a + b + int(delta)
                 cands.append({"text": f"{a} plus {b} is {x}. The answer is {x}", "correct": False, "logp_sum": -6.0})
-            f.write(json.dumps({"id": q, "prompt": f"What is {a} plus {b}?\n", "answer": str(a + b),
-                                "candidates": cands}) + "\n")
+            f.write(
+                json.dumps({"id": q, "prompt": f"What is {a} plus {b}?\n", "answer": str(a + b), "candidates": cands})
+                + "\n"
+            )

@@ -14,7 +14,11 @@ OPTION = re.compile(r"^\s*([A-E])\s*\)\s*(.*)$", re.DOTALL)
 
 class AquaRat(ChoiceTask):
     name = "aqua_rat"
-    splits = {"train": "aqua_rat/flan_cot_subset/aqua_train.tsv", "dev": "aqua_rat/dev.json", "test": "aqua_rat/test.json"}
+    splits = {
+        "train": "aqua_rat/flan_cot_subset/aqua_train.tsv",
+        "dev": "aqua_rat/dev.json",
+        "test": "aqua_rat/test.json",
+    }
     hub_name = "deepmind/aqua_rat:raw"
 
     def read_records(self, file):
@@ -26,8 +30,10 @@ class AquaRat(ChoiceTask):
                 if len(row) != 3:
                     raise TaskDataError(f"{file}:{number}: expected 3 tab-separated columns, got {len(row)}")
                 question, answer, rationale = (c.replace("\\n", "\n") for c in row)
-                yield f"{file}:{number}", {"flan_question": question, "correct": answer.strip("() "),
-                                           "rationale": rationale}
+                yield (
+                    f"{file}:{number}",
+                    {"flan_question": question, "correct": answer.strip("() "), "rationale": rationale},
+                )
 
     def parse_record(self, record, where, index):
         gold = str(require(record, "correct", where)).strip()
@@ -44,5 +50,6 @@ class AquaRat(ChoiceTask):
                 options.append((match.group(1), match.group(2).strip()))
             question = f"{require(record, 'question', where).strip()}\nOptions:\n{options_text(options)}"
         rationale = require(record, "rationale", where).strip()
-        return Example(id=f"{self.name}-{index}", question=question, target=f"{rationale}\nThe answer is {gold}.",
-                       answer=gold)
+        return Example(
+            id=f"{self.name}-{index}", question=question, target=f"{rationale}\nThe answer is {gold}.", answer=gold
+        )

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 TEMPLATES = ("alpaca", "plain", "chat")
-ALPACA_HEADER = ("Below is an instruction that describes a task. "
-                 "Write a response that appropriately completes the request.\n\n")
+ALPACA_HEADER = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+)
 
 
 class TaskDataError(ValueError):
@@ -39,8 +40,9 @@ def format_prompt(question: str, template: str = "alpaca", tokenizer=None) -> st
     if template == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError("template 'chat' needs a tokenizer with a chat template")
-        return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
     raise ValueError(f"template={template!r}; expected one of {TEMPLATES}")
 
 
@@ -52,8 +54,14 @@ class Task:
     splits: dict[str, str] = {}
     hub_name = ""  # Hugging Face dataset for users with network access
 
-    def load(self, split: str, *, data_dir: str | os.PathLike | None = None, path: str | os.PathLike | None = None,
-             limit: int | None = None) -> list[Example]:
+    def load(
+        self,
+        split: str,
+        *,
+        data_dir: str | os.PathLike | None = None,
+        path: str | os.PathLike | None = None,
+        limit: int | None = None,
+    ) -> list[Example]:
         """Examples of `split` from `path` (a JSONL file), or `data_dir` (default `$AFT_DATA_DIR`) laid out
         as the shared data folder, or, when neither exists, the hub dataset `hub_name` via `datasets`."""
         file = Path(path) if path else self._split_file(split, data_dir)
@@ -83,8 +91,10 @@ class Task:
         try:
             import datasets
         except ImportError as err:
-            raise FileNotFoundError(f"task {self.name}: no data folder given and the `datasets` package is not "
-                                    "installed to load it from the hub") from err
+            raise FileNotFoundError(
+                f"task {self.name}: no data folder given and the `datasets` package is not "
+                "installed to load it from the hub"
+            ) from err
         name, _, config = self.hub_name.partition(":")
         rows = datasets.load_dataset(name, config or None, split=split)
         records = rows.select(range(min(limit, len(rows)))) if limit else rows

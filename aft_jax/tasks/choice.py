@@ -9,7 +9,8 @@ from aft_jax.tasks.base import Task
 LETTERS = "ABCDE"
 # "The answer is C", "the answer is (C).", "Answer: C", "answer is: option C", "The correct answer is C)"
 ANSWER_IS_LETTER = re.compile(
-    r"answer(?:\s+is)?\s*(?::|-|is)?\s*(?:option\s*)?[\(\[]?\s*([A-E])\s*[\)\]]?(?![A-Za-z])", re.IGNORECASE)
+    r"answer(?:\s+is)?\s*(?::|-|is)?\s*(?:option\s*)?[\(\[]?\s*([A-E])\s*[\)\]]?(?![A-Za-z])", re.IGNORECASE
+)
 STANDALONE_LETTER = re.compile(r"(?:\(([A-E])\)|\b([A-E])\)|(?<![A-Za-z'])([A-E])(?![A-Za-z']))")
 
 
@@ -21,7 +22,7 @@ def extract_option_letter(text: str) -> str | None:
         return matches[-1].group(1).upper()
     for match in reversed(list(STANDALONE_LETTER.finditer(text))):
         letter = next(g for g in match.groups() if g)
-        if letter == "A" and match.group(3) and text[match.end():match.end() + 1] == " ":
+        if letter == "A" and match.group(3) and text[match.end() : match.end() + 1] == " ":
             continue  # "A train leaves ..." is an article, not an option
         return letter
     return None

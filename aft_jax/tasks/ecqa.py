@@ -21,9 +21,13 @@ class ECQA(ChoiceTask):
         gold = require(record, "answer_key", where)
         explanation = " ".join(require(record, "explanation", where).split())
         question = f"{require(record, 'question', where).strip()}\nOptions:\n{options_text(options)}"
-        return Example(id=str(record.get("id", f"{self.name}-{index}")), question=question,
-                       target=f"{explanation}\nThe answer is {gold}.", answer=gold,
-                       meta={"also_in": record.get("also_in", [])})
+        return Example(
+            id=str(record.get("id", f"{self.name}-{index}")),
+            question=question,
+            target=f"{explanation}\nThe answer is {gold}.",
+            answer=gold,
+            meta={"also_in": record.get("also_in", [])},
+        )
 
 
 def from_hub_columns(record: dict, where: str) -> dict:
@@ -33,6 +37,10 @@ def from_hub_columns(record: dict, where: str) -> dict:
     answer = require(record, "q_ans", where)
     if answer not in texts:
         raise TaskDataError(f"{where}: q_ans {answer!r} is not one of the options")
-    return {"id": record.get("q_no"), "question": require(record, "q_text", where),
-            "choices": [{"label": "ABCDE"[k], "text": t} for k, t in enumerate(texts)],
-            "answer_key": "ABCDE"[texts.index(answer)], "explanation": require(record, "taskB", where)}
+    return {
+        "id": record.get("q_no"),
+        "question": require(record, "q_text", where),
+        "choices": [{"label": "ABCDE"[k], "text": t} for k, t in enumerate(texts)],
+        "answer_key": "ABCDE"[texts.index(answer)],
+        "explanation": require(record, "taskB", where),
+    }

@@ -17,10 +17,13 @@ def canonical_number(value: float) -> str:
 def extract_number_answer(text: str) -> str | None:
     """Number after the last `####`; else after the last "The answer is"; else the last number."""
     for marker in ("####", ANSWER_IS):
-        positions = ([m.end() for m in re.finditer(re.escape(marker), text)] if isinstance(marker, str)
-                     else [m.end() for m in marker.finditer(text)])
+        positions = (
+            [m.end() for m in re.finditer(re.escape(marker), text)]
+            if isinstance(marker, str)
+            else [m.end() for m in marker.finditer(text)]
+        )
         for pos in reversed(positions):
-            value = parse_number(text[pos:pos + 64])
+            value = parse_number(text[pos : pos + 64])
             if value is not None:
                 return canonical_number(value)
     numbers = all_numbers(text)
@@ -37,9 +40,13 @@ class GSM8K(Task):
         if "####" not in solution:
             raise ValueError(f"{where}: answer has no '####' line")
         gold = solution.rsplit("####", 1)[1].strip().replace(",", "")
-        return Example(id=f"{self.name}-{index}", question=question.strip(),
-                       target=CALCULATOR_NOTE.sub("", solution).strip(), answer=gold,
-                       meta={"solution": solution})
+        return Example(
+            id=f"{self.name}-{index}",
+            question=question.strip(),
+            target=CALCULATOR_NOTE.sub("", solution).strip(),
+            answer=gold,
+            meta={"solution": solution},
+        )
 
     def extract_answer(self, text):
         return extract_number_answer(text)

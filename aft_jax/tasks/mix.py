@@ -26,8 +26,9 @@ class Mix(Task):
         examples = []
         for part in self.parts:
             for e in part.load(split, data_dir=data_dir, limit=limit):
-                examples.append(Example(f"{part.name}/{e.id}", e.question, e.target, e.answer,
-                                        {**e.meta, "task": part.name}))
+                examples.append(
+                    Example(f"{part.name}/{e.id}", e.question, e.target, e.answer, {**e.meta, "task": part.name})
+                )
         return examples
 
     def _part(self, gold: str) -> Task:

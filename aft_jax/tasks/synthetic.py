@@ -63,7 +63,13 @@ class Synthetic(GSM8K):
         examples = []
         for index in range(count):
             question, steps, answer, _ = make_problem(rng)
-            examples.append(Example(id=f"synthetic-{split}-{index}", question=question,
-                                    target="\n".join(steps) + f"\n#### {answer}", answer=str(answer),
-                                    meta={"solution": "\n".join(steps)}))
+            examples.append(
+                Example(
+                    id=f"synthetic-{split}-{index}",
+                    question=question,
+                    target="\n".join(steps) + f"\n#### {answer}",
+                    answer=str(answer),
+                    meta={"solution": "\n".join(steps)},
+                )
+            )
         return examples

@@ -1,0 +1,97 @@
+"""Per-device memory of the AFT train step (K = 7, 512 tokens, 128 questions per step) for Llama-2 7B and
+13B on v4-32, v5e-64 and v5p-64 meshes, from `aft-jax plan` (XLA's memory analysis of an ahead-of-time
+compilation on simulated CPU devices; a TPU compilation fuses differently, so treat it as an estimate).
+
+    .venv/bin/python benchmarks/memory_plan.py
+
+Prints a Markdown table (the one in README.md) and writes benchmarks/results/memory_plan.json.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CHIPS = {"v4-32": (16, "v4", 32), "v5e-64": (64, "v5e", 16), "v5p-64": (32, "v5p", 95)}
+MODELS = {"7B": "configs/llama2_7b_gsm8k.py", "13B": "configs/llama2_13b_gsm8k.py"}
+LINE = re.compile(
+    r"parameters ([\d.]+) GB, optimizer state ([\d.]+) GB, activations and temporaries ([\d.]+) GB, "
+    r"total ([\d.]+) GB"
+)
+
+
+def plan(config: str, devices: int, chip: str, grad_accum: int, remat: str) -> dict:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aft_jax.cli",
+            "plan",
+            "--config",
+            str(REPO / config),
+            "--chip",
+            chip,
+            f"--config.train.mesh=1,{devices},1",
+            "--config.data.group_size=7",
+            f"--config.train.grad_accum={grad_accum}",
+            f"--config.model.remat_policy={remat}",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    params, opt, temp, total = (float(x) for x in LINE.search(out).groups())
+    return {
+        "params_gb": params,
+        "optimizer_gb": opt,
+        "temporaries_gb": temp,
+        "total_gb": total,
+        "verdict": out.strip().splitlines()[-1],
+    }
+
+
+def main() -> None:
+    rows = []
+    for model, config in MODELS.items():
+        for name, (devices, chip, hbm) in CHIPS.items():
+            # The first setting that fits, from the fastest: save matmul outputs, then recompute layers, then
+            # smaller micro-batches (every device needs at least one whole question group).
+            settings = [
+                (remat, ga) for remat in ("dots_no_batch", "full") for ga in (1, 2, 4, 8) if 128 % (ga * devices) == 0
+            ]
+            for remat, grad_accum in settings:
+                result = plan(config, devices, chip, grad_accum, remat)
+                if result["verdict"].startswith("fits"):
+                    break
+            rows.append(
+                {
+                    "model": model,
+                    "slice": name,
+                    "devices": devices,
+                    "hbm_gb": hbm,
+                    "remat": remat,
+                    "grad_accum": grad_accum,
+                    **result,
+                }
+            )
+    print(
+        "| model | slice (HBM/chip) | fsdp | remat | grad_accum | params | optimizer | activations + temps | total | |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        fits = "fits" if r["verdict"].startswith("fits") else "does not fit"
+        print(
+            f"| {r['model']} | {r['slice']} ({r['hbm_gb']} GB) | {r['devices']} | {r['remat']} | {r['grad_accum']} | "
+            f"{r['params_gb']:.2f} GB | {r['optimizer_gb']:.2f} GB | {r['temporaries_gb']:.2f} GB | "
+            f"{r['total_gb']:.2f} GB | {fits} |"
+        )
+    out = REPO / "benchmarks" / "results" / "memory_plan.json"
+    out.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
