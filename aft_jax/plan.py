@@ -15,37 +15,27 @@ import os
 from aft_jax.config import LlamaConfig
 
 # Configs of models users name by hub id, so a plan needs no download.
+_LLAMA_7B = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=32,
+    head_dim=128,
+    rms_norm_eps=1e-5,
+)
 KNOWN_MODELS = {
-    "huggyllama/llama-7b": dict(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=32,
-        head_dim=128,
-        rms_norm_eps=1e-6,
-    ),
-    "meta-llama/Llama-2-7b-hf": dict(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=32,
-        head_dim=128,
-        rms_norm_eps=1e-5,
-    ),
-    "meta-llama/Llama-2-13b-hf": dict(
-        vocab_size=32000,
-        hidden_size=5120,
-        intermediate_size=13824,
-        num_layers=40,
-        num_heads=40,
-        num_kv_heads=40,
-        head_dim=128,
-        rms_norm_eps=1e-5,
-    ),
+    "huggyllama/llama-7b": {**_LLAMA_7B, "rms_norm_eps": 1e-6},
+    "meta-llama/Llama-2-7b-hf": _LLAMA_7B,
+    "meta-llama/Llama-2-13b-hf": {
+        **_LLAMA_7B,
+        "hidden_size": 5120,
+        "intermediate_size": 13824,
+        "num_layers": 40,
+        "num_heads": 40,
+        "num_kv_heads": 40,
+    },
 }
 HBM_GB = {"v4": 32, "v5e": 16, "v5p": 95, "h100": 80, "h200": 141, "cpu": 0}
 
