@@ -97,6 +97,8 @@ def run_pipeline(config) -> dict:
     unknown = [m for m in methods if m not in METHOD_PRESETS]
     if unknown:
         raise ValueError(f"pipeline.methods: unknown {unknown}; known: {', '.join(METHOD_PRESETS)}")
+    if config.pipeline.init_from not in ("base", "vft"):
+        raise ValueError(f"pipeline.init_from={config.pipeline.init_from!r}; expected 'base' or 'vft'")
     mesh = mesh_from_config(config.train.mesh)
     task = task_from_config(config)
 
