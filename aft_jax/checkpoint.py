@@ -37,11 +37,12 @@ def save_model_folder(model: Llama, tokenizer, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     if (out_dir / "params").exists():
         raise FileExistsError(f"{out_dir / 'params'}: already exists; choose an empty destination")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out_dir))
-    (out_dir / "config.json").write_text(json.dumps(model.config.to_hf_config(), indent=2) + "\n")
-    save_params(out_dir / "params", model)  # last: its presence marks the folder complete
+    if sharding.is_main_process():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out_dir))
+        (out_dir / "config.json").write_text(json.dumps(model.config.to_hf_config(), indent=2) + "\n")
+    save_params(out_dir / "params", model)  # every process; last: its presence marks the folder complete
     return out_dir
 
 

@@ -146,6 +146,10 @@ def main(argv: list[str] | None = None) -> None:
     args.overrides = overrides
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    if args.command != "plan":  # plan simulates its own devices
+        from aft_jax.sharding import initialize_distributed
+
+        initialize_distributed()
     args.run(args)
 
 

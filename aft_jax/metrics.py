@@ -15,7 +15,11 @@ log = logging.getLogger(__name__)
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: str | Path, *, resume_step: int = 0, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, *, resume_step: int = 0, tensorboard: bool = True, enabled: bool = True):
+        self.enabled = enabled
+        self._file = self._tb = None
+        if not enabled:  # another process writes
+            return
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._truncate_after(resume_step)
@@ -40,6 +44,8 @@ class MetricsWriter:
         self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         self._file.write(json.dumps({"step": step, **clean}) + "\n")
         self._file.flush()
@@ -49,7 +55,8 @@ class MetricsWriter:
                     self._tb.add_scalar(key, value, step)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import os
 from typing import Any, Iterator, Sequence
 
 import jax
@@ -45,6 +46,37 @@ MESH_PRESETS: dict[str, tuple[int, int, int]] = {
 }
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, tuple] | None] = contextvars.ContextVar("aft_jax_mesh", default=None)
+
+
+def initialize_distributed() -> None:
+    """Joins a multi-process run, before any device is used: from `AFT_COORDINATOR` (host:port),
+    `AFT_NUM_PROCESSES` and `AFT_PROCESS_ID`, or with `AFT_DISTRIBUTED=auto` as JAX detects it on Cloud TPU
+    pods and SLURM. Does nothing when neither is set (one process)."""
+    if os.environ.get("AFT_COORDINATOR"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes need a transport
+        jax.distributed.initialize(os.environ["AFT_COORDINATOR"], int(os.environ["AFT_NUM_PROCESSES"]),
+                                   int(os.environ["AFT_PROCESS_ID"]))
+    elif os.environ.get("AFT_DISTRIBUTED") == "auto":
+        jax.distributed.initialize()
+
+
+def is_main_process() -> bool:
+    """Process 0 writes logs, metrics, reports and exported files."""
+    return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+    """Waits until every process reaches this point (a no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def put_global(x, target: NamedSharding) -> jax.Array:
+    """A global array from the same host value on every process: each fills only its own devices' shards."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
 
 
 def make_mesh(shape: Sequence[int] | str = "fsdp", devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -102,7 +102,7 @@ def init_state(model, tx, seed: int, mesh) -> TrainState:
     opt_shardings = sharding.shardings_like_params(jax.eval_shape(tx.init, params), params, mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     step, rng = jnp.zeros((), jnp.int32), jax.random.key_data(jax.random.key(seed))
-    step, rng = jax.device_put((step, rng), sharding.replicated(mesh))
+    step, rng = (sharding.put_global(x, sharding.replicated(mesh)) for x in (step, rng))
     return TrainState(step, params, opt_state, rng)
 
 
@@ -131,7 +131,8 @@ def train_flops(model_config, batch: dict) -> float:
 
 
 def shard_batch(batch: dict, mesh) -> dict:
-    return {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+    """The host batch (the same on every process) as global arrays split over (data, fsdp)."""
+    return {k: sharding.put_global(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
 
 
 def run_training(config) -> Path:
@@ -141,8 +142,10 @@ def run_training(config) -> Path:
     from aft_jax.metrics import MetricsWriter
 
     run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    main = sharding.is_main_process()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     mesh = mesh_from_config(config.train.mesh)
     data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.train.batch_size % (config.train.grad_accum * data_ways):
@@ -172,9 +175,10 @@ def run_training(config) -> Path:
         batcher.restore(data_state)
         log.info("resumed from step %d", start)
     step_fn = compile_step(make_train_step(graphdef, config.loss, tx, schedule, config.train.grad_accum), state, mesh)
-    writer = MetricsWriter(run_dir, resume_step=start, tensorboard=config.train.tensorboard)
+    writer = MetricsWriter(run_dir, resume_step=start, tensorboard=config.train.tensorboard, enabled=main)
     devices = mesh.devices.size
-    bar = tqdm(total=total_steps, initial=start, desc=f"{config.loss.method} ({sharding.describe(mesh)})", unit="step")
+    bar = tqdm(total=total_steps, initial=start, desc=f"{config.loss.method} ({sharding.describe(mesh)})",
+               unit="step", disable=not main)
     try:
         for step in range(start + 1, total_steps + 1):
             batch = batcher.next_batch()
@@ -256,8 +260,9 @@ def export_final(state: TrainState, graphdef, tokenizer, run_dir: Path, config) 
 
     model = nnx.merge(graphdef, state.params)
     out = run_dir / "model"
+    sharding.sync("export")  # every process decides alike whether the export is still to do
     if not (out / "params").exists():
         save_model_folder(model, tokenizer, out)
-    if config.checkpoint.export_hf:
+    if config.checkpoint.export_hf and sharding.is_main_process():
         save_pretrained(model, tokenizer, run_dir / "model_hf")
     return out
