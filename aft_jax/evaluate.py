@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aft_jax import losses
 from aft_jax.candidates import score_groups
 from aft_jax.data import Group
 from aft_jax.sampling import generate
@@ -30,21 +31,18 @@ def majority_vote(answers: list[str | None]) -> str | None:
 
 
 def group_assessment(groups: list[Group]) -> dict:
-    """Assessment accuracy (pairs `s_p > s_n`) and perplexities from candidates' `logp_mean`."""
-    per_group, right, total = [], 0, 0
-    pos, neg = [], []
-    for g in groups:
-        p = [c.logp_mean for c in g.candidates if c.correct]
-        n = [c.logp_mean for c in g.candidates if not c.correct]
-        pos += p
-        neg += n
-        if p and n:
-            wins = sum(sp > sn for sp in p for sn in n)
-            per_group.append(wins / (len(p) * len(n)))
-            right, total = right + wins, total + len(p) * len(n)
+    """Assessment accuracy (`losses.assessment_accuracy` on candidates' `logp_mean`) and perplexities."""
+    k = max((len(g.candidates) for g in groups), default=1)
+    scores_bk = np.zeros((len(groups), k), np.float32)
+    is_pos_bk, is_neg_bk = np.zeros((len(groups), k), bool), np.zeros((len(groups), k), bool)
+    for b, g in enumerate(groups):
+        for j, c in enumerate(g.candidates):
+            scores_bk[b, j], is_pos_bk[b, j], is_neg_bk[b, j] = c.logp_mean, c.correct, not c.correct
+    macro, micro = losses.assessment_accuracy(scores_bk, is_pos_bk, is_neg_bk)
+    pos, neg = scores_bk[is_pos_bk].tolist(), scores_bk[is_neg_bk].tolist()
     return {
-        "assess_macro": float(np.mean(per_group)) if per_group else float("nan"),
-        "assess_micro": right / total if total else float("nan"),
+        "assess_macro": float(macro),
+        "assess_micro": float(micro),
         "ppl_pos": float(np.exp(-np.mean(pos))) if pos else float("nan"),
         "ppl_neg": float(np.exp(-np.mean(neg))) if neg else float("nan"),
         "pos_scores": pos,

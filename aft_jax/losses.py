@@ -133,10 +133,12 @@ def dpo_loss(
     return loss_b
 
 
-def vft_loss(token_logp_nt, target_mask_nt):
-    """Token-mean negative log-likelihood over the masked completion tokens (0 when there are none)."""
+def vft_loss(token_logp_nt, target_mask_nt, num_tokens=None):
+    """Token-mean negative log-likelihood over the masked completion tokens (0 when there are none).
+    `num_tokens` overrides the denominator (the global batch's count, for micro-batches)."""
     mask = target_mask_nt.astype(bool)
-    return -jnp.sum(jnp.where(mask, token_logp_nt, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+    count = jnp.maximum(jnp.sum(mask), 1) if num_tokens is None else num_tokens
+    return -jnp.sum(jnp.where(mask, token_logp_nt, 0.0)) / count
 
 
 def assessment_counts(scores_bk, is_pos_bk, is_neg_bk):

@@ -84,7 +84,7 @@ def objective(model, batch, norm, loss_cfg):
     scores_bk = sum_logp_bk / jnp.maximum(count_bk, 1)
 
     rows_bk = vft_rows(batch, loss_cfg)
-    vft_nll = -jnp.sum(jnp.where(rows_bk.reshape(-1)[:, None], logp_nt, 0.0)) / norm["vft_tokens"]
+    vft_nll = losses.vft_loss(logp_nt, completion_nt.astype(bool) & rows_bk.reshape(-1)[:, None], norm["vft_tokens"])
     align = jnp.sum(alignment_terms(scores_bk, sum_logp_bk, batch, loss_cfg)) / norm["groups"]
     loss = vft_weight(loss_cfg) * vft_nll + loss_cfg.lam * align
 

@@ -54,8 +54,9 @@ def initialize_distributed() -> None:
     pods and SLURM. Does nothing when neither is set (one process)."""
     if os.environ.get("AFT_COORDINATOR"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes need a transport
-        jax.distributed.initialize(os.environ["AFT_COORDINATOR"], int(os.environ["AFT_NUM_PROCESSES"]),
-                                   int(os.environ["AFT_PROCESS_ID"]))
+        jax.distributed.initialize(
+            os.environ["AFT_COORDINATOR"], int(os.environ["AFT_NUM_PROCESSES"]), int(os.environ["AFT_PROCESS_ID"])
+        )
     elif os.environ.get("AFT_DISTRIBUTED") == "auto":
         jax.distributed.initialize()
 

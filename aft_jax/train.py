@@ -171,14 +171,19 @@ def run_training(config) -> Path:
     start = checkpointer.latest_step() or 0
     if start:
         restored, data_state = checkpointer.restore(start, state)
-        state = TrainState(*restored) if not isinstance(restored, TrainState) else restored
+        state = TrainState(*restored)
         batcher.restore(data_state)
         log.info("resumed from step %d", start)
     step_fn = compile_step(make_train_step(graphdef, config.loss, tx, schedule, config.train.grad_accum), state, mesh)
     writer = MetricsWriter(run_dir, resume_step=start, tensorboard=config.train.tensorboard, enabled=main)
     devices = mesh.devices.size
-    bar = tqdm(total=total_steps, initial=start, desc=f"{config.loss.method} ({sharding.describe(mesh)})",
-               unit="step", disable=not main)
+    bar = tqdm(
+        total=total_steps,
+        initial=start,
+        desc=f"{config.loss.method} ({sharding.describe(mesh)})",
+        unit="step",
+        disable=not main,
+    )
     try:
         for step in range(start + 1, total_steps + 1):
             batch = batcher.next_batch()

@@ -23,9 +23,18 @@ def _env(devices, **extra):
 
 
 def _command(run_dir, groups):
-    return [sys.executable, "-m", "aft_jax.cli", "aft", "--config", str(REPO / "configs" / "tiny.py"),
-            f"--config.data.train_file={groups}", f"--config.run_dir={run_dir}", "--config.train.max_steps=4",
-            "--config.train.mesh=1,-1,1"]
+    return [
+        sys.executable,
+        "-m",
+        "aft_jax.cli",
+        "aft",
+        "--config",
+        str(REPO / "configs" / "tiny.py"),
+        f"--config.data.train_file={groups}",
+        f"--config.run_dir={run_dir}",
+        "--config.train.max_steps=4",
+        "--config.train.mesh=1,-1,1",
+    ]
 
 
 def _free_port():
@@ -40,9 +49,15 @@ def test_two_processes_train_like_one(tmp_path, smollm2_dir):
     subprocess.run(_command(tmp_path / "one", groups), check=True, capture_output=True, env=_env(8))
 
     coordinator = f"localhost:{_free_port()}"
-    procs = [subprocess.Popen(_command(tmp_path / "two", groups), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              env=_env(4, AFT_COORDINATOR=coordinator, AFT_NUM_PROCESSES="2", AFT_PROCESS_ID=str(i)))
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            _command(tmp_path / "two", groups),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=_env(4, AFT_COORDINATOR=coordinator, AFT_NUM_PROCESSES="2", AFT_PROCESS_ID=str(i)),
+        )
+        for i in range(2)
+    ]
     for proc in procs:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err.decode()[-2000:]

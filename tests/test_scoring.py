@@ -4,23 +4,13 @@ import jax
 import numpy as np
 import pytest
 
-import aft_jax
 from aft_jax.scoring import sequence_scores
+from train_helpers import VOCAB, tiny_model
 
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = aft_jax.LlamaConfig(
-        vocab_size=101,
-        hidden_size=32,
-        intermediate_size=48,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        initializer_range=0.3,
-    )
-    return aft_jax.create_model(cfg, seed=1)
+    return tiny_model(seed=1)
 
 
 def _place(tokens, prompt_len, width, left_pad):
@@ -34,7 +24,7 @@ def _place(tokens, prompt_len, width, left_pad):
 
 def test_scores_match_full_log_softmax(model):
     rng = np.random.default_rng(0)
-    tokens = [rng.integers(1, 101, size=n) for n in (12, 9, 5)]
+    tokens = [rng.integers(1, VOCAB, size=n) for n in (12, 9, 5)]
     prompt_lens = [4, 6, 2]
     rows = [_place(t, p, 12, left_pad=False) for t, p in zip(tokens, prompt_lens)]
     ids, att, comp = (np.stack(x) for x in zip(*rows))
@@ -53,7 +43,7 @@ def test_scores_match_full_log_softmax(model):
 
 def test_scores_do_not_depend_on_padding(model):
     rng = np.random.default_rng(1)
-    tokens, prompt_len = rng.integers(1, 101, size=10), 3
+    tokens, prompt_len = rng.integers(1, VOCAB, size=10), 3
     variants = [_place(tokens, prompt_len, width, left) for width in (10, 13, 21) for left in (False, True)]
     scores = []
     for ids, att, comp in variants:
