@@ -174,6 +174,15 @@ class GroupEncoder:
     dropped (`"drop"`); a prompt that leaves no room for any completion token is always dropped.
     `counts` tallies every such decision so it can be logged."""
 
+    COUNTS = (
+        "candidates_kept",
+        "candidates_over_group_size",
+        "candidates_truncated",
+        "candidates_dropped_too_long",
+        "groups_dropped_long_prompt",
+        "groups_dropped_empty",
+    )
+
     def __init__(
         self, tokenizer, max_length: int, group_size: int, truncation: str = "completion", only_reference: bool = False
     ):
@@ -184,6 +193,10 @@ class GroupEncoder:
         self.tokenizer, self.max_length, self.group_size = tokenizer, max_length, group_size
         self.truncation, self.only_reference = truncation, only_reference
         self.counts: Counter[str] = Counter()
+
+    def counts_array(self) -> np.ndarray:
+        """`counts` in the order of `COUNTS`."""
+        return np.array([self.counts[k] for k in self.COUNTS], np.int64)
 
     def encode(self, group: Group) -> EncodedGroup | None:
         candidates = sorted(group.candidates, key=lambda c: not c.reference)
@@ -246,12 +259,17 @@ def collate(groups: list[EncodedGroup], group_size: int, length: int, pad_id: in
 
 
 class GroupBatcher:
-    """Seeded, epoch-shuffled batches of whole groups (a short last batch is dropped). Its position,
-    `state()`, is saved with each checkpoint and `restore(state)` continues exactly there."""
+    """Seeded, epoch-shuffled batches of whole groups (a short last batch is dropped), the same global
+    batches on every process. Each process tokenises and collates only `rows` of each global batch (its
+    devices' share); which groups are usable and how long they are is surveyed once, each process
+    encoding every `process_count`-th group, and combined with `combine` (an elementwise sum over
+    processes; identity for one). Its position, `state()`, is saved with each checkpoint and
+    `restore(state)` continues exactly there."""
 
     def __init__(
         self,
-        groups: list[EncodedGroup],
+        groups: list[Group],
+        encoder: GroupEncoder,
         *,
         batch_size: int,
         group_size: int,
@@ -260,17 +278,31 @@ class GroupBatcher:
         seed: int = 0,
         pad_multiple: int = 64,
         shuffle: bool = True,
+        rows: slice = slice(None),
+        process_index: int = 0,
+        process_count: int = 1,
+        combine=lambda x: x,
     ):
-        if len(groups) < batch_size:
-            raise ValueError(f"{len(groups)} usable groups is fewer than one batch of {batch_size}")
-        self.groups, self.batch_size, self.group_size = groups, batch_size, group_size
+        self.groups, self.encoder, self.batch_size, self.group_size = groups, encoder, batch_size, group_size
         self.max_length, self.pad_id, self.seed = max_length, pad_id, seed
-        self.pad_multiple, self.shuffle = pad_multiple, shuffle
+        self.pad_multiple, self.shuffle, self.rows = pad_multiple, shuffle, rows
+        self._encoded: dict[int, EncodedGroup] = {}
+        survey = np.zeros((2, len(groups)), np.int64)  # longest sequence (0: unusable), tokens
+        for i in range(process_index, len(groups), process_count):
+            encoded = encoder.encode(groups[i])
+            if encoded is not None:
+                self._encoded[i] = encoded
+                survey[:, i] = max(map(len, encoded.tokens)), sum(map(len, encoded.tokens))
+        self.longest, self.tokens = combine(survey)
+        self.usable = np.flatnonzero(self.longest > 0)
+        if len(self.usable) < batch_size:
+            raise ValueError(f"{len(self.usable)} usable groups is fewer than one batch of {batch_size}")
         self.epoch, self.index = 0, 0
+        self.global_tokens = 0  # real tokens in the last global batch
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.groups) // self.batch_size
+        return len(self.usable) // self.batch_size
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
@@ -282,15 +314,22 @@ class GroupBatcher:
 
     def _order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
-            return np.arange(len(self.groups))
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.groups))
+            return np.arange(len(self.usable))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.usable))
+
+    def _encode(self, i: int) -> EncodedGroup:
+        if i not in self._encoded:
+            self._encoded[i] = self.encoder.encode(self.groups[i])
+        return self._encoded[i]
 
     def next_batch(self) -> dict[str, np.ndarray]:
+        """This process's rows of the next global batch, padded to the global batch's length."""
         if self.index >= self.steps_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
-        rows = self._order(self.epoch)[self.index * self.batch_size : (self.index + 1) * self.batch_size]
+        order = self._order(self.epoch)[self.index * self.batch_size : (self.index + 1) * self.batch_size]
+        chosen = self.usable[order]
         self.index += 1
-        chosen = [self.groups[r] for r in rows]
-        longest = max(len(t) for g in chosen for t in g.tokens)
+        self.global_tokens = int(self.tokens[chosen].sum())
+        longest = int(self.longest[chosen].max())
         length = min(self.max_length, -(-longest // self.pad_multiple) * self.pad_multiple)
-        return collate(chosen, self.group_size, length, self.pad_id)
+        return collate([self._encode(i) for i in chosen[self.rows]], self.group_size, length, self.pad_id)

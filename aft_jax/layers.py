@@ -70,16 +70,36 @@ class Attention(nnx.Module):
         The cache is only read here; the caller stores the new keys/values.
         """
         dt = self.dtype
-        q_bthk = jnp.einsum("btd,dhk->bthk", x_btd, self.q_proj[...].astype(dt))
-        k_btgk = jnp.einsum("btd,dgk->btgk", x_btd, self.k_proj[...].astype(dt))
-        v_btgk = jnp.einsum("btd,dgk->btgk", x_btd, self.v_proj[...].astype(dt))
-        q_bthk = apply_rope(q_bthk, cos_btd, sin_btd)
-        k_btgk = apply_rope(k_btgk, cos_btd, sin_btd)
+        q_bthk, k_btgk, v_btgk = self._project(x_btd, cos_btd, sin_btd)
         blocks = [(k_btgk, v_btgk, mask_btt)]
         if kv_cache is not None:
             blocks.insert(0, (kv_cache[0].astype(dt), kv_cache[1].astype(dt), cache_mask_bts))
         out_bthk = grouped_attention(q_bthk, blocks)
         return jnp.einsum("bthk,hkd->btd", out_bthk, self.o_proj[...].astype(dt)), (k_btgk, v_btgk)
+
+    def decode(self, x_b1d, cos_b1d, sin_b1d, prompt_kv, own_kv, prompt_mask_qs, valid_bn, step):
+        """One new token per row (`x_b1d`): stores its key/value in slot `step` of the row's own cache
+        (`own_kv`, `[B, Hkv, N, Dh]` each) and attends to the shared prompt (`prompt_kv`, `[Q, Hkv, S, Dh]`)
+        and the valid own slots (`valid_bn`, which must already mark slot `step`). Returns `[B, 1, D]` and
+        the updated `own_kv`."""
+        dt = self.dtype
+        q_bthk, k_btgk, v_btgk = self._project(x_b1d, cos_b1d, sin_b1d)
+        start = (0, 0, step, 0)
+        keys = jax.lax.dynamic_update_slice(own_kv[0], k_btgk.transpose(0, 2, 1, 3).astype(own_kv[0].dtype), start)
+        values = jax.lax.dynamic_update_slice(own_kv[1], v_btgk.transpose(0, 2, 1, 3).astype(own_kv[1].dtype), start)
+        out_bhk = shared_prompt_attention(
+            q_bthk[:, 0], (prompt_kv[0].astype(dt), prompt_kv[1].astype(dt)), prompt_mask_qs,
+            (keys.astype(dt), values.astype(dt)), valid_bn,
+        )  # fmt: skip
+        return jnp.einsum("bhk,hkd->bd", out_bhk, self.o_proj[...].astype(dt))[:, None], (keys, values)
+
+    def _project(self, x_btd, cos_btd, sin_btd):
+        """Queries `[B, T, H, Dh]`, keys and values `[B, T, Hkv, Dh]`, RoPE applied to queries and keys."""
+        dt = self.dtype
+        q_bthk = jnp.einsum("btd,dhk->bthk", x_btd, self.q_proj[...].astype(dt))
+        k_btgk = jnp.einsum("btd,dgk->btgk", x_btd, self.k_proj[...].astype(dt))
+        v_btgk = jnp.einsum("btd,dgk->btgk", x_btd, self.v_proj[...].astype(dt))
+        return apply_rope(q_bthk, cos_btd, sin_btd), apply_rope(k_btgk, cos_btd, sin_btd), v_btgk
 
 
 def grouped_attention(q_bthk, blocks):
@@ -103,6 +123,37 @@ def grouped_attention(q_bthk, blocks):
         out = out + jnp.einsum("bgrts,bsgk->btgrk", part, v)
         offset += k.shape[1]
     return out.reshape(b, t, h, hd)
+
+
+def shared_prompt_attention(q_bhk, prompt_kv, prompt_mask_qs, own_kv, own_mask_bn):
+    """Attention of one query per row over two key blocks in one float32 softmax: the prompt keys/values
+    `[Q, Hkv, S, Dh]`, shared by rows `q * m ... (q + 1) * m - 1` (m = B / Q), and each row's own
+    `[B, Hkv, N, Dh]`. Reading a prompt once for its m rows makes decoding several samples per prompt
+    cheaper than giving every row a copy. Returns `[B, H, Dh]`."""
+    b, h, hd = q_bhk.shape
+    q, groups = prompt_kv[0].shape[:2]
+    m = b // q
+    scale = hd**-0.5
+    q_bgrk = q_bhk.reshape(b, groups, h // groups, hd)
+    prompt_logits = jnp.einsum(
+        "qmgrk,qgsk->qgmrs", q_bgrk.reshape(q, m, groups, h // groups, hd), prompt_kv[0],
+        preferred_element_type=jnp.float32,
+    )  # fmt: skip
+    prompt_logits = jnp.where(prompt_mask_qs[:, None, None, None], prompt_logits * scale, _MASKED)
+    own_logits = jnp.einsum("bgrk,bgnk->bgrn", q_bgrk, own_kv[0], preferred_element_type=jnp.float32)
+    own_logits = jnp.where(own_mask_bn[:, None, None], own_logits * scale, _MASKED)
+    prompt_max = jnp.max(prompt_logits, axis=-1).transpose(0, 2, 1, 3).reshape(b, groups, h // groups)
+    top_bgr = jnp.maximum(prompt_max, jnp.max(own_logits, axis=-1))
+    top_qgmr = top_bgr.reshape(q, m, groups, h // groups).transpose(0, 2, 1, 3)
+    prompt_weights = jnp.exp(prompt_logits - top_qgmr[..., None])
+    own_weights = jnp.exp(own_logits - top_bgr[..., None])
+    prompt_sum = jnp.sum(prompt_weights, axis=-1).transpose(0, 2, 1, 3).reshape(b, groups, h // groups)
+    total_bgr = prompt_sum + jnp.sum(own_weights, axis=-1)
+    dt = own_kv[1].dtype
+    prompt_out = jnp.einsum("qgmrs,qgsk->qmgrk", prompt_weights.astype(dt), prompt_kv[1]).reshape(b, groups, -1, hd)
+    own_out = jnp.einsum("bgrn,bgnk->bgrk", own_weights.astype(dt), own_kv[1])
+    out_bgrk = (prompt_out + own_out) / total_bgr[..., None].astype(dt)
+    return out_bgrk.reshape(b, h, hd)
 
 
 class MLP(nnx.Module):
@@ -135,3 +186,11 @@ class Block(nnx.Module):
         attn_out, new_kv = self.attn(self.attn_norm(x_btd), cos_btd, sin_btd, mask_btt, kv_cache, cache_mask_bts)
         x_btd = x_btd + attn_out
         return x_btd + self.mlp(self.mlp_norm(x_btd)), new_kv
+
+    def decode(self, x_b1d, cos_b1d, sin_b1d, prompt_kv, own_kv, prompt_mask_qs, valid_bn, step):
+        """One token per row through the layer (see `Attention.decode`); returns `[B, 1, D]`, own_kv."""
+        attn_out, own_kv = self.attn.decode(
+            self.attn_norm(x_b1d), cos_b1d, sin_b1d, prompt_kv, own_kv, prompt_mask_qs, valid_bn, step
+        )
+        x_b1d = x_b1d + attn_out
+        return x_b1d + self.mlp(self.mlp_norm(x_b1d)), own_kv

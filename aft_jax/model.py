@@ -48,6 +48,40 @@ def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype=None
     )
 
 
+class DecodeCache(NamedTuple):
+    """Decode state of B rows that share Q prompts (rows `q * m ... (q + 1) * m - 1` continue prompt q):
+    per layer, the prompt keys/values `[Q, Hkv, S, Dh]` with `prompt_mask_qs`, and each row's own
+    generated keys/values `[B, Hkv, N, Dh]` with `valid_bn`; `positions_b` is the position of each row's
+    next token and `step` the number of own slots written."""
+
+    prompt_keys: tuple
+    prompt_values: tuple
+    prompt_mask_qs: jnp.ndarray
+    keys: tuple
+    values: tuple
+    valid_bn: jnp.ndarray
+    positions_b: jnp.ndarray
+    step: jnp.ndarray
+
+
+def decode_cache(prompt_cache: KVCache, rows_per_prompt: int, max_new_tokens: int) -> DecodeCache:
+    """The decode state after a prefill into `prompt_cache` (`[L, Q, S, Hkv, Dh]`), for `rows_per_prompt`
+    rows per prompt with room for `max_new_tokens` tokens each."""
+    n_layers, q, _, groups, head_dim = prompt_cache.keys.shape
+    b = q * rows_per_prompt
+    own = jnp.zeros((b, groups, max_new_tokens, head_dim), prompt_cache.keys.dtype)
+    return DecodeCache(
+        tuple(prompt_cache.keys[i].transpose(0, 2, 1, 3) for i in range(n_layers)),
+        tuple(prompt_cache.values[i].transpose(0, 2, 1, 3) for i in range(n_layers)),
+        prompt_cache.valid_bs,
+        (own,) * n_layers,
+        (own,) * n_layers,
+        jnp.zeros((b, max_new_tokens), bool),
+        jnp.repeat(jnp.sum(prompt_cache.valid_bs, axis=-1, dtype=jnp.int32), rows_per_prompt),
+        jnp.zeros((), jnp.int32),
+    )
+
+
 class Llama(nnx.Module):
     """Token embedding, `num_layers` scanned decoder blocks, final RMSNorm, (tied or untied) LM head."""
 
@@ -72,6 +106,36 @@ class Llama(nnx.Module):
                 "...d,vd->...v", hidden_btd, self.embed[...].astype(dt), preferred_element_type=jnp.float32
             )
         return jnp.einsum("...d,dv->...v", hidden_btd, self.lm_head[...].astype(dt), preferred_element_type=jnp.float32)
+
+    def unstacked_layers(self) -> list[Block]:
+        """The decoder layers as separate modules, each with its own weight arrays (a copy): a decode
+        loop reads them in place, where slicing the stacked weights would copy them on every step."""
+        block_def, block_state = nnx.split(self.layers)
+        return [
+            nnx.merge(block_def, jax.tree.map(lambda w, i=i: w[i], block_state)) for i in range(self.config.num_layers)
+        ]
+
+    def decode_step(self, layers: list[Block], token_b: jnp.ndarray, cache: DecodeCache):
+        """float32 logits `[B, V]` of one new token per row, and the cache with its keys/values stored;
+        `layers` is `unstacked_layers()`."""
+        cos_b1d, sin_b1d = rope_tables(cache.positions_b[:, None], inverse_frequencies(self.config))
+        x_b1d = jnp.take(self.embed[...], token_b[:, None], axis=0).astype(self.config.dtype)
+        valid_bn = jax.lax.dynamic_update_slice(cache.valid_bn, jnp.ones((token_b.shape[0], 1), bool), (0, cache.step))
+        keys, values = [], []
+        for i, block in enumerate(layers):
+            prompt_kv = (cache.prompt_keys[i], cache.prompt_values[i])
+            x_b1d, (k, v) = block.decode(
+                x_b1d, cos_b1d, sin_b1d, prompt_kv, (cache.keys[i], cache.values[i]), cache.prompt_mask_qs,
+                valid_bn, cache.step,
+            )  # fmt: skip
+            keys.append(k)
+            values.append(v)
+        logits_bv = self.logits(self.final_norm(x_b1d)[:, 0])
+        new_cache = cache._replace(
+            keys=tuple(keys), values=tuple(values), valid_bn=valid_bn, positions_b=cache.positions_b + 1,
+            step=cache.step + 1,
+        )  # fmt: skip
+        return logits_bv, new_cache
 
     def hidden_states(self, input_ids_bt, attention_mask_bt=None, positions_bt=None, cache=None):
         """Final-norm hidden states `[B, T, D]` in the compute dtype, and the updated cache (or None)."""

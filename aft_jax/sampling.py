@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from aft_jax import sharding
-from aft_jax.model import KVCache, init_cache
+from aft_jax.model import KVCache, decode_cache, init_cache
 
 
 class SamplingParams(NamedTuple):
@@ -59,28 +59,17 @@ def sample_next(logits_bv, rng, params: SamplingParams):
     return jnp.minimum(token_b, logits_bv.shape[-1] - 1).astype(jnp.int32)
 
 
-def repeat_rows(cache: KVCache, logits_bv, times: int):
-    """Each prompt's cache row (and last logits) repeated `times`: samples of one prompt share its prefill."""
-    if times == 1:
-        return cache, logits_bv
-    cache = KVCache(
-        jnp.repeat(cache.keys, times, axis=1),
-        jnp.repeat(cache.values, times, axis=1),
-        jnp.repeat(cache.valid_bs, times, axis=0),
-        cache.end,
-    )
-    return cache, jnp.repeat(logits_bv, times, axis=0)
-
-
 def _decode(graphdef, params: SamplingParams, num_samples: int, state, prompt_ids_qt, prompt_mask_qt, rng, cache):
     """Prefill each of Q prompts once into the empty `cache`, then decode `num_samples` rows per prompt
-    until every row has emitted an EOS or `max_new_tokens` are done. Returns `tokens_bn`
+    (which read the prompt's keys/values from one copy) until every row has emitted an EOS or `max_new_tokens` are done. Returns `tokens_bn`
     (B = Q * num_samples, pad after EOS) and `lengths_b` (tokens generated, EOS included)."""
     model = nnx.merge(graphdef, state)
     q = prompt_ids_qt.shape[0]
     b, n = q * num_samples, params.max_new_tokens
-    logits, cache = model(prompt_ids_qt, prompt_mask_qt, cache=cache)
-    cache, last_logits = repeat_rows(cache, logits[:, -1], num_samples)
+    hidden_qtd, cache = model.hidden_states(prompt_ids_qt, prompt_mask_qt, cache=cache)
+    last_logits = jnp.repeat(model.logits(hidden_qtd[:, -1]), num_samples, axis=0)
+    cache = decode_cache(cache, num_samples, n)
+    layers = model.unstacked_layers()
     eos = jnp.asarray(params.eos_ids or (-1,), jnp.int32)
 
     def cond(carry):
@@ -93,8 +82,8 @@ def _decode(graphdef, params: SamplingParams, num_samples: int, state, prompt_id
         token_b = jnp.where(done_b, params.pad_id, sample_next(last_logits, key, params))
         tokens_bn = jax.lax.dynamic_update_slice(tokens_bn, token_b[:, None], (0, step))
         done_b = done_b | jnp.isin(token_b, eos)
-        logits, cache = model(token_b[:, None], jnp.ones((b, 1), jnp.int32), cache=cache)
-        return step + 1, cache, logits[:, -1], tokens_bn, done_b, rng
+        logits_bv, cache = model.decode_step(layers, token_b, cache)
+        return step + 1, cache, logits_bv, tokens_bn, done_b, rng
 
     tokens = jnp.full((b, n), params.pad_id, jnp.int32)
     carry = (jnp.zeros((), jnp.int32), cache, last_logits, tokens, jnp.zeros((b,), bool), rng)
@@ -117,7 +106,7 @@ def sample_token_ids(model, prompt_ids_qt, prompt_mask_qt, params: SamplingParam
     ids, mask = (sharding.shard_rows(np.asarray(x, np.int32), mesh) for x in (prompt_ids_qt, prompt_mask_qt))
     q, t = ids.shape
     # Built outside the jitted function: inside it, an all-empty cache is a constant XLA tries to fold.
-    cache = init_cache(model.config, q, t + params.max_new_tokens)
+    cache = init_cache(model.config, q, t)
     kv_axes = ("layers", "batch", None, "kv_heads", "head_dim")
     cache = KVCache(
         sharding.put_logical(cache.keys, kv_axes, mesh),

@@ -74,6 +74,31 @@ def sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def sum_over_processes(x: np.ndarray) -> np.ndarray:
+    """The elementwise sum of a host array over all processes (`x` itself with one process)."""
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x)).sum(axis=0).astype(x.dtype)
+
+
+def process_rows(mesh: Mesh, rows: int) -> slice:
+    """The rows of a `[rows, ...]` batch split over (data, fsdp) that this process's devices hold: one
+    contiguous block (devices are laid out process by process), all of them with one process."""
+    index = batch_sharding(mesh, 1).addressable_devices_indices_map((rows,))
+    held = sorted({r for (part,) in index.values() for r in range(*part.indices(rows))})
+    if held != list(range(held[0], held[-1] + 1)):
+        raise ValueError(f"this process holds rows {held} of the batch, not one block; reorder the mesh devices")
+    return slice(held[0], held[-1] + 1)
+
+
+def put_process_local(x, target: NamedSharding, global_rows: int) -> jax.Array:
+    """A global array of `global_rows` rows from this process's own block of them (`process_rows`)."""
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(target, x, (global_rows, *x.shape[1:]))
+
+
 def put_global(x, target: NamedSharding) -> jax.Array:
     """A global array from the same host value on every process: each fills only its own devices' shards."""
     x = np.asarray(x)

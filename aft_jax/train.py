@@ -130,9 +130,11 @@ def train_flops(model_config, batch: dict) -> float:
     return float(n_seq * length * (6 * params + attention))
 
 
-def shard_batch(batch: dict, mesh) -> dict:
-    """The host batch (the same on every process) as global arrays split over (data, fsdp)."""
-    return {k: sharding.put_global(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+def shard_batch(batch: dict, mesh, global_rows: int | None = None) -> dict:
+    """Global arrays split over (data, fsdp) from this process's rows of the batch (`process_rows`); with
+    `global_rows=None`, `batch` is the whole batch (one process)."""
+    rows = global_rows or len(batch["input_ids"])
+    return {k: sharding.put_process_local(v, sharding.batch_sharding(mesh, v.ndim), rows) for k, v in batch.items()}
 
 
 def run_training(config) -> Path:
@@ -155,7 +157,7 @@ def run_training(config) -> Path:
         )
     model, tokenizer = model_from_config(config.model, mesh, seed=config.seed)
     graphdef, model_config = nnx.graphdef(model), model.config
-    batcher = make_batcher(config, tokenizer)
+    batcher = make_batcher(config, tokenizer, mesh)
     total_steps = (
         config.train.max_steps if config.train.max_steps > 0 else config.train.num_epochs * batcher.steps_per_epoch
     )
@@ -186,13 +188,13 @@ def run_training(config) -> Path:
     )
     try:
         for step in range(start + 1, total_steps + 1):
-            batch = batcher.next_batch()
+            batch = shard_batch(batcher.next_batch(), mesh, config.train.batch_size)
             began = time.perf_counter()
-            state, metrics = step_fn(state, shard_batch(batch, mesh))
+            state, metrics = step_fn(state, batch)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             seconds = time.perf_counter() - began
             metrics |= {
-                "tokens_per_s": float(batch["attention_mask"].sum()) / seconds,
+                "tokens_per_s": batcher.global_tokens / seconds,
                 "step_s": seconds,
                 "tflops_per_device": train_flops(model_config, batch) / seconds / devices / 1e12,
                 "epoch": batcher.epoch,
@@ -232,7 +234,7 @@ def training_groups(config, tokenizer) -> list[Group]:
     ]
 
 
-def make_batcher(config, tokenizer) -> GroupBatcher:
+def make_batcher(config, tokenizer, mesh) -> GroupBatcher:
     groups = training_groups(config, tokenizer)
     if config.loss.method == "dpo":
         missing = [g.id for g in groups for c in g.candidates if c.logp_sum is None]
@@ -244,10 +246,9 @@ def make_batcher(config, tokenizer) -> GroupBatcher:
     only_reference = config.loss.method == "vft"
     group_size = 1 if only_reference else config.data.group_size
     encoder = GroupEncoder(tokenizer, config.data.max_length, group_size, config.data.truncation, only_reference)
-    encoded = [e for e in (encoder.encode(g) for g in groups) if e is not None]
-    log.info("data: %d of %d groups kept; %s", len(encoded), len(groups), dict(sorted(encoder.counts.items())))
-    return GroupBatcher(
-        encoded,
+    batcher = GroupBatcher(
+        groups,
+        encoder,
         batch_size=config.train.batch_size,
         group_size=group_size,
         max_length=config.data.max_length,
@@ -255,7 +256,15 @@ def make_batcher(config, tokenizer) -> GroupBatcher:
         seed=config.seed,
         pad_multiple=config.data.pad_multiple,
         shuffle=config.data.shuffle,
+        rows=sharding.process_rows(mesh, config.train.batch_size),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        combine=sharding.sum_over_processes,
     )
+    counts = encoder.counts_array()
+    counts = dict(zip(encoder.COUNTS, sharding.sum_over_processes(counts).tolist()))
+    log.info("data: %d of %d groups kept; %s", len(batcher.usable), len(groups), counts)
+    return batcher
 
 
 def export_final(state: TrainState, graphdef, tokenizer, run_dir: Path, config) -> Path:

@@ -1,12 +1,14 @@
 """Sampling k candidates per GSM8K question with SmolLM2-135M: aft_jax's jitted KV-cache sampler against
 `transformers` `generate` (torch), same questions, same batch size, same settings, in one run.
 
-    .venv/bin/python benchmarks/sampling_vs_torch.py [--questions 4] [--k 6] [--max-new-tokens 128]
+    .venv/bin/python benchmarks/sampling_vs_torch.py [--questions 12] [--per-batch 4] [--k 6] [--max-new-tokens 128]
 
 Reports generated tokens/s (EOS included, padding after it excluded) for both and the ratio; writes
-benchmarks/results/sampling.json. aft_jax is timed after one warm-up batch that compiles. Both decode
-`questions x k` rows together; aft_jax prefills each question once and shares that cache among its k
-samples, transformers prefills every row.
+benchmarks/results/sampling.json. Both decode `per_batch x k` rows together, batch after batch; how many
+tokens a batch yields depends on where its samples happen to stop, so several batches are run to even
+that out. aft_jax is timed after one warm-up batch that compiles (every batch is padded to the same prompt
+length, so one program serves all); it prefills each question once and its k samples read that one
+prompt cache, while transformers prefills and caches every row.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import numpy as np
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--questions", type=int, default=4)
+    parser.add_argument("--questions", type=int, default=12)
+    parser.add_argument("--per-batch", type=int, default=4, help="questions decoded together")
     parser.add_argument("--k", type=int, default=6)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -41,41 +44,50 @@ def main() -> None:
     examples = get_task("gsm8k").load("test", limit=args.questions)
     model, tokenizer = aft_jax.from_pretrained(checkpoint)
     prompts = [get_task("gsm8k").prompt(e, "alpaca") for e in examples]
-    batch = len(prompts) * args.k  # rows decoded together, the same on both sides
+    batch = args.per_batch * args.k  # rows decoded together, the same on both sides
+    batches = [prompts[i : i + args.per_batch] for i in range(0, len(prompts), args.per_batch)]
 
     params = sampling_params(model, tokenizer, args.max_new_tokens, args.temperature)
-    ids, mask = left_pad([tokenizer(p)["input_ids"] for p in prompts], len(prompts), params.pad_id, multiple=64)
-    sample_token_ids(model, ids, mask, params, jax.random.key(0), num_samples=args.k)  # compile
-    began = time.perf_counter()
-    tokens, lengths = sample_token_ids(model, ids, mask, params, jax.random.key(1), num_samples=args.k)
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    prompt_len = -(-max(map(len, encoded)) // 64) * 64
+    padded = [
+        left_pad(encoded[i : i + args.per_batch], args.per_batch, params.pad_id, prompt_len)
+        for i in range(0, len(prompts), args.per_batch)
+    ]
+    sample_token_ids(model, *padded[0], params, jax.random.key(0), num_samples=args.k)  # compile
+    jax_tokens, began = 0, time.perf_counter()
+    for i, (ids, mask) in enumerate(padded):
+        _, lengths = sample_token_ids(model, ids, mask, params, jax.random.key(1 + i), num_samples=args.k)
+        jax_tokens += int(lengths.sum())
     jax_seconds = time.perf_counter() - began
-    jax_tokens = int(lengths.sum())
 
     hf_model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     tokenizer.padding_side = "left"
-    encoded = tokenizer([p for p in prompts for _ in range(args.k)], return_tensors="pt", padding=True)
     torch.manual_seed(0)
-    with torch.no_grad():
-        began = time.perf_counter()
-        out = hf_model.generate(
-            **encoded,
-            max_new_tokens=args.max_new_tokens,
-            do_sample=args.temperature > 0,
-            temperature=args.temperature,
-            top_k=0,
-            top_p=1.0,
-            pad_token_id=params.pad_id,
-            eos_token_id=list(params.eos_ids),
-        )
-        torch_seconds = time.perf_counter() - began
-    generated = out[:, encoded["input_ids"].shape[1] :].numpy()
-    is_eos = np.isin(generated, params.eos_ids)
-    torch_lengths = np.where(is_eos.any(1), is_eos.argmax(1) + 1, generated.shape[1])
-    torch_tokens = int(torch_lengths.sum())
+    torch_tokens, torch_seconds = 0, 0.0
+    for chunk in batches:
+        encoded_rows = tokenizer([p for p in chunk for _ in range(args.k)], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            began = time.perf_counter()
+            out = hf_model.generate(
+                **encoded_rows,
+                max_new_tokens=args.max_new_tokens,
+                do_sample=args.temperature > 0,
+                temperature=args.temperature,
+                top_k=0,
+                top_p=1.0,
+                pad_token_id=params.pad_id,
+                eos_token_id=list(params.eos_ids),
+            )
+            torch_seconds += time.perf_counter() - began
+        generated = out[:, encoded_rows["input_ids"].shape[1] :].numpy()
+        is_eos = np.isin(generated, params.eos_ids)
+        torch_tokens += int(np.where(is_eos.any(1), is_eos.argmax(1) + 1, generated.shape[1]).sum())
 
     result = {
         "batch_rows": batch,
-        "questions": args.questions,
+        "questions": len(prompts),
+        "questions_per_batch": args.per_batch,
         "k": args.k,
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,

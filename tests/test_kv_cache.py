@@ -1,9 +1,11 @@
 """Prefill plus one-token-at-a-time decoding through the KV cache equals the full forward."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import aft_jax
+from aft_jax.model import decode_cache
 from hf_reference import padded_batch, save_tiny
 
 
@@ -25,3 +27,31 @@ def test_prefill_then_incremental_equals_full_forward(tmp_path, name):
     assert int(cache.end) == ids.shape[1]
     real = mask.astype(bool)
     np.testing.assert_allclose(incremental[real], full[real], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["gqa_tied", "llama3_rope"])
+def test_shared_prompt_decode_equals_full_forward(tmp_path, name):
+    """Three rows continue each of two left-padded prompts with their own tokens; the decode path (one
+    prompt cache read by its rows, own caches per row, unstacked layers) gives each row the logits of a
+    full forward over its prompt plus continuation."""
+    save_tiny(name, tmp_path)
+    model, _ = aft_jax.from_pretrained(tmp_path)
+    rng = np.random.default_rng(5)
+    prompt_ids, prompt_mask = padded_batch(rng, 97, [7, 4], "left")
+    rows_per_prompt, steps = 3, 5
+    continuation = rng.integers(0, 97, (2 * rows_per_prompt, steps)).astype(np.int32)
+
+    cache = aft_jax.init_cache(model.config, batch_size=2, max_length=prompt_ids.shape[1])
+    _, cache = model.hidden_states(prompt_ids, prompt_mask, cache=cache)
+    cache = decode_cache(cache, rows_per_prompt, steps)
+    layers = model.unstacked_layers()
+    decoded = []
+    for j in range(steps):
+        logits, cache = model.decode_step(layers, jnp.asarray(continuation[:, j]), cache)
+        decoded.append(np.asarray(logits))
+    decoded = np.stack(decoded, axis=1)
+
+    row_ids = np.concatenate([np.repeat(prompt_ids, rows_per_prompt, 0), continuation], axis=1)
+    row_mask = np.concatenate([np.repeat(prompt_mask, rows_per_prompt, 0), np.ones_like(continuation)], axis=1)
+    full = np.asarray(model(row_ids, row_mask))[:, prompt_ids.shape[1] :]
+    np.testing.assert_allclose(decoded, full, atol=1e-5, rtol=0)
