@@ -3,23 +3,25 @@ the reference, score every candidate with the sampling model, and write the grou
 
 Shard `i` holds questions `[i * shard_size, (i + 1) * shard_size)` and is sampled with its own seed, so
 it depends on nothing else: each is written to a temporary file and renamed when complete, and an
-interrupted run restarts at the first missing shard, never duplicating or losing a group.
+interrupted run restarts at the first missing shard, never duplicating or losing a group. With several
+processes, process `p` samples shards `p, p + P, ...` with its own model copy (on its own devices) into
+the shared output folder; the groups file is the shards read in order, the same as with one process.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
 from aft_jax.data import Candidate, Group, GroupEncoder, read_groups
+from aft_jax.paths import Path, write_atomically
 from aft_jax.sampling import generate
 from aft_jax.scoring import sequence_scores
+from aft_jax.sharding import is_main_process, sync
 from aft_jax.tasks import Example, Task, get_task
 
 
@@ -85,15 +87,6 @@ def score_groups(model, tokenizer, groups: list[Group], *, max_length: int, batc
     return [Group(g.id, g.prompt, g.answer, tuple(c)) for g, c in zip(groups, candidates)]
 
 
-def write_atomically(path: Path, lines: list[str]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.writelines(line + "\n" for line in lines)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def group_statistics(groups: list[Group], duplicates: int, samples: int) -> dict:
     positives = [sum(c.correct for c in g.candidates) for g in groups]
     negatives = [sum(not c.correct for c in g.candidates) for g in groups]
@@ -119,7 +112,9 @@ def sample_candidates(
 ) -> Path:
     """Writes `<out_dir>/shard-NNNNN.jsonl` (with a `.meta.json` of its counts and timing) for every shard
     not yet complete, then `stats.json`. Questions: `examples`, by default the task's training split.
-    `stop_after_shards` ends the run early (as an interruption would) after that many new shards."""
+    `stop_after_shards` ends the run early (as an interruption would) after that many new shards.
+    With several processes each samples its share of the shards (`model` is its own, on local devices)
+    and process 0 writes `stats.json` once every shard is there."""
     task = task_from_config(config)
     examples = examples if examples is not None else load_examples(config, config.task.train_split)
     out_dir = Path(out_dir or config.sample.out_dir or Path(config.run_dir) / "groups")
@@ -127,8 +122,9 @@ def sample_candidates(
     s = config.sample
     shard_count = -(-len(examples) // s.shard_size)
     written = 0
-    bar = tqdm(total=shard_count, desc=f"sampling {task.name} (k={s.k})", unit="shard")
-    for shard in range(shard_count):
+    mine = range(jax.process_index(), shard_count, jax.process_count())
+    bar = tqdm(total=len(mine), desc=f"sampling {task.name} (k={s.k})", unit="shard", disable=not is_main_process())
+    for shard in mine:
         path = out_dir / f"shard-{shard:05d}.jsonl"
         if path.exists():
             bar.update(1)
@@ -161,15 +157,18 @@ def sample_candidates(
             "samples": len(chunk) * s.k,
             "generated_tokens": tokens,
             "seconds": seconds,
+            "process": jax.process_index(),
         }
-        write_atomically(path.with_suffix(".meta.json"), [json.dumps(meta)])  # before the shard it describes
-        write_atomically(path, [g.to_json() for g in groups])
+        write_atomically(path.with_suffix(".meta.json"), json.dumps(meta) + "\n")  # before its shard
+        write_atomically(path, "".join(g.to_json() + "\n" for g in groups))
         written += 1
         bar.update(1)
         bar.set_postfix(tok_s=f"{tokens / seconds:,.0f}")
     bar.close()
-    if all((out_dir / f"shard-{i:05d}.jsonl").exists() for i in range(shard_count)):
+    sync("sampled")
+    if is_main_process() and all((out_dir / f"shard-{i:05d}.jsonl").exists() for i in range(shard_count)):
         write_statistics(out_dir)
+    sync("sampling statistics")
     return out_dir
 
 

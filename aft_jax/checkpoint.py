@@ -7,24 +7,25 @@ An aft_jax model folder holds `config.json` (HF layout), the tokenizer files and
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from aft_jax import sharding
+from aft_jax import paths, sharding
 from aft_jax.config import LlamaConfig
 from aft_jax.model import Llama, abstract_model
 
 
-def is_params_dir(path: Path) -> bool:
+def is_params_dir(path: str | os.PathLike) -> bool:
+    path = paths.as_path(path)
     return path.is_dir() and any(path.iterdir())
 
 
-def save_params(path: str | Path, model: Llama) -> Path:
+def save_params(path: str | os.PathLike, model: Llama):
     """Writes the model's parameters as an Orbax checkpoint at `path` (which must not exist)."""
-    path = Path(path).absolute()
+    path = paths.for_orbax(path)
     state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path, state)
@@ -32,21 +33,22 @@ def save_params(path: str | Path, model: Llama) -> Path:
     return path
 
 
-def save_model_folder(model: Llama, tokenizer, out_dir: str | Path) -> Path:
+def save_model_folder(model: Llama, tokenizer, out_dir: str | os.PathLike):
     """An aft_jax model folder: `config.json` (HF layout), the tokenizer files and `params/` (Orbax)."""
-    out_dir = Path(out_dir)
+    out_dir = paths.as_path(out_dir)
     if (out_dir / "params").exists():
         raise FileExistsError(f"{out_dir / 'params'}: already exists; choose an empty destination")
     if sharding.is_main_process():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(out_dir))
-        (out_dir / "config.json").write_text(json.dumps(model.config.to_hf_config(), indent=2) + "\n")
+        with paths.staged_dir(out_dir) as local:
+            if tokenizer is not None:
+                tokenizer.save_pretrained(local)
+            with open(os.path.join(local, "config.json"), "w") as f:
+                f.write(json.dumps(model.config.to_hf_config(), indent=2) + "\n")
     save_params(out_dir / "params", model)  # every process; last: its presence marks the folder complete
     return out_dir
 
 
-def restore_model(path: str | Path, config: LlamaConfig, mesh, rules=None) -> Llama:
+def restore_model(path: str | os.PathLike, config: LlamaConfig, mesh, rules=None) -> Llama:
     """Restores parameters saved by `save_params` straight into their shardings on `mesh`."""
     graphdef, abstract_state = nnx.split(abstract_model(config))
     shardings = sharding.state_shardings(abstract_state, mesh, rules)
@@ -56,7 +58,7 @@ def restore_model(path: str | Path, config: LlamaConfig, mesh, rules=None) -> Ll
         nnx.to_pure_dict(shardings),
     )
     with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(Path(path).absolute(), target)
+        restored = checkpointer.restore(paths.for_orbax(path), target)
     nnx.replace_by_pure_dict(abstract_state, restored)
     return nnx.merge(graphdef, abstract_state)
 
@@ -67,11 +69,11 @@ class TrainCheckpointer:
     A checkpoint becomes visible only once completely written, so a killed run resumes from the last
     complete one."""
 
-    def __init__(self, directory: str | Path, *, save_every: int, keep: int, async_save: bool = True):
+    def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int, async_save: bool = True):
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=save_every, enable_async_checkpointing=async_save, create=True
         )
-        self._manager = ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=("state", "data"))
+        self._manager = ocp.CheckpointManager(paths.for_orbax(directory), options=options, item_names=("state", "data"))
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

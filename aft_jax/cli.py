@@ -46,11 +46,10 @@ def _train(args) -> None:
 
 def _sample(args) -> None:
     from aft_jax.candidates import sample_candidates
-    from aft_jax.runtime import mesh_from_config, model_from_config
+    from aft_jax.runtime import model_from_config, sampling_mesh
 
     config = _load(args)
-    mesh = mesh_from_config(config.train.mesh)
-    model, tokenizer = model_from_config(config.model, mesh, seed=config.seed)
+    model, tokenizer = model_from_config(config.model, sampling_mesh(config), seed=config.seed)
     print(f"groups written to {sample_candidates(config, model, tokenizer)}")
 
 

@@ -18,10 +18,11 @@ import dataclasses
 import json
 import logging
 from collections import Counter
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
+from aft_jax.paths import Path
 
 log = logging.getLogger(__name__)
 TRUNCATION = ("completion", "drop")

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 
 from aft_jax import losses
 from aft_jax.candidates import score_groups
 from aft_jax.data import Group
+from aft_jax.paths import Path
 from aft_jax.sampling import generate
 from aft_jax.tasks import Example, Task
 
@@ -136,7 +136,8 @@ def plot_scores(results: dict[str, dict], path: Path) -> None:
         ax.set_xlabel("score s(c) = mean log p")
     axes[0][0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with Path(path).open("wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
 
 
@@ -157,7 +158,8 @@ def plot_training(curves: dict[str, list[dict]], path: Path) -> None:
         ax.set_xlabel("step")
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with Path(path).open("wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
 
 

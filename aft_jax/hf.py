@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from aft_jax import sharding
+from aft_jax import paths, sharding
 from aft_jax.config import LlamaConfig
 from aft_jax.hf_files import CheckpointError, TensorReader, read_config, resolve_checkpoint_dir
 from aft_jax.hf_weights import IGNORED_SUFFIXES, WeightSpec, hf_names, weight_specs
@@ -46,7 +46,19 @@ def from_pretrained(
     are placed directly into their shardings on `mesh` (one device when None). The tokenizer is None
     when the folder has no tokenizer files.
     """
+    if paths.is_remote(path_or_name):  # e.g. gs://: small files fetched, parameters restored in place
+        with paths.fetched_dir(path_or_name, skip=("params",)) as local:
+            return _load(
+                local, path_or_name, dtype, compute_dtype, mesh, allow_pickle, trust_remote_code, config_overrides
+            )
     directory = resolve_checkpoint_dir(path_or_name, revision)
+    return _load(directory, directory, dtype, compute_dtype, mesh, allow_pickle, trust_remote_code, config_overrides)
+
+
+def _load(directory, origin, dtype, compute_dtype, mesh, allow_pickle, trust_remote_code, config_overrides):
+    """from_pretrained with the folder's files in local `directory`; an Orbax `params/` is read from
+    `origin` (the same folder, or the URI it was fetched from)."""
+    directory = Path(directory)
     config = LlamaConfig.from_hf_config(
         read_config(directory),
         source=str(directory / "config.json"),
@@ -57,8 +69,9 @@ def from_pretrained(
     mesh = mesh or sharding.single_device_mesh()
     from aft_jax import checkpoint  # Orbax is imported only when needed
 
-    if checkpoint.is_params_dir(directory / "params"):
-        model = checkpoint.restore_model(directory / "params", config, mesh)
+    params = paths.as_path(origin) / "params"
+    if checkpoint.is_params_dir(params):
+        model = checkpoint.restore_model(params, config, mesh)
     else:
         model = load_hf_weights(directory, config, mesh, allow_pickle=allow_pickle)
     return model, load_tokenizer(directory, trust_remote_code=trust_remote_code)
@@ -140,6 +153,11 @@ def save_pretrained(
     into `out_dir` at the end, so an interrupted export never leaves a half-written checkpoint.
     """
     config: LlamaConfig = model.config
+    if paths.is_remote(out_dir):  # e.g. gs://: written locally, then uploaded file by file
+        with tempfile.TemporaryDirectory(prefix="aft_jax_export_") as local:
+            save_pretrained(model, tokenizer, local, dtype=dtype, max_shard_bytes=max_shard_bytes)
+            paths.copy_tree(local, out_dir)
+        return paths.as_path(out_dir)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     out_dtype = np.dtype(jnp.dtype(dtype or config.param_dtype))

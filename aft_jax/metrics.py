@@ -9,58 +9,87 @@ from __future__ import annotations
 import json
 import logging
 import math
-from pathlib import Path
+import os
+import time
+
+from aft_jax import paths
 
 log = logging.getLogger(__name__)
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: str | Path, *, resume_step: int = 0, tensorboard: bool = True, enabled: bool = True):
+    """Appends to `metrics.jsonl` locally; under a URI (objects cannot be appended to) it rewrites the
+    whole file at most every `upload_every_s` seconds and at `close`, and stages TensorBoard events
+    locally until then."""
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        *,
+        resume_step: int = 0,
+        tensorboard: bool = True,
+        enabled: bool = True,
+        upload_every_s: float = 30.0,
+    ):
         self.enabled = enabled
-        self._file = self._tb = None
+        self._file = self._tb = self._tb_stage = None
         if not enabled:  # another process writes
             return
-        self.path = Path(run_dir) / "metrics.jsonl"
+        run_dir = paths.as_path(run_dir)
+        self.path = run_dir / "metrics.jsonl"
+        self.remote, self.upload_every_s, self._uploaded = paths.is_remote(run_dir), upload_every_s, 0.0
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._truncate_after(resume_step)
-        self._file = self.path.open("a", encoding="utf-8")
-        self._tb = None
+        self._lines = self._lines_until(resume_step)
+        paths.write_atomically(self.path, "".join(self._lines))
+        if not self.remote:
+            self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
-
-                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
             except ImportError:
                 log.warning("tensorboardX is not installed; writing metrics.jsonl only")
+            else:
+                self._tb_stage = paths.staged_dir(run_dir / "tensorboard")
+                self._tb = SummaryWriter(self._tb_stage.__enter__(), purge_step=resume_step + 1)
 
-    def _truncate_after(self, step: int) -> None:
+    def _lines_until(self, step: int) -> list[str]:
         if not self.path.exists():
-            return
-        kept = [
-            line
-            for line in self.path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
-        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            return []
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        return [line + "\n" for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-        self._file.write(json.dumps({"step": step, **clean}) + "\n")
-        self._file.flush()
+        line = json.dumps({"step": step, **clean}) + "\n"
+        self._lines.append(line)
+        if self._file is not None:
+            self._file.write(line)
+            self._file.flush()
+        elif time.monotonic() - self._uploaded > self.upload_every_s:
+            self._upload()
         if self._tb is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(key, value, step)
 
+    def _upload(self) -> None:
+        paths.write_atomically(self.path, "".join(self._lines))
+        self._uploaded = time.monotonic()
+
     def close(self) -> None:
+        if not self.enabled:
+            return
         if self._file is not None:
             self._file.close()
+        else:
+            self._upload()
         if self._tb is not None:
             self._tb.close()
+            self._tb_stage.__exit__(None, None, None)
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    path = paths.as_path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -10,16 +10,21 @@
     <run_dir>/report.md, metrics.json, plots/
 
 Each stage is skipped when its output is complete and resumes (from checkpoints or shards) when not.
+With several processes (a TPU pod; `run_dir` on storage they share), training runs on all of them
+together, each samples its own shards and evaluates its share of the models with its own model copy,
+and process 0 writes the manifest and the reports; every stage ends at a barrier.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
+
+import jax
 
 from aft_jax import sharding
 from aft_jax.metrics import read_metrics
+from aft_jax.paths import Path, write_atomically
 
 METHOD_PRESETS = {
     "aft_bc": {"method": "aft", "constraint": "boundary"},
@@ -44,24 +49,30 @@ class Manifest:
         self._save()
 
     def _save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
-        tmp.replace(self.path)
+        if not sharding.is_main_process():
+            return
+        write_atomically(self.path, json.dumps(self.data, indent=2) + "\n")
 
     def stage(self, name: str, done: bool, run) -> None:
-        """Runs `run()` unless the stage's output is already complete (`done`)."""
+        """Runs `run()` unless the stage's output is already complete (`done`); then waits for every
+        process, so all see the stage's output before the next one."""
         entry = self.data["stages"].setdefault(name, {})
         if done:
             entry["status"] = "done"
-            print(f"[pipeline] {name}: complete, skipped")
+            log(f"{name}: complete, skipped")
+        else:
+            entry.update(status="running", started=time.time())
             self._save()
-            return
-        entry.update(status="running", started=time.time())
+            log(f"{name}: running")
+            run()
+            entry.update(status="done", seconds=round(time.time() - entry["started"], 1))
+        sharding.sync(f"stage {name}")
         self._save()
-        print(f"[pipeline] {name}: running")
-        run()
-        entry.update(status="done", seconds=round(time.time() - entry["started"], 1))
-        self._save()
+
+
+def log(message: str) -> None:
+    if sharding.is_main_process():
+        print(f"[pipeline] {message}")
 
 
 def _sub_config(config, **sections):
@@ -87,7 +98,7 @@ def run_pipeline(config) -> dict:
     from aft_jax.data import read_groups
     from aft_jax.evaluate import comparison_table, evaluate_model, write_report
     from aft_jax.hf import from_pretrained
-    from aft_jax.runtime import mesh_from_config, model_from_config
+    from aft_jax.runtime import mesh_from_config, model_from_config, sampling_mesh
     from aft_jax.train import run_training
 
     run_dir = Path(config.run_dir)
@@ -109,7 +120,8 @@ def run_pipeline(config) -> dict:
         texts = [
             task.prompt(e, config.task.template) + e.target for e in load_examples(config, config.task.train_split)
         ]
-        manifest.stage("tokenizer", (folder / "tokenizer.json").exists(), lambda: train_task_tokenizer(texts, folder))
+        done = (folder / "tokenizer.json").exists()
+        manifest.stage("tokenizer", done, lambda: sharding.is_main_process() and train_task_tokenizer(texts, folder))
         config = _sub_config(config, model={"tokenizer": str(folder)})
 
     base = config.model.path
@@ -141,7 +153,7 @@ def run_pipeline(config) -> dict:
 
     def vft_model():
         if "vft" not in loaded:
-            loaded["vft"] = from_pretrained(vft_model_dir, mesh=mesh)
+            loaded["vft"] = from_pretrained(vft_model_dir, mesh=sampling_mesh(config))
         return loaded["vft"]
 
     manifest.stage(
@@ -173,18 +185,23 @@ def run_pipeline(config) -> dict:
     limit = config.eval.limit if config.eval.limit > 0 else None
     examples = task.load(config.task.eval_split, data_dir=config.task.data_dir or None, limit=limit)
     eval_groups = read_groups(groups_eval)
-    results = {}
-    for name in ["vft", *methods]:
-        out = run_dir / "eval" / f"{name}.json"
+    models = ["vft", *methods]
+    outputs = {name: run_dir / "eval" / f"{name}.json" for name in models}
 
-        def evaluate(name=name, out=out):
-            model, tokenizer = from_pretrained(run_dir / name / "model", mesh=mesh)
-            result = evaluate_model(config, task, model, tokenizer, examples, eval_groups)
-            out.parent.mkdir(exist_ok=True)
-            out.write_text(json.dumps(result) + "\n")
+    pending = [name for name in models if not outputs[name].exists()]  # the same list on every process
 
-        manifest.stage(f"eval_{name}", out.exists(), evaluate)
-        results[name] = json.loads(out.read_text())
+    def evaluate():
+        """Each process evaluates every P-th pending model on its own devices; all of them load every
+        pending model, since each Orbax restore waits for all processes."""
+        for i, name in enumerate(pending):
+            model, tokenizer = from_pretrained(run_dir / name / "model", mesh=sampling_mesh(config))
+            if i % jax.process_count() == jax.process_index():
+                result = evaluate_model(config, task, model, tokenizer, examples, eval_groups)
+                outputs[name].parent.mkdir(exist_ok=True)
+                outputs[name].write_text(json.dumps(result) + "\n")
+
+    manifest.stage("eval", not pending, evaluate)
+    results = {name: json.loads(out.read_text()) for name, out in outputs.items()}
 
     stats = json.loads((groups_train / "stats.json").read_text())
     extra = (
@@ -192,9 +209,10 @@ def run_pipeline(config) -> dict:
         + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items())
         + "."
     )
-    curves = {name: read_metrics(run_dir / name) for name in ["vft", *methods]}
-    report = write_report(run_dir, results, curves, extra)
-    print("\n" + comparison_table(results) + "\n")
-    print(f"report: {report}\nplots:  {run_dir / 'plots'}\nmetrics: {run_dir / 'metrics.json'}")
-    print(f"on {sharding.describe(mesh)}")
+    if sharding.is_main_process():
+        curves = {name: read_metrics(run_dir / name) for name in models}
+        report = write_report(run_dir, results, curves, extra)
+        print("\n" + comparison_table(results) + "\n")
+        print(f"report: {report}\nplots:  {run_dir / 'plots'}\nmetrics: {run_dir / 'metrics.json'}")
+        print(f"on {sharding.describe(mesh)}")
     return results

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from aft_jax import sharding
 from aft_jax.config import LlamaConfig
 
 
-def mesh_from_config(spec: str):
-    """A preset name (`fsdp`, `data`, ...) or comma-separated `data,fsdp,tensor` sizes (one may be -1)."""
+def mesh_from_config(spec: str, devices=None):
+    """A preset name (`fsdp`, `data`, ...) or comma-separated `data,fsdp,tensor` sizes (one may be -1),
+    over `devices` (default: every device of every process)."""
     if "," in spec:
-        return sharding.make_mesh(tuple(int(x) for x in spec.split(",")))
-    return sharding.make_mesh(spec)
+        return sharding.make_mesh(tuple(int(x) for x in spec.split(",")), devices)
+    return sharding.make_mesh(spec, devices)
+
+
+def sampling_mesh(config):
+    """`sample.mesh` over this process's devices: each process samples its own shards."""
+    import jax
+
+    return mesh_from_config(config.sample.mesh, jax.local_devices())
 
 
 def resolve_model_path(name: str) -> str:
@@ -25,9 +31,13 @@ def resolve_model_path(name: str) -> str:
 
 
 def load_tokenizer(name: str):
+    """A tokenizer from a folder (a local one or a URI such as gs://...), a hub name, or "smollm2"."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model_path(name))
+    from aft_jax.paths import fetched_dir
+
+    with fetched_dir(resolve_model_path(name), skip=("params",)) as local:
+        return AutoTokenizer.from_pretrained(local)
 
 
 def model_from_config(model_cfg, mesh, seed: int = 0):
@@ -47,7 +57,7 @@ def model_from_config(model_cfg, mesh, seed: int = 0):
         if model_cfg.tokenizer:
             tokenizer = load_tokenizer(model_cfg.tokenizer)
         if tokenizer is None:
-            raise ValueError(f"{Path(model_cfg.path)} has no tokenizer files; set model.tokenizer")
+            raise ValueError(f"{model_cfg.path} has no tokenizer files; set model.tokenizer")
         return model, tokenizer
     if not model_cfg.tokenizer or not model_cfg.random.num_layers:
         raise ValueError("set model.path, or model.tokenizer and model.random.* for a randomly initialised model")

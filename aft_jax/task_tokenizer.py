@@ -6,7 +6,8 @@ makes decoding exact. The result is a `transformers.PreTrainedTokenizerFast` sav
 
 from __future__ import annotations
 
-from pathlib import Path
+from aft_jax.paths import Path, staged_dir
+
 
 SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
@@ -33,7 +34,6 @@ def train_task_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int 
         single=f"{SPECIAL['bos_token']} $A", special_tokens=[(SPECIAL["bos_token"], bos)]
     )
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    wrapped.save_pretrained(str(out_dir))
+    with staged_dir(out_dir) as local:
+        wrapped.save_pretrained(local)
     return wrapped

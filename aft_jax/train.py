@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -18,6 +17,7 @@ from tqdm import tqdm
 from aft_jax import sharding
 from aft_jax.data import Candidate, DataError, Group, GroupBatcher, GroupEncoder, read_training_file
 from aft_jax.objective import finalize_metrics, normalisers, objective
+from aft_jax.paths import Path
 from aft_jax.runtime import mesh_from_config, model_from_config
 
 log = logging.getLogger(__name__)

@@ -47,6 +47,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.sample.batch_size = 32  # rows (question x sample) per decode batch
     c.sample.shard_size = 256  # questions per groups shard
     c.sample.out_dir = ""  # empty: <run_dir>/groups
+    c.sample.mesh = "fsdp"  # over each process's own devices (it samples its own shards)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.limit = 200  # test questions for accuracy and self-consistency (<= 0: all)

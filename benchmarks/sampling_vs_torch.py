@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/sampling_vs_torch.py [--questions 12] [--per-batch 4] [--k 6] [--max-new-tokens 128]
 
 Reports generated tokens/s (EOS included, padding after it excluded) for both and the ratio; writes
-benchmarks/results/sampling.json. Both decode `per_batch x k` rows together, batch after batch; how many
+benchmarks/results/sampling_<max_new_tokens>_tokens.json. Both decode `per_batch x k` rows together, batch after batch; how many
 tokens a batch yields depends on where its samples happen to stop, so several batches are run to even
 that out. aft_jax is timed after one warm-up batch that compiles (every batch is padded to the same prompt
 length, so one program serves all); it prefills each question once and its k samples read that one
@@ -105,7 +105,7 @@ def main() -> None:
         r = result[name]
         print(f"{name:8} {r['tokens']:>6} tokens in {r['seconds']:7.2f}s = {r['tokens_per_s']:8.1f} tokens/s")
     print(f"speed ratio (aft_jax / torch): {result['speed_ratio']:.2f}x")
-    out_file = Path(__file__).parent / "results" / "sampling.json"
+    out_file = Path(__file__).parent / "results" / f"sampling_{args.max_new_tokens}_tokens.json"
     out_file.parent.mkdir(exist_ok=True)
     out_file.write_text(json.dumps(result, indent=2) + "\n")
 

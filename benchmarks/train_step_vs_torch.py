@@ -2,10 +2,14 @@
 aft_jax against the same step written with PyTorch + transformers, on the same batch, in one run.
 
     .venv/bin/python benchmarks/train_step_vs_torch.py [--steps 5] [--k 7] [--length 256]
+        [--remat full] [--dtype float32] [--checkpoint DIR]
 
 Each side runs in its own process (so peak RSS is its own); prints tokens/s and peak memory for both and
-the ratios, and writes them to benchmarks/results/train_step_remat_<policy>.json. `--remat full`
+the ratios, and writes them to benchmarks/results/train_step_remat_<policy>[_<dtype>].json. `--remat full`
 (default) rematerialises every layer on both sides (torch: gradient checkpointing); `--remat none` neither.
+`--checkpoint` is the HF folder to train (default: the real SmolLM2-135M-Instruct). `--dtype` is the
+compute dtype; parameters and optimizer state stay float32 on both sides (aft_jax: `compute_dtype`,
+torch: `torch.autocast`). torch runs on CUDA when there is a GPU, else on the CPU.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ def make_batch(k: int, length: int, vocab: int, seed: int = 0) -> dict:
     completion = np.zeros((1, k, length), np.int32)
     completion[:, :, prompt:] = 1
     is_pos = np.zeros((1, k), bool)
-    is_pos[0, :3] = True
+    is_pos[0, : min(3, k - 1)] = True  # at least one negative
     return {
         "input_ids": ids,
         "attention_mask": attention,
@@ -61,7 +65,9 @@ def run_jax(args, checkpoint: str) -> dict:
     from aft_jax.train_config import default_config
 
     mesh = sharding.single_device_mesh()
-    model, _ = aft_jax.from_pretrained(checkpoint, mesh=mesh, remat_policy=args.remat)
+    model, _ = aft_jax.from_pretrained(
+        checkpoint, mesh=mesh, dtype="float32", compute_dtype=args.dtype, remat_policy=args.remat
+    )
     cfg = default_config()
     cfg.loss.update(method="aft", constraint="boundary", beta=BETA)
     tx, schedule = build_optimizer(cfg.optim, total_steps=100)
@@ -82,27 +88,44 @@ def run_jax(args, checkpoint: str) -> dict:
         "losses": losses,
         "peak_rss_mb": peak_rss_mb(),
         "jax": jax.__version__,
+        "device": str(jax.devices()[0]),
     }
 
 
+def torch_device(name: str = "auto"):
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
 def run_torch(args, checkpoint: str) -> dict:
+    import contextlib
+
     import torch
     from transformers import AutoModelForCausalLM
 
+    device = torch_device(getattr(args, "device", "auto"))
+    dtype = getattr(args, "dtype", "float32")
+    autocast = (
+        torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype != "float32" else contextlib.nullcontext()
+    )
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(device)
     model.train()
     if args.remat != "none":
         model.gradient_checkpointing_enable()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    batch = {k: torch.from_numpy(v) for k, v in make_batch(args.k, args.length, 49152).items()}
+    batch = {k: torch.from_numpy(v).to(device) for k, v in make_batch(args.k, args.length, 49152).items()}
     b, k, t = batch["input_ids"].shape
     ids = batch["input_ids"].reshape(b * k, t).long()
     attention = batch["attention_mask"].reshape(b * k, t)
     completion = batch["completion_mask"].reshape(b * k, t)[:, 1:].float()
 
     def loss_fn():
-        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+        with autocast:
+            logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
         logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None])[..., 0] * completion
         scores = (logp.sum(-1) / completion.sum(-1)).reshape(b, k)
         vft = (
@@ -113,7 +136,7 @@ def run_torch(args, checkpoint: str) -> dict:
         bound = pos.min() - BETA
         target = (2 * bound - pos).detach()
         terms = torch.cat(
-            [(neg[None, :] - pos[:, None]).flatten(), (target[:, None] - neg[None, :]).flatten(), torch.zeros(1)]
+            [(neg[None, :] - pos[:, None]).flatten(), (target[:, None] - neg[None, :]).flatten(), scores.new_zeros(1)]
         )
         return vft + torch.logsumexp(terms, 0)
 
@@ -125,7 +148,9 @@ def run_torch(args, checkpoint: str) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        losses.append(float(loss.detach()))
         if i:
             times.append(time.perf_counter() - began)
     return {
@@ -135,6 +160,8 @@ def run_torch(args, checkpoint: str) -> dict:
         "peak_rss_mb": peak_rss_mb(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "device": str(device),
+        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
     }
 
 
@@ -148,12 +175,18 @@ def main() -> None:
         default="full",
         help="aft_jax remat policy (none, full, dots, ...); torch uses gradient checkpointing unless none",
     )
+    parser.add_argument("--dtype", default="float32", help="compute dtype on both sides (float32, bfloat16)")
+    parser.add_argument("--checkpoint", help="HF checkpoint folder (default: the real SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", default="auto", help="torch device: auto (cuda when available), cpu, cuda")
     parser.add_argument("--impl", choices=["jax", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    from aft_jax.smollm2 import smollm2_checkpoint
+    if args.checkpoint:
+        checkpoint = args.checkpoint
+    else:
+        from aft_jax.smollm2 import smollm2_checkpoint
 
-    checkpoint = str(smollm2_checkpoint())
+        checkpoint = str(smollm2_checkpoint())
     if args.impl:
         result = (run_jax if args.impl == "jax" else run_torch)(args, checkpoint)
         print("RESULT " + json.dumps(result))
@@ -173,13 +206,26 @@ def main() -> None:
             str(args.length),
             "--remat",
             args.remat,
+            "--dtype",
+            args.dtype,
+            "--checkpoint",
+            checkpoint,
+            "--device",
+            args.device,
         ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ)).stdout
         results[impl] = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
     tokens = args.k * args.length
     jax_r, torch_r = results["jax"], results["torch"]
     summary = {
-        "shape": {"groups": 1, "k": args.k, "length": args.length, "model": "SmolLM2-135M", "remat": args.remat},
+        "shape": {
+            "groups": 1,
+            "k": args.k,
+            "length": args.length,
+            "model": "SmolLM2-135M",
+            "remat": args.remat,
+            "compute_dtype": args.dtype,
+        },
         "aft_jax": {
             "tokens_per_s": tokens / jax_r["step_s"],
             "peak_rss_mb": jax_r["peak_rss_mb"],
@@ -206,7 +252,8 @@ def main() -> None:
         f"speed ratio (aft_jax / torch): {summary['speed_ratio']:.2f}x; "
         f"peak memory ratio: {summary['memory_ratio']:.2f}x"
     )
-    out = Path(__file__).parent / "results" / f"train_step_remat_{args.remat}.json"
+    suffix = "" if args.dtype == "float32" else f"_{args.dtype}"
+    out = Path(__file__).parent / "results" / f"train_step_remat_{args.remat}{suffix}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")
 

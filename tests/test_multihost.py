@@ -1,6 +1,8 @@
-"""Two processes (jax.distributed over localhost, 4 simulated CPU devices each) train exactly like one
-process with 8 devices: the same losses and the same final parameters."""
+"""Two processes (jax.distributed over localhost, 4 simulated CPU devices each) work exactly like one
+process with 8 devices: training gives the same losses, checkpoints and final parameters; sampling (each
+process its own shards) gives the same groups."""
 
+import json
 import os
 import socket
 import subprocess
@@ -10,6 +12,7 @@ import jax
 import numpy as np
 
 import aft_jax
+from aft_jax.data import read_groups
 from aft_jax.metrics import read_metrics
 from conftest import REPO
 from train_helpers import write_arithmetic_groups
@@ -37,21 +40,13 @@ def _command(run_dir, groups):
     ]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_train_like_one(tmp_path, smollm2_dir):
-    groups = tmp_path / "groups.jsonl"
-    write_arithmetic_groups(groups)
-    subprocess.run(_command(tmp_path / "one", groups), check=True, capture_output=True, env=_env(8))
-
+def _run_one_and_two(command):
+    """Runs `command(run_dir)` once with 8 devices and as two processes with 4 each."""
+    subprocess.run(command("one"), check=True, capture_output=True, env=_env(8))
     coordinator = f"localhost:{_free_port()}"
     procs = [
         subprocess.Popen(
-            _command(tmp_path / "two", groups),
+            command("two"),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env=_env(4, AFT_COORDINATOR=coordinator, AFT_NUM_PROCESSES="2", AFT_PROCESS_ID=str(i)),
@@ -61,6 +56,18 @@ def test_two_processes_train_like_one(tmp_path, smollm2_dir):
     for proc in procs:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err.decode()[-2000:]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(tmp_path, smollm2_dir):
+    groups = tmp_path / "groups.jsonl"
+    write_arithmetic_groups(groups)
+    _run_one_and_two(lambda name: _command(tmp_path / name, groups))
 
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [m["step"] for m in two] == [1, 2, 3, 4], "process 0 alone writes the metrics, once per step"
@@ -75,3 +82,75 @@ def test_two_processes_train_like_one(tmp_path, smollm2_dir):
     # Cross-process all-reduces sum in another order; after 4 Adam steps of size ~3e-3 that leaves ~2e-6.
     for a, b in zip(jax.tree.leaves(nnx.state(model_one)), jax.tree.leaves(nnx.state(model_two))):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=0)
+
+
+def test_two_processes_sample_the_same_groups_as_one(tmp_path, smollm2_dir):
+    def command(name):
+        return [
+            sys.executable,
+            "-m",
+            "aft_jax.cli",
+            "sample",
+            "--config",
+            str(REPO / "configs" / "tiny.py"),
+            f"--config.run_dir={tmp_path / name}",
+            "--config.sample.shard_size=8",
+            # One sampling device per process in both runs: a random model's near-uniform next-token
+            # distribution turns the last-bit differences of another device layout into other tokens.
+            "--config.sample.mesh=1,1,1",
+        ]
+
+    _run_one_and_two(command)
+    one, two = tmp_path / "one" / "groups", tmp_path / "two" / "groups"
+    shards = sorted(p.name for p in one.glob("shard-*.jsonl"))
+    assert shards == sorted(p.name for p in two.glob("shard-*.jsonl")) and len(shards) == 4
+    writers = [json.loads((two / s.replace(".jsonl", ".meta.json")).read_text())["process"] for s in shards]
+    assert writers == [0, 1, 0, 1], "each process samples every other shard"
+    groups_one, groups_two = read_groups(one), read_groups(two)
+    assert [g.id for g in groups_two] == [g.id for g in groups_one]
+    for a, b in zip(groups_one, groups_two):
+        assert [(c.text, c.correct, c.level, c.reference) for c in b.candidates] == [
+            (c.text, c.correct, c.level, c.reference) for c in a.candidates
+        ]
+        np.testing.assert_allclose([c.logp_sum for c in b.candidates], [c.logp_sum for c in a.candidates], atol=1e-4)
+    stats_one, stats_two = (json.loads((d / "stats.json").read_text()) for d in (one, two))
+    assert {k: v for k, v in stats_two.items() if "per_s" not in k} == {
+        k: v for k, v in stats_one.items() if "per_s" not in k
+    }
+
+
+def test_two_processes_run_the_whole_pipeline(tmp_path, smollm2_dir):
+    """Every stage completes without a process waiting forever: training together, sampling and
+    evaluation split between the processes, one report."""
+    run_dir = tmp_path / "pipeline"
+    coordinator = f"localhost:{_free_port()}"
+    command = [
+        sys.executable,
+        "-m",
+        "aft_jax.cli",
+        "pipeline",
+        "--config",
+        str(REPO / "configs" / "tiny.py"),
+        f"--config.run_dir={run_dir}",
+        "--config.train.mesh=1,-1,1",
+        "--config.sample.shard_size=8",
+    ]
+    procs = [
+        subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=_env(4, AFT_COORDINATOR=coordinator, AFT_NUM_PROCESSES="2", AFT_PROCESS_ID=str(i)),
+        )
+        for i in range(2)
+    ]
+    outputs = [proc.communicate(timeout=600) for proc in procs]
+    for proc, (_, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err.decode()[-3000:]
+    assert "report:" in outputs[0][0].decode() and "report:" not in outputs[1][0].decode()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert all(stage["status"] == "done" for stage in manifest["stages"].values())
+    writers = {json.loads(p.read_text())["process"] for p in (run_dir / "groups" / "train").glob("*.meta.json")}
+    assert writers == {0, 1}
+    for name in ("vft", "aft_bc", "rft"):
+        assert 0.0 <= json.loads((run_dir / "eval" / f"{name}.json").read_text())["assess_micro"] <= 1.0
