@@ -6,6 +6,7 @@ reads only the HF tensors it needs, so the model never exists whole in host memo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -46,35 +47,36 @@ def from_pretrained(
     are placed directly into their shardings on `mesh` (one device when None). The tokenizer is None
     when the folder has no tokenizer files.
     """
-    if paths.is_remote(path_or_name):  # e.g. gs://: small files fetched, parameters restored in place
+    with _checkpoint_folder(path_or_name, revision) as (directory, origin):
+        config = LlamaConfig.from_hf_config(
+            read_config(directory),
+            source=str(directory / "config.json"),
+            param_dtype=dtype,
+            dtype=compute_dtype or dtype,
+            **config_overrides,
+        )
+        mesh = mesh or sharding.single_device_mesh()
+        from aft_jax import checkpoint  # Orbax is imported only when needed
+
+        params = paths.as_path(origin) / "params"
+        if checkpoint.is_params_dir(params):
+            model = checkpoint.restore_model(params, config, mesh)
+        else:
+            model = load_hf_weights(directory, config, mesh, allow_pickle=allow_pickle)
+        return model, load_tokenizer(directory, trust_remote_code=trust_remote_code)
+
+
+@contextlib.contextmanager
+def _checkpoint_folder(path_or_name, revision):
+    """`(local folder with the checkpoint's files, where an Orbax params/ would be)`. For a URI
+    (gs://...) the files other than params/ are fetched into a temporary folder; Orbax reads params/
+    where it is."""
+    if paths.is_remote(path_or_name):
         with paths.fetched_dir(path_or_name, skip=("params",)) as local:
-            return _load(
-                local, path_or_name, dtype, compute_dtype, mesh, allow_pickle, trust_remote_code, config_overrides
-            )
-    directory = resolve_checkpoint_dir(path_or_name, revision)
-    return _load(directory, directory, dtype, compute_dtype, mesh, allow_pickle, trust_remote_code, config_overrides)
-
-
-def _load(directory, origin, dtype, compute_dtype, mesh, allow_pickle, trust_remote_code, config_overrides):
-    """from_pretrained with the folder's files in local `directory`; an Orbax `params/` is read from
-    `origin` (the same folder, or the URI it was fetched from)."""
-    directory = Path(directory)
-    config = LlamaConfig.from_hf_config(
-        read_config(directory),
-        source=str(directory / "config.json"),
-        param_dtype=dtype,
-        dtype=compute_dtype or dtype,
-        **config_overrides,
-    )
-    mesh = mesh or sharding.single_device_mesh()
-    from aft_jax import checkpoint  # Orbax is imported only when needed
-
-    params = paths.as_path(origin) / "params"
-    if checkpoint.is_params_dir(params):
-        model = checkpoint.restore_model(params, config, mesh)
+            yield Path(local), path_or_name
     else:
-        model = load_hf_weights(directory, config, mesh, allow_pickle=allow_pickle)
-    return model, load_tokenizer(directory, trust_remote_code=trust_remote_code)
+        directory = resolve_checkpoint_dir(path_or_name, revision)
+        yield directory, directory
 
 
 def load_tokenizer(directory: Path, *, trust_remote_code: bool = False):
