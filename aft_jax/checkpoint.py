@@ -19,7 +19,7 @@ from aft_jax.model import Llama, abstract_model
 
 
 def is_params_dir(path: str | os.PathLike) -> bool:
-    path = paths.as_path(path)
+    path = paths.Path(path)
     return path.is_dir() and any(path.iterdir())
 
 
@@ -35,7 +35,7 @@ def save_params(path: str | os.PathLike, model: Llama):
 
 def save_model_folder(model: Llama, tokenizer, out_dir: str | os.PathLike):
     """An aft_jax model folder: `config.json` (HF layout), the tokenizer files and `params/` (Orbax)."""
-    out_dir = paths.as_path(out_dir)
+    out_dir = paths.Path(out_dir)
     if (out_dir / "params").exists():
         raise FileExistsError(f"{out_dir / 'params'}: already exists; choose an empty destination")
     if sharding.is_main_process():

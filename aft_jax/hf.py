@@ -58,7 +58,7 @@ def from_pretrained(
         mesh = mesh or sharding.single_device_mesh()
         from aft_jax import checkpoint  # Orbax is imported only when needed
 
-        params = paths.as_path(origin) / "params"
+        params = paths.Path(origin) / "params"
         if checkpoint.is_params_dir(params):
             model = checkpoint.restore_model(params, config, mesh)
         else:
@@ -159,7 +159,7 @@ def save_pretrained(
         with tempfile.TemporaryDirectory(prefix="aft_jax_export_") as local:
             save_pretrained(model, tokenizer, local, dtype=dtype, max_shard_bytes=max_shard_bytes)
             paths.copy_tree(local, out_dir)
-        return paths.as_path(out_dir)
+        return paths.Path(out_dir)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     out_dtype = np.dtype(jnp.dtype(dtype or config.param_dtype))

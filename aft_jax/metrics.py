@@ -6,6 +6,7 @@ one uninterrupted curve.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -32,10 +33,11 @@ class MetricsWriter:
         upload_every_s: float = 30.0,
     ):
         self.enabled = enabled
-        self._file = self._tb = self._tb_stage = None
+        self._file = self._tb = None
+        self._staged = contextlib.ExitStack()  # TensorBoard's local folder, uploaded on close
         if not enabled:  # another process writes
             return
-        run_dir = paths.as_path(run_dir)
+        run_dir = paths.Path(run_dir)
         self.path = run_dir / "metrics.jsonl"
         self.remote, self.upload_every_s, self._uploaded = paths.is_remote(run_dir), upload_every_s, 0.0
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,8 +51,8 @@ class MetricsWriter:
             except ImportError:
                 log.warning("tensorboardX is not installed; writing metrics.jsonl only")
             else:
-                self._tb_stage = paths.staged_dir(run_dir / "tensorboard")
-                self._tb = SummaryWriter(self._tb_stage.__enter__(), purge_step=resume_step + 1)
+                local = self._staged.enter_context(paths.staged_dir(run_dir / "tensorboard"))
+                self._tb = SummaryWriter(local, purge_step=resume_step + 1)
 
     def _lines_until(self, step: int) -> list[str]:
         if not self.path.exists():
@@ -87,9 +89,9 @@ class MetricsWriter:
             self._upload()
         if self._tb is not None:
             self._tb.close()
-            self._tb_stage.__exit__(None, None, None)
+        self._staged.close()
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    path = paths.as_path(run_dir) / "metrics.jsonl"
+    path = paths.Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

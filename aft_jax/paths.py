@@ -15,11 +15,7 @@ from collections.abc import Iterator
 
 from etils import epath
 
-Path = epath.Path  # pathlib's interface, with URIs kept whole
-
-
-def as_path(path: str | os.PathLike) -> epath.Path:
-    return epath.Path(path)
+Path = epath.Path  # pathlib's interface, with URIs kept whole: `Path("gs://b/run") / "x"`
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -34,7 +30,7 @@ def for_orbax(path: str | os.PathLike) -> epath.Path:
 def write_atomically(path: str | os.PathLike, text: str) -> None:
     """Readers see the old file or the whole new one, never a part: locally a synced temporary file
     renamed over `path`; an object store makes an upload visible only once complete."""
-    path = as_path(path)
+    path = Path(path)
     if is_remote(path):
         path.write_text(text)
         return
@@ -49,7 +45,7 @@ def write_atomically(path: str | os.PathLike, text: str) -> None:
 def copy_tree(source: str | os.PathLike, destination: str | os.PathLike, skip: tuple[str, ...] = ()) -> None:
     """Copies every file under `source` to the same place under `destination` (folders named in `skip`
     are left out)."""
-    source, destination = as_path(source), as_path(destination)
+    source, destination = Path(source), Path(destination)
     for entry in source.iterdir():
         if entry.name in skip:
             continue

@@ -15,6 +15,16 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("AFT_DATA_DIR", str(REPO.parent / "shared" / "data"))
 
 
+def tiny_cli(command: str, run_dir, *overrides: str) -> list[str]:
+    """The argv of `aft-jax <command>` on the tiny preset in `run_dir`, with `--config.` overrides."""
+    import sys
+
+    config = str(REPO / "configs" / "tiny.py")
+    return [sys.executable, "-m", "aft_jax.cli", command, "--config", config, f"--config.run_dir={run_dir}"] + [
+        f"--config.{o}" for o in overrides
+    ]
+
+
 def data_dir() -> Path:
     """The shared benchmark data: $AFT_DATA_DIR, by default ../shared/data beside the checkout."""
     return Path(os.environ["AFT_DATA_DIR"])

@@ -6,7 +6,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -14,7 +13,7 @@ import numpy as np
 import aft_jax
 from aft_jax.data import read_groups
 from aft_jax.metrics import read_metrics
-from conftest import REPO
+from conftest import tiny_cli
 from train_helpers import write_arithmetic_groups
 
 
@@ -25,37 +24,32 @@ def _env(devices, **extra):
     return env
 
 
-def _command(run_dir, groups):
-    return [
-        sys.executable,
-        "-m",
-        "aft_jax.cli",
-        "aft",
-        "--config",
-        str(REPO / "configs" / "tiny.py"),
-        f"--config.data.train_file={groups}",
-        f"--config.run_dir={run_dir}",
-        "--config.train.max_steps=4",
-        "--config.train.mesh=1,-1,1",
-    ]
-
-
-def _run_one_and_two(command):
-    """Runs `command(run_dir)` once with 8 devices and as two processes with 4 each."""
-    subprocess.run(command("one"), check=True, capture_output=True, env=_env(8))
+def _start_two(command):
+    """`command` as two processes of a jax.distributed run over localhost, 4 devices each."""
     coordinator = f"localhost:{_free_port()}"
-    procs = [
+    return [
         subprocess.Popen(
-            command("two"),
-            stdout=subprocess.DEVNULL,
+            command,
+            stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=_env(4, AFT_COORDINATOR=coordinator, AFT_NUM_PROCESSES="2", AFT_PROCESS_ID=str(i)),
         )
         for i in range(2)
     ]
-    for proc in procs:
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err.decode()[-2000:]
+
+
+def _finish(procs) -> list[str]:
+    """Waits for the processes, asserts they succeeded, returns their standard outputs."""
+    outputs = [proc.communicate(timeout=600) for proc in procs]
+    for proc, (_, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err.decode()[-3000:]
+    return [out.decode() for out, _ in outputs]
+
+
+def _run_one_and_two(command):
+    """Runs `command(run_dir)` once with 8 devices and as two processes with 4 each."""
+    subprocess.run(command("one"), check=True, capture_output=True, env=_env(8))
+    _finish(_start_two(command("two")))
 
 
 def _free_port():
@@ -67,7 +61,8 @@ def _free_port():
 def test_two_processes_train_like_one(tmp_path, smollm2_dir):
     groups = tmp_path / "groups.jsonl"
     write_arithmetic_groups(groups)
-    _run_one_and_two(lambda name: _command(tmp_path / name, groups))
+    overrides = (f"data.train_file={groups}", "train.max_steps=4", "train.mesh=1,-1,1")
+    _run_one_and_two(lambda name: tiny_cli("aft", tmp_path / name, *overrides))
 
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [m["step"] for m in two] == [1, 2, 3, 4], "process 0 alone writes the metrics, once per step"
@@ -86,19 +81,9 @@ def test_two_processes_train_like_one(tmp_path, smollm2_dir):
 
 def test_two_processes_sample_the_same_groups_as_one(tmp_path, smollm2_dir):
     def command(name):
-        return [
-            sys.executable,
-            "-m",
-            "aft_jax.cli",
-            "sample",
-            "--config",
-            str(REPO / "configs" / "tiny.py"),
-            f"--config.run_dir={tmp_path / name}",
-            "--config.sample.shard_size=8",
-            # One sampling device per process in both runs: a random model's near-uniform next-token
-            # distribution turns the last-bit differences of another device layout into other tokens.
-            "--config.sample.mesh=1,1,1",
-        ]
+        # One sampling device per process in both runs: a random model's near-uniform next-token
+        # distribution turns the last-bit differences of another device layout into other tokens.
+        return tiny_cli("sample", tmp_path / name, "sample.shard_size=8", "sample.mesh=1,1,1")
 
     _run_one_and_two(command)
     one, two = tmp_path / "one" / "groups", tmp_path / "two" / "groups"
@@ -123,31 +108,8 @@ def test_two_processes_run_the_whole_pipeline(tmp_path, smollm2_dir):
     """Every stage completes without a process waiting forever: training together, sampling and
     evaluation split between the processes, one report."""
     run_dir = tmp_path / "pipeline"
-    coordinator = f"localhost:{_free_port()}"
-    command = [
-        sys.executable,
-        "-m",
-        "aft_jax.cli",
-        "pipeline",
-        "--config",
-        str(REPO / "configs" / "tiny.py"),
-        f"--config.run_dir={run_dir}",
-        "--config.train.mesh=1,-1,1",
-        "--config.sample.shard_size=8",
-    ]
-    procs = [
-        subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=_env(4, AFT_COORDINATOR=coordinator, AFT_NUM_PROCESSES="2", AFT_PROCESS_ID=str(i)),
-        )
-        for i in range(2)
-    ]
-    outputs = [proc.communicate(timeout=600) for proc in procs]
-    for proc, (_, err) in zip(procs, outputs):
-        assert proc.returncode == 0, err.decode()[-3000:]
-    assert "report:" in outputs[0][0].decode() and "report:" not in outputs[1][0].decode()
+    outputs = _finish(_start_two(tiny_cli("pipeline", run_dir, "train.mesh=1,-1,1", "sample.shard_size=8")))
+    assert "report:" in outputs[0] and "report:" not in outputs[1]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert all(stage["status"] == "done" for stage in manifest["stages"].values())
     writers = {json.loads(p.read_text())["process"] for p in (run_dir / "groups" / "train").glob("*.meta.json")}

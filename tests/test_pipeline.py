@@ -5,12 +5,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import REPO
+from conftest import tiny_cli
 
 
 def _env():
@@ -21,15 +20,7 @@ def _env():
 
 
 def _pipeline(run_dir):
-    return [
-        sys.executable,
-        "-m",
-        "aft_jax.cli",
-        "pipeline",
-        "--config",
-        str(REPO / "configs" / "tiny.py"),
-        f"--config.run_dir={run_dir}",
-    ]
+    return tiny_cli("pipeline", run_dir)
 
 
 @pytest.fixture(scope="module")

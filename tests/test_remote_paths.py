@@ -38,7 +38,7 @@ def bucket(tmp_path_factory):
 
 
 def test_uris_are_kept_whole():
-    assert str(paths.as_path("gs://bucket/run") / "checkpoints") == "gs://bucket/run/checkpoints"
+    assert str(paths.Path("gs://bucket/run") / "checkpoints") == "gs://bucket/run/checkpoints"
     assert str(paths.for_orbax("gs://bucket/run/model/params")) == "gs://bucket/run/model/params"
     assert paths.is_remote("gs://bucket/run") and not paths.is_remote("runs/demo")
 

@@ -4,29 +4,17 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from aft_jax.metrics import read_metrics
-from conftest import REPO
+from conftest import REPO, tiny_cli
 from train_helpers import write_arithmetic_groups
 
 
 def _command(run_dir, groups, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "aft_jax.cli",
-        "aft",
-        "--config",
-        str(REPO / "configs" / "tiny.py"),
-        f"--config.data.train_file={groups}",
-        f"--config.run_dir={run_dir}",
-        "--config.train.max_steps=8",
-        *extra,
-    ]
+    return tiny_cli("aft", run_dir, f"data.train_file={groups}", "train.max_steps=8") + list(extra)
 
 
 @pytest.fixture(scope="module")
