@@ -79,14 +79,15 @@ class Attention(nnx.Module):
 
     def decode(self, x_b1d, cos_b1d, sin_b1d, prompt_kv, own_kv, prompt_mask_qs, valid_bn, step):
         """One new token per row (`x_b1d`): stores its key/value in slot `step` of the row's own cache
-        (`own_kv`, `[B, Hkv, N, Dh]` each) and attends to the shared prompt (`prompt_kv`, `[Q, Hkv, S, Dh]`)
-        and the valid own slots (`valid_bn`, which must already mark slot `step`). Returns `[B, 1, D]` and
-        the updated `own_kv`."""
+        (`own_kv`: keys `[B, Hkv, Dh, N]`, values `[B, Hkv, N, Dh]`) and attends to the shared prompt
+        (`prompt_kv`, laid out the same with Q prompts and S slots) and the valid own slots (`valid_bn`, which
+        must already mark slot `step`). Returns `[B, 1, D]` and the updated `own_kv`."""
         dt = self.dtype
         q_bthk, k_btgk, v_btgk = self._project(x_b1d, cos_b1d, sin_b1d)
-        start = (0, 0, step, 0)
-        keys = jax.lax.dynamic_update_slice(own_kv[0], k_btgk.transpose(0, 2, 1, 3).astype(own_kv[0].dtype), start)
-        values = jax.lax.dynamic_update_slice(own_kv[1], v_btgk.transpose(0, 2, 1, 3).astype(own_kv[1].dtype), start)
+        k_bgk1 = k_btgk.transpose(0, 2, 3, 1).astype(own_kv[0].dtype)
+        v_bg1k = v_btgk.transpose(0, 2, 1, 3).astype(own_kv[1].dtype)
+        keys = jax.lax.dynamic_update_slice(own_kv[0], k_bgk1, (0, 0, 0, step))
+        values = jax.lax.dynamic_update_slice(own_kv[1], v_bg1k, (0, 0, step, 0))
         out_bhk = shared_prompt_attention(
             q_bthk[:, 0], (prompt_kv[0].astype(dt), prompt_kv[1].astype(dt)), prompt_mask_qs,
             (keys.astype(dt), values.astype(dt)), valid_bn,
@@ -126,33 +127,36 @@ def grouped_attention(q_bthk, blocks):
 
 
 def shared_prompt_attention(q_bhk, prompt_kv, prompt_mask_qs, own_kv, own_mask_bn):
-    """Attention of one query per row over two key blocks in one float32 softmax: the prompt keys/values
-    `[Q, Hkv, S, Dh]`, shared by rows `q * m ... (q + 1) * m - 1` (m = B / Q), and each row's own
-    `[B, Hkv, N, Dh]`. Reading a prompt once for its m rows makes decoding several samples per prompt
-    cheaper than giving every row a copy. Returns `[B, H, Dh]`."""
+    """Attention of one query per row over two key blocks in one float32 softmax: the prompt's, shared by
+    rows `q * m ... (q + 1) * m - 1` (m = B / Q), keys `[Q, Hkv, Dh, S]` and values `[Q, Hkv, S, Dh]`,
+    and each row's own, keys `[B, Hkv, Dh, N]` and values `[B, Hkv, N, Dh]`. Reading a prompt once for
+    its m rows makes decoding several samples per prompt cheaper than giving every row a copy; keys are
+    stored transposed so that both products are plain matrix products. Returns `[B, H, Dh]`."""
     b, h, hd = q_bhk.shape
     q, groups = prompt_kv[0].shape[:2]
-    m = b // q
+    m, r = b // q, h // groups
     scale = hd**-0.5
-    q_bgrk = q_bhk.reshape(b, groups, h // groups, hd)
-    prompt_logits = jnp.einsum(
-        "qmgrk,qgsk->qgmrs", q_bgrk.reshape(q, m, groups, h // groups, hd), prompt_kv[0],
-        preferred_element_type=jnp.float32,
-    )  # fmt: skip
-    prompt_logits = jnp.where(prompt_mask_qs[:, None, None, None], prompt_logits * scale, _MASKED)
-    own_logits = jnp.einsum("bgrk,bgnk->bgrn", q_bgrk, own_kv[0], preferred_element_type=jnp.float32)
+
+    def to_prompt_rows(x_bgr):  # [B, Hkv, r, ...] -> [Q, Hkv, m * r, ...]: a prompt's rows as one block
+        return x_bgr.reshape(q, m, groups, r, *x_bgr.shape[3:]).swapaxes(1, 2).reshape(q, groups, m * r, -1)
+
+    def to_rows(x_qgi):  # the inverse of `to_prompt_rows`
+        return x_qgi.reshape(q, groups, m, r, -1).swapaxes(1, 2).reshape(b, groups, r, -1)
+
+    q_bgrk = q_bhk.reshape(b, groups, r, hd)
+    q_qgik = to_prompt_rows(q_bgrk)
+    prompt_logits = jnp.einsum("qgik,qgks->qgis", q_qgik, prompt_kv[0], preferred_element_type=jnp.float32)
+    prompt_logits = to_rows(jnp.where(prompt_mask_qs[:, None, None], prompt_logits * scale, _MASKED))
+    own_logits = jnp.einsum("bgrk,bgkn->bgrn", q_bgrk, own_kv[0], preferred_element_type=jnp.float32)
     own_logits = jnp.where(own_mask_bn[:, None, None], own_logits * scale, _MASKED)
-    prompt_max = jnp.max(prompt_logits, axis=-1).transpose(0, 2, 1, 3).reshape(b, groups, h // groups)
-    top_bgr = jnp.maximum(prompt_max, jnp.max(own_logits, axis=-1))
-    top_qgmr = top_bgr.reshape(q, m, groups, h // groups).transpose(0, 2, 1, 3)
-    prompt_weights = jnp.exp(prompt_logits - top_qgmr[..., None])
-    own_weights = jnp.exp(own_logits - top_bgr[..., None])
-    prompt_sum = jnp.sum(prompt_weights, axis=-1).transpose(0, 2, 1, 3).reshape(b, groups, h // groups)
-    total_bgr = prompt_sum + jnp.sum(own_weights, axis=-1)
+    top_bgr1 = jnp.maximum(jnp.max(prompt_logits, axis=-1), jnp.max(own_logits, axis=-1))[..., None]
+    prompt_weights = jnp.exp(prompt_logits - top_bgr1)
+    own_weights = jnp.exp(own_logits - top_bgr1)
+    total_bgr1 = jnp.sum(prompt_weights, axis=-1, keepdims=True) + jnp.sum(own_weights, axis=-1, keepdims=True)
     dt = own_kv[1].dtype
-    prompt_out = jnp.einsum("qgmrs,qgsk->qmgrk", prompt_weights.astype(dt), prompt_kv[1]).reshape(b, groups, -1, hd)
+    prompt_out = to_rows(jnp.einsum("qgis,qgsk->qgik", to_prompt_rows(prompt_weights.astype(dt)), prompt_kv[1]))
     own_out = jnp.einsum("bgrn,bgnk->bgrk", own_weights.astype(dt), own_kv[1])
-    out_bgrk = (prompt_out + own_out) / total_bgr[..., None].astype(dt)
+    out_bgrk = (prompt_out + own_out) / total_bgr1.astype(dt)
     return out_bgrk.reshape(b, h, hd)
 
 

@@ -50,9 +50,9 @@ def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype=None
 
 class DecodeCache(NamedTuple):
     """Decode state of B rows that share Q prompts (rows `q * m ... (q + 1) * m - 1` continue prompt q):
-    per layer, the prompt keys/values `[Q, Hkv, S, Dh]` with `prompt_mask_qs`, and each row's own
-    generated keys/values `[B, Hkv, N, Dh]` with `valid_bn`; `positions_b` is the position of each row's
-    next token and `step` the number of own slots written."""
+    per layer, the prompt keys `[Q, Hkv, Dh, S]` and values `[Q, Hkv, S, Dh]` with `prompt_mask_qs`, and
+    each row's own generated keys `[B, Hkv, Dh, N]` and values `[B, Hkv, N, Dh]` with `valid_bn`;
+    `positions_b` is the position of each row's next token and `step` the number of own slots written."""
 
     prompt_keys: tuple
     prompt_values: tuple
@@ -69,13 +69,14 @@ def decode_cache(prompt_cache: KVCache, rows_per_prompt: int, max_new_tokens: in
     rows per prompt with room for `max_new_tokens` tokens each."""
     n_layers, q, _, groups, head_dim = prompt_cache.keys.shape
     b = q * rows_per_prompt
-    own = jnp.zeros((b, groups, max_new_tokens, head_dim), prompt_cache.keys.dtype)
+    own_keys = jnp.zeros((b, groups, head_dim, max_new_tokens), prompt_cache.keys.dtype)
+    own_values = jnp.zeros((b, groups, max_new_tokens, head_dim), prompt_cache.values.dtype)
     return DecodeCache(
-        tuple(prompt_cache.keys[i].transpose(0, 2, 1, 3) for i in range(n_layers)),
+        tuple(prompt_cache.keys[i].transpose(0, 2, 3, 1) for i in range(n_layers)),
         tuple(prompt_cache.values[i].transpose(0, 2, 1, 3) for i in range(n_layers)),
         prompt_cache.valid_bs,
-        (own,) * n_layers,
-        (own,) * n_layers,
+        (own_keys,) * n_layers,
+        (own_values,) * n_layers,
         jnp.zeros((b, max_new_tokens), bool),
         jnp.repeat(jnp.sum(prompt_cache.valid_bs, axis=-1, dtype=jnp.int32), rows_per_prompt),
         jnp.zeros((), jnp.int32),

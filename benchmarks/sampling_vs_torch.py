@@ -3,12 +3,14 @@
 
     .venv/bin/python benchmarks/sampling_vs_torch.py [--questions 12] [--per-batch 4] [--k 6] [--max-new-tokens 128]
 
-Reports generated tokens/s (EOS included, padding after it excluded) for both and the ratio; writes
-benchmarks/results/sampling_<max_new_tokens>_tokens.json. Both decode `per_batch x k` rows together, batch after batch; how many
-tokens a batch yields depends on where its samples happen to stop, so several batches are run to even
-that out. aft_jax is timed after one warm-up batch that compiles (every batch is padded to the same prompt
-length, so one program serves all); it prefills each question once and its k samples read that one
-prompt cache, while transformers prefills and caches every row.
+Reports generated tokens/s (EOS included, padding after it excluded) for both and their ratio, and the
+time per decode step (a batch runs as many steps as its longest sample; prefill included), a ratio that
+does not depend on where each side's random samples happen to stop. Writes
+benchmarks/results/sampling_<rows>_rows_<max_new_tokens>_tokens.json. Both decode `per_batch x k` rows
+together, batch after batch; how many tokens a batch yields depends on where its samples stop, so several
+batches are run to even that out. aft_jax is timed after one warm-up batch that compiles (every batch is
+padded to the same prompt length, so one program serves all); it prefills each question once and its k
+samples read that one prompt cache, while transformers prefills and caches every row.
 """
 
 from __future__ import annotations
@@ -55,16 +57,18 @@ def main() -> None:
         for i in range(0, len(prompts), args.per_batch)
     ]
     sample_token_ids(model, *padded[0], params, jax.random.key(0), num_samples=args.k)  # compile
-    jax_tokens, began = 0, time.perf_counter()
+    jax_tokens, jax_steps, began = 0, 0, time.perf_counter()
     for i, (ids, mask) in enumerate(padded):
         _, lengths = sample_token_ids(model, ids, mask, params, jax.random.key(1 + i), num_samples=args.k)
+        lengths = lengths[: len(batches[i]) * args.k]  # not the filler rows of a short last batch
         jax_tokens += int(lengths.sum())
+        jax_steps += int(lengths.max())
     jax_seconds = time.perf_counter() - began
 
     hf_model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     tokenizer.padding_side = "left"
     torch.manual_seed(0)
-    torch_tokens, torch_seconds = 0, 0.0
+    torch_tokens, torch_steps, torch_seconds = 0, 0, 0.0
     for chunk in batches:
         encoded_rows = tokenizer([p for p in chunk for _ in range(args.k)], return_tensors="pt", padding=True)
         with torch.no_grad():
@@ -83,6 +87,7 @@ def main() -> None:
         generated = out[:, encoded_rows["input_ids"].shape[1] :].numpy()
         is_eos = np.isin(generated, params.eos_ids)
         torch_tokens += int(np.where(is_eos.any(1), is_eos.argmax(1) + 1, generated.shape[1]).sum())
+        torch_steps += generated.shape[1]
 
     result = {
         "batch_rows": batch,
@@ -92,20 +97,33 @@ def main() -> None:
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "cpu_count": os.cpu_count(),
-        "aft_jax": {"tokens": jax_tokens, "seconds": jax_seconds, "tokens_per_s": jax_tokens / jax_seconds},
+        "aft_jax": {
+            "tokens": jax_tokens,
+            "decode_steps": jax_steps,
+            "seconds": jax_seconds,
+            "tokens_per_s": jax_tokens / jax_seconds,
+            "ms_per_step": 1e3 * jax_seconds / jax_steps,
+        },
         "torch": {
             "tokens": torch_tokens,
+            "decode_steps": torch_steps,
             "seconds": torch_seconds,
             "tokens_per_s": torch_tokens / torch_seconds,
+            "ms_per_step": 1e3 * torch_seconds / torch_steps,
             "threads": torch.get_num_threads(),
         },
     }
     result["speed_ratio"] = result["aft_jax"]["tokens_per_s"] / result["torch"]["tokens_per_s"]
+    result["step_time_ratio"] = result["torch"]["ms_per_step"] / result["aft_jax"]["ms_per_step"]
     for name in ("aft_jax", "torch"):
         r = result[name]
-        print(f"{name:8} {r['tokens']:>6} tokens in {r['seconds']:7.2f}s = {r['tokens_per_s']:8.1f} tokens/s")
-    print(f"speed ratio (aft_jax / torch): {result['speed_ratio']:.2f}x")
-    out_file = Path(__file__).parent / "results" / f"sampling_{args.max_new_tokens}_tokens.json"
+        print(
+            f"{name:8} {r['tokens']:>6} tokens in {r['seconds']:7.2f}s = {r['tokens_per_s']:8.1f} tokens/s; "
+            f"{r['decode_steps']} decode steps, {r['ms_per_step']:.1f} ms each (prefill included)"
+        )
+    ratios = f"{result['speed_ratio']:.2f}x tokens/s, {result['step_time_ratio']:.2f}x per step"
+    print(f"speed ratio (aft_jax / torch): {ratios}")
+    out_file = Path(__file__).parent / "results" / f"sampling_{batch}_rows_{args.max_new_tokens}_tokens.json"
     out_file.parent.mkdir(exist_ok=True)
     out_file.write_text(json.dumps(result, indent=2) + "\n")
 
