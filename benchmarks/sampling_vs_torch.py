@@ -60,9 +60,8 @@ def main() -> None:
     jax_tokens, jax_steps, began = 0, 0, time.perf_counter()
     for i, (ids, mask) in enumerate(padded):
         _, lengths = sample_token_ids(model, ids, mask, params, jax.random.key(1 + i), num_samples=args.k)
-        lengths = lengths[: len(batches[i]) * args.k]  # not the filler rows of a short last batch
-        jax_tokens += int(lengths.sum())
-        jax_steps += int(lengths.max())
+        jax_steps += int(lengths.max())  # the loop runs until every row, filler rows included, has stopped
+        jax_tokens += int(lengths[: len(batches[i]) * args.k].sum())  # not the filler rows of a short last batch
     jax_seconds = time.perf_counter() - began
 
     hf_model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
