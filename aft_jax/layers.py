@@ -144,17 +144,21 @@ def shared_prompt_attention(q_bhk, prompt_kv, prompt_mask_qs, own_kv, own_mask_b
         return x_qgi.reshape(q, groups, m, r, -1).swapaxes(1, 2).reshape(b, groups, r, -1)
 
     q_bgrk = q_bhk.reshape(b, groups, r, hd)
-    q_qgik = to_prompt_rows(q_bgrk)
-    prompt_logits = jnp.einsum("qgik,qgks->qgis", q_qgik, prompt_kv[0], preferred_element_type=jnp.float32)
-    prompt_logits = to_rows(jnp.where(prompt_mask_qs[:, None, None], prompt_logits * scale, _MASKED))
+    prompt_logits = jnp.einsum(
+        "qgik,qgks->qgis", to_prompt_rows(q_bgrk), prompt_kv[0], preferred_element_type=jnp.float32
+    )
+    prompt_logits = jnp.where(prompt_mask_qs[:, None, None], prompt_logits * scale, _MASKED)
     own_logits = jnp.einsum("bgrk,bgkn->bgrn", q_bgrk, own_kv[0], preferred_element_type=jnp.float32)
     own_logits = jnp.where(own_mask_bn[:, None, None], own_logits * scale, _MASKED)
-    top_bgr1 = jnp.maximum(jnp.max(prompt_logits, axis=-1), jnp.max(own_logits, axis=-1))[..., None]
-    prompt_weights = jnp.exp(prompt_logits - top_bgr1)
+    # The softmax statistics move between the two layouts; the logits stay in their own.
+    prompt_top_bgr1 = to_rows(jnp.max(prompt_logits, axis=-1, keepdims=True))
+    top_bgr1 = jnp.maximum(prompt_top_bgr1, jnp.max(own_logits, axis=-1, keepdims=True))
+    prompt_weights = jnp.exp(prompt_logits - to_prompt_rows(top_bgr1))
     own_weights = jnp.exp(own_logits - top_bgr1)
-    total_bgr1 = jnp.sum(prompt_weights, axis=-1, keepdims=True) + jnp.sum(own_weights, axis=-1, keepdims=True)
+    prompt_total_bgr1 = to_rows(jnp.sum(prompt_weights, axis=-1, keepdims=True))
+    total_bgr1 = prompt_total_bgr1 + jnp.sum(own_weights, axis=-1, keepdims=True)
     dt = own_kv[1].dtype
-    prompt_out = to_rows(jnp.einsum("qgis,qgsk->qgik", to_prompt_rows(prompt_weights.astype(dt)), prompt_kv[1]))
+    prompt_out = to_rows(jnp.einsum("qgis,qgsk->qgik", prompt_weights.astype(dt), prompt_kv[1]))
     own_out = jnp.einsum("bgrn,bgnk->bgrk", own_weights.astype(dt), own_kv[1])
     out_bgrk = (prompt_out + own_out) / total_bgr1.astype(dt)
     return out_bgrk.reshape(b, h, hd)
