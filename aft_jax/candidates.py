@@ -183,6 +183,6 @@ def write_statistics(out_dir: Path) -> dict:
     stats["generated_tokens_per_s"] = (
         sum(p["generated_tokens"] for p in progress.values()) / seconds if seconds else 0.0
     )
-    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    write_atomically(out_dir / "stats.json", json.dumps(stats, indent=2) + "\n")  # marks sampling complete
     print("groups: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
     return stats

@@ -198,7 +198,7 @@ def run_pipeline(config) -> dict:
             if i % jax.process_count() == jax.process_index():
                 result = evaluate_model(config, task, model, tokenizer, examples, eval_groups)
                 outputs[name].parent.mkdir(exist_ok=True)
-                outputs[name].write_text(json.dumps(result) + "\n")
+                write_atomically(outputs[name], json.dumps(result) + "\n")  # marks the model evaluated
 
     manifest.stage("eval", not pending, evaluate)
     results = {name: json.loads(out.read_text()) for name, out in outputs.items()}

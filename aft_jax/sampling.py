@@ -61,8 +61,9 @@ def sample_next(logits_bv, rng, params: SamplingParams):
 
 def _decode(graphdef, params: SamplingParams, num_samples: int, state, prompt_ids_qt, prompt_mask_qt, rng, cache):
     """Prefill each of Q prompts once into the empty `cache`, then decode `num_samples` rows per prompt
-    (which read the prompt's keys/values from one copy) until every row has emitted an EOS or `max_new_tokens` are done. Returns `tokens_bn`
-    (B = Q * num_samples, pad after EOS) and `lengths_b` (tokens generated, EOS included)."""
+    (which read the prompt's keys/values from one copy) until every row has emitted an EOS or
+    `max_new_tokens` are done. Returns `tokens_bn` (B = Q * num_samples, pad after EOS) and `lengths_b`
+    (tokens generated, EOS included)."""
     model = nnx.merge(graphdef, state)
     q = prompt_ids_qt.shape[0]
     b, n = q * num_samples, params.max_new_tokens

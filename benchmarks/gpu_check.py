@@ -71,8 +71,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX and torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [p for p in (str(REPO), str(Path(__file__).resolve().parent)) if p not in sys.path]
 
-import numpy as np
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 PEAK_BF16_FLOPS = 989e12  # H100 SXM dense bfloat16 (H200: same compute)
 BEGAN = time.monotonic()
@@ -239,12 +237,6 @@ class SamplingModels:
         return self.tokenizer
 
 
-def count_generated(generated: np.ndarray, eos_ids) -> int:
-    """Tokens per row up to and including the first EOS (all of them when there is none), summed."""
-    is_eos = np.isin(generated, eos_ids)
-    return int(np.where(is_eos.any(1), is_eos.argmax(1) + 1, generated.shape[1]).sum())
-
-
 def sample_jax(models: SamplingModels, prompts, k, dtype, max_new_tokens, temperature, repeats) -> dict:
     import jax
 
@@ -275,6 +267,7 @@ def sample_jax(models: SamplingModels, prompts, k, dtype, max_new_tokens, temper
 
 def sample_torch(models: SamplingModels, prompts, k, dtype, max_new_tokens, temperature, repeats) -> dict:
     import torch
+    from sampling_vs_torch import count_generated
 
     model = models.torch_model(dtype)
     tokenizer = models.get_tokenizer()

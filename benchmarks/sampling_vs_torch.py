@@ -24,6 +24,12 @@ from pathlib import Path
 import numpy as np
 
 
+def count_generated(generated: np.ndarray, eos_ids) -> int:
+    """Tokens per row up to and including the first EOS (all of them when there is none), summed."""
+    is_eos = np.isin(generated, eos_ids)
+    return int(np.where(is_eos.any(1), is_eos.argmax(1) + 1, generated.shape[1]).sum())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--questions", type=int, default=12)
@@ -84,8 +90,7 @@ def main() -> None:
             )
             torch_seconds += time.perf_counter() - began
         generated = out[:, encoded_rows["input_ids"].shape[1] :].numpy()
-        is_eos = np.isin(generated, params.eos_ids)
-        torch_tokens += int(np.where(is_eos.any(1), is_eos.argmax(1) + 1, generated.shape[1]).sum())
+        torch_tokens += count_generated(generated, params.eos_ids)
         torch_steps += generated.shape[1]
 
     result = {
