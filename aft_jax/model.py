@@ -2,8 +2,8 @@
 
 `Llama(input_ids, attention_mask)` returns float32 logits `[B, T, V]`. Passing `cache=` (see
 `init_cache`) also returns the updated cache: a prefill followed by one-token steps equals the full
-forward. Default positions come from the attention mask (`cumsum(mask) - 1`), so left padding does not
-shift positions.
+forward (`Llama.prefill` builds the cache of a batch of prompts in one pass). Default positions come from
+the attention mask (`cumsum(mask) - 1`), so left padding does not shift positions.
 """
 
 from __future__ import annotations
@@ -83,6 +83,19 @@ def decode_cache(prompt_cache: KVCache, rows_per_prompt: int, max_new_tokens: in
     )
 
 
+def grow_decode_cache(cache: DecodeCache, max_new_tokens: int) -> DecodeCache:
+    """`cache` with room for `max_new_tokens` own slots per row, the added ones empty."""
+    extra = max_new_tokens - cache.valid_bn.shape[1]
+
+    def pad(x, axis):
+        return jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
+
+    return cache._replace(
+        keys=tuple(pad(k, 3) for k in cache.keys), values=tuple(pad(v, 2) for v in cache.values),
+        valid_bn=pad(cache.valid_bn, 1),
+    )  # fmt: skip
+
+
 class Llama(nnx.Module):
     """Token embedding, `num_layers` scanned decoder blocks, final RMSNorm, (tied or untied) LM head."""
 
@@ -108,13 +121,14 @@ class Llama(nnx.Module):
             )
         return jnp.einsum("...d,dv->...v", hidden_btd, self.lm_head[...].astype(dt), preferred_element_type=jnp.float32)
 
-    def unstacked_layers(self) -> list[Block]:
+    def unstacked_layers(self, layer_states=None) -> list[Block]:
         """The decoder layers as separate modules, each with its own weight arrays (a copy): a decode
-        loop reads them in place, where slicing the stacked weights would copy them on every step."""
+        loop reads them in place, where slicing the stacked weights would copy them on every step.
+        `layer_states` (`nnx.state` of each layer of an earlier call) reuses that copy."""
         block_def, block_state = nnx.split(self.layers)
-        return [
-            nnx.merge(block_def, jax.tree.map(lambda w, i=i: w[i], block_state)) for i in range(self.config.num_layers)
-        ]
+        if layer_states is None:
+            layer_states = [jax.tree.map(lambda w, i=i: w[i], block_state) for i in range(self.config.num_layers)]
+        return [nnx.merge(block_def, state) for state in layer_states]
 
     def decode_step(self, layers: list[Block], token_b: jnp.ndarray, cache: DecodeCache):
         """float32 logits `[B, V]` of one new token per row, and the cache with its keys/values stored;
@@ -140,16 +154,37 @@ class Llama(nnx.Module):
 
     def hidden_states(self, input_ids_bt, attention_mask_bt=None, positions_bt=None, cache=None):
         """Final-norm hidden states `[B, T, D]` in the compute dtype, and the updated cache (or None)."""
-        cfg = self.config
         b, t = input_ids_bt.shape
         mask_bt = jnp.ones((b, t), bool) if attention_mask_bt is None else attention_mask_bt.astype(bool)
-        mask_btt = jnp.tril(jnp.ones((t, t), bool))[None] & mask_bt[:, None, :]
         if cache is None:
-            offset_b, kv, cache_mask_bts = jnp.zeros((b,), jnp.int32), None, None
-        else:
-            offset_b = jnp.sum(cache.valid_bs, axis=-1, dtype=jnp.int32)
-            kv = (cache.keys, cache.values)
-            cache_mask_bts = cache.valid_bs[:, None, :]  # unwritten slots are never valid
+            hidden_btd, _ = self._forward(input_ids_bt, mask_bt, positions_bt, jnp.zeros((b,), jnp.int32))
+            return hidden_btd, None
+        offset_b = jnp.sum(cache.valid_bs, axis=-1, dtype=jnp.int32)
+        # The cache is read layer by layer; only this call's new slots come out of the scan, and are
+        # written into the cache with one update (in place inside a decode loop).
+        kv, cache_mask_bts = (cache.keys, cache.values), cache.valid_bs[:, None, :]
+        hidden_btd, new_kv = self._forward(input_ids_bt, mask_bt, positions_bt, offset_b, kv, cache_mask_bts, True)
+        start = (0, 0, cache.end, 0, 0)
+        keys = jax.lax.dynamic_update_slice(cache.keys, new_kv[0].astype(cache.keys.dtype), start)
+        values = jax.lax.dynamic_update_slice(cache.values, new_kv[1].astype(cache.values.dtype), start)
+        valid_bs = jax.lax.dynamic_update_slice(cache.valid_bs, mask_bt, (0, cache.end))
+        return hidden_btd, KVCache(keys, values, valid_bs, cache.end + t)
+
+    def prefill(self, input_ids_bt, attention_mask_bt):
+        """Hidden states `[B, T, D]` of prompts and a cache of exactly their T slots: what `hidden_states`
+        gives with an empty `init_cache(config, B, T)`, without attending to the empty slots."""
+        mask_bt = attention_mask_bt.astype(bool)
+        zeros_b = jnp.zeros((input_ids_bt.shape[0],), jnp.int32)
+        hidden_btd, new_kv = self._forward(input_ids_bt, mask_bt, None, zeros_b, keep_new_kv=True)
+        return hidden_btd, KVCache(new_kv[0], new_kv[1], mask_bt, jnp.asarray(mask_bt.shape[1], jnp.int32))
+
+    def _forward(self, input_ids_bt, mask_bt, positions_bt, offset_b, kv=None, cache_mask_bts=None, keep_new_kv=False):
+        """The scanned layers over `T` new tokens that follow `offset_b` earlier ones (whose keys/values
+        `kv`, `[L, B, S, Hkv, Dh]` each, are read under `cache_mask_bts`): final-norm hidden states and, with
+        `keep_new_kv`, the new tokens' keys/values `[L, B, T, Hkv, Dh]` (else None)."""
+        cfg = self.config
+        t = input_ids_bt.shape[1]
+        mask_btt = jnp.tril(jnp.ones((t, t), bool))[None] & mask_bt[:, None, :]
         if positions_bt is None:
             positions_bt = jnp.maximum(offset_b[:, None] + jnp.cumsum(mask_bt, axis=-1) - 1, 0)
         cos_btd, sin_btd = rope_tables(positions_bt, inverse_frequencies(cfg))
@@ -163,21 +198,12 @@ class Llama(nnx.Module):
             block = nnx.merge(block_def, layer_state)
             x_btd, new_kv = block(x_btd, cos_btd, sin_btd, mask_btt, layer_kv, cache_mask_bts)
             x_btd = sharding.constrain(x_btd, ("activation_batch", "activation_length", "activation_embed"))
-            return x_btd, (new_kv if kv is not None else None)
+            return x_btd, (new_kv if keep_new_kv else None)
 
         if cfg.remat_policy != "none":
             layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
-        # The cache is read layer by layer; only this call's new slots come out of the scan, and are
-        # written into the cache with one update (in place inside a decode loop).
         x_btd, new_kv = jax.lax.scan(layer, x_btd, (block_state, kv))
-        new_cache = None
-        if cache is not None:
-            start = (0, 0, cache.end, 0, 0)
-            keys = jax.lax.dynamic_update_slice(cache.keys, new_kv[0].astype(cache.keys.dtype), start)
-            values = jax.lax.dynamic_update_slice(cache.values, new_kv[1].astype(cache.values.dtype), start)
-            valid_bs = jax.lax.dynamic_update_slice(cache.valid_bs, mask_bt, (0, cache.end))
-            new_cache = KVCache(keys, values, valid_bs, cache.end + t)
-        return self.final_norm(x_btd), new_cache
+        return self.final_norm(x_btd), new_kv
 
 
 def abstract_model(config: LlamaConfig) -> Llama:

@@ -1,8 +1,10 @@
 """Sampling with the KV cache: a jitted prefill and a jitted `lax.while_loop` decode.
 
 Each row stops on its own at any EOS id (later positions are `pad_id`); the loop exits as soon as every
-row has stopped. Prompts are left-padded; positions come from the attention mask, so padding does not
-change what a row generates. `filter_logits` and `sample_next` are pure and tested on their own.
+row has stopped. Each row's own keys/values live in a cache that grows in up to four steps
+(`own_cache_sizes`), so that early steps do not read the empty end of it. Prompts are left-padded;
+positions come from the attention mask, so padding does not change what a row generates. `filter_logits`
+and `sample_next` are pure and tested on their own.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from aft_jax import sharding
-from aft_jax.model import KVCache, decode_cache, init_cache
+from aft_jax.model import decode_cache, grow_decode_cache
 
 
 class SamplingParams(NamedTuple):
@@ -59,23 +61,26 @@ def sample_next(logits_bv, rng, params: SamplingParams):
     return jnp.minimum(token_b, logits_bv.shape[-1] - 1).astype(jnp.int32)
 
 
-def _decode(graphdef, params: SamplingParams, num_samples: int, state, prompt_ids_qt, prompt_mask_qt, rng, cache):
-    """Prefill each of Q prompts once into the empty `cache`, then decode `num_samples` rows per prompt
-    (which read the prompt's keys/values from one copy) until every row has emitted an EOS or
-    `max_new_tokens` are done. Returns `tokens_bn` (B = Q * num_samples, pad after EOS) and `lengths_b`
-    (tokens generated, EOS included)."""
+def _decode(
+    graphdef, params: SamplingParams, num_samples: int, state, layer_states, prompt_ids_qt, prompt_mask_qt, rng
+):
+    """Prefill each of Q prompts once, then decode `num_samples` rows per prompt (which read the prompt's
+    keys/values from one copy, and the weights from `layer_states`, see `decode_layers`) until every row has
+    emitted an EOS or `max_new_tokens` are done. Returns `tokens_bn` (B = Q * num_samples, pad after EOS)
+    and `lengths_b` (tokens generated, EOS included)."""
     model = nnx.merge(graphdef, state)
     q = prompt_ids_qt.shape[0]
     b, n = q * num_samples, params.max_new_tokens
-    hidden_qtd, cache = model.hidden_states(prompt_ids_qt, prompt_mask_qt, cache=cache)
+    hidden_qtd, cache = model.prefill(prompt_ids_qt, prompt_mask_qt)
     last_logits = jnp.repeat(model.logits(hidden_qtd[:, -1]), num_samples, axis=0)
-    cache = decode_cache(cache, num_samples, n)
-    layers = model.unstacked_layers()
+    sizes = own_cache_sizes(n)
+    cache = decode_cache(cache, num_samples, sizes[0])
+    layers = model.unstacked_layers(layer_states)
     eos = jnp.asarray(params.eos_ids or (-1,), jnp.int32)
 
-    def cond(carry):
+    def cond(carry, size):
         step, _, _, _, done_b, _ = carry
-        return (step < n) & ~jnp.all(done_b)
+        return (step < size) & ~jnp.all(done_b)
 
     def body(carry):
         step, cache, last_logits, tokens_bn, done_b, rng = carry
@@ -88,10 +93,22 @@ def _decode(graphdef, params: SamplingParams, num_samples: int, state, prompt_id
 
     tokens = jnp.full((b, n), params.pad_id, jnp.int32)
     carry = (jnp.zeros((), jnp.int32), cache, last_logits, tokens, jnp.zeros((b,), bool), rng)
-    _, _, _, tokens, _, _ = jax.lax.while_loop(cond, body, carry)
+    for size in sizes:  # one loop per own-cache size, each until its slots are full
+        carry = (carry[0], grow_decode_cache(carry[1], size), *carry[2:])
+        carry = jax.lax.while_loop(functools.partial(cond, size=size), body, carry)
+    tokens = carry[3]
     is_eos = jnp.isin(tokens, eos)
     first_eos = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1, n)
     return tokens, first_eos
+
+
+def own_cache_sizes(max_new_tokens: int, segments: int = 4, multiple: int = 32) -> list[int]:
+    """The sizes each row's own cache grows through while decoding: `max_new_tokens / segments` more at a
+    time, rounded up to a multiple of `multiple`. Each step attends to every slot of the current size, so
+    early steps read fewer empty ones (at 256 new tokens a step reads 160 slots on average instead of 256);
+    each size is one more loop in the compiled program."""
+    sizes = (-(-max_new_tokens * i // segments // multiple) * multiple for i in range(1, segments + 1))
+    return sorted({min(size, max_new_tokens) for size in sizes})
 
 
 @functools.lru_cache(maxsize=32)
@@ -99,23 +116,29 @@ def _compiled_decode(graphdef, params: SamplingParams, num_samples: int):
     return jax.jit(functools.partial(_decode, graphdef, params, num_samples))
 
 
-def sample_token_ids(model, prompt_ids_qt, prompt_mask_qt, params: SamplingParams, rng, num_samples: int = 1):
+@functools.lru_cache(maxsize=8)
+def _compiled_unstack(graphdef):
+    return jax.jit(lambda state: [nnx.state(layer) for layer in nnx.merge(graphdef, state).unstacked_layers()])
+
+
+def decode_layers(model) -> list:
+    """A copy of the decoder weights one array per layer (`Llama.unstacked_layers`), for `sample_token_ids`:
+    made once and passed to every batch, where each call would otherwise copy them again."""
+    graphdef, state = nnx.split(model)
+    return _compiled_unstack(graphdef)(state)
+
+
+def sample_token_ids(
+    model, prompt_ids_qt, prompt_mask_qt, params: SamplingParams, rng, num_samples: int = 1, layers=None
+):
     """Runs the jitted sampler on left-padded prompts; returns NumPy `(tokens [Q * num_samples, N],
-    lengths [Q * num_samples])`, the samples of prompt q in rows `q * num_samples ...`."""
+    lengths [Q * num_samples])`, the samples of prompt q in rows `q * num_samples ...`. `layers` is
+    `decode_layers(model)`, made here when not given."""
     graphdef, state = nnx.split(model)
     mesh = sharding.mesh_of(state)
     ids, mask = (sharding.shard_rows(np.asarray(x, np.int32), mesh) for x in (prompt_ids_qt, prompt_mask_qt))
-    q, t = ids.shape
-    # Built outside the jitted function: inside it, an all-empty cache is a constant XLA tries to fold.
-    cache = init_cache(model.config, q, t)
-    kv_axes = ("layers", "batch", None, "kv_heads", "head_dim")
-    cache = KVCache(
-        sharding.put_logical(cache.keys, kv_axes, mesh),
-        sharding.put_logical(cache.values, kv_axes, mesh),
-        sharding.put_logical(cache.valid_bs, ("batch", None), mesh),
-        sharding.put_logical(cache.end, (), mesh),
-    )
-    tokens, lengths = _compiled_decode(graphdef, params, num_samples)(state, ids, mask, rng, cache)
+    layers = decode_layers(model) if layers is None else layers
+    tokens, lengths = _compiled_decode(graphdef, params, num_samples)(state, layers, ids, mask, rng)
     return np.asarray(tokens), np.asarray(lengths)
 
 
@@ -143,11 +166,13 @@ def generate(
     params = sampling_params(model, tokenizer, max_new_tokens, temperature, top_k, top_p)
     per_batch = max(1, batch_size // num_samples)
     rng = jax.random.key(seed)
+    layers = decode_layers(model)
     results: list[list[str]] = []
     for start in range(0, len(prompts), per_batch):
         chunk = encoded[start : start + per_batch]
         ids, mask = left_pad(chunk, per_batch, params.pad_id, pad_multiple)
-        tokens, lengths = sample_token_ids(model, ids, mask, params, jax.random.fold_in(rng, start), num_samples)
+        key = jax.random.fold_in(rng, start)
+        tokens, lengths = sample_token_ids(model, ids, mask, params, key, num_samples, layers)
         for q in range(len(chunk)):
             rows = range(q * num_samples, (q + 1) * num_samples)
             results.append([decode_completion(tokenizer, tokens[r], lengths[r], params.eos_ids) for r in rows])

@@ -7,10 +7,12 @@ Reports generated tokens/s (EOS included, padding after it excluded) for both an
 time per decode step (a batch runs as many steps as its longest sample; prefill included), a ratio that
 does not depend on where each side's random samples happen to stop. Writes
 benchmarks/results/sampling_<rows>_rows_<max_new_tokens>_tokens.json. Both decode `per_batch x k` rows
-together, batch after batch; how many tokens a batch yields depends on where its samples stop, so several
-batches are run to even that out. aft_jax is timed after one warm-up batch that compiles (every batch is
-padded to the same prompt length, so one program serves all); it prefills each question once and its k
-samples read that one prompt cache, while transformers prefills and caches every row.
+together, batch after batch, the two sides taking turns so that both run on the machine in the same state;
+how many tokens a batch yields depends on where its samples stop, so several batches are run to even that
+out. Each side pads a batch's prompts to a common length, transformers to the longest, aft_jax (as
+`aft_jax.generate` does) to the next multiple of 64; aft_jax is timed after one warm-up batch per padded
+length, which compiles its program. aft_jax prefills each question once and its k samples read that one
+prompt cache, while transformers prefills and caches every row.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     import aft_jax
-    from aft_jax.sampling import left_pad, sample_token_ids, sampling_params
+    from aft_jax.sampling import decode_layers, left_pad, sample_token_ids, sampling_params
     from aft_jax.smollm2 import smollm2_checkpoint
     from aft_jax.tasks import get_task
 
@@ -57,24 +59,27 @@ def main() -> None:
 
     params = sampling_params(model, tokenizer, args.max_new_tokens, args.temperature)
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
-    prompt_len = -(-max(map(len, encoded)) // 64) * 64
-    padded = [
-        left_pad(encoded[i : i + args.per_batch], args.per_batch, params.pad_id, prompt_len)
+    padded = [  # as `aft_jax.generate` pads
+        left_pad(encoded[i : i + args.per_batch], args.per_batch, params.pad_id, 64)
         for i in range(0, len(prompts), args.per_batch)
     ]
-    sample_token_ids(model, *padded[0], params, jax.random.key(0), num_samples=args.k)  # compile
-    jax_tokens, jax_steps, began = 0, 0, time.perf_counter()
-    for i, (ids, mask) in enumerate(padded):
-        _, lengths = sample_token_ids(model, ids, mask, params, jax.random.key(1 + i), num_samples=args.k)
-        jax_steps += int(lengths.max())  # the loop runs until every row, filler rows included, has stopped
-        jax_tokens += int(lengths[: len(batches[i]) * args.k].sum())  # not the filler rows of a short last batch
-    jax_seconds = time.perf_counter() - began
-
+    for ids, mask in {ids.shape: (ids, mask) for ids, mask in padded}.values():  # compile each prompt length
+        sample_token_ids(model, ids, mask, params, jax.random.key(0), num_samples=args.k)
     hf_model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     tokenizer.padding_side = "left"
     torch.manual_seed(0)
-    torch_tokens, torch_steps, torch_seconds = 0, 0, 0.0
-    for chunk in batches:
+
+    jax_tokens, jax_steps, torch_tokens, torch_steps = 0, 0, 0, 0
+    began = time.perf_counter()
+    layers = decode_layers(model)  # once for all batches, as `aft_jax.generate` does
+    jax_seconds, torch_seconds = time.perf_counter() - began, 0.0
+    for i, ((ids, mask), chunk) in enumerate(zip(padded, batches)):  # batch by batch, so both see the same machine
+        began = time.perf_counter()
+        _, lengths = sample_token_ids(model, ids, mask, params, jax.random.key(1 + i), args.k, layers)
+        jax_seconds += time.perf_counter() - began
+        jax_steps += int(lengths.max())  # the loop runs until every row, filler rows included, has stopped
+        jax_tokens += int(lengths[: len(chunk) * args.k].sum())  # not the filler rows of a short last batch
+
         encoded_rows = tokenizer([p for p in chunk for _ in range(args.k)], return_tensors="pt", padding=True)
         with torch.no_grad():
             began = time.perf_counter()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import aft_jax
-from aft_jax.model import decode_cache
+from aft_jax.model import decode_cache, grow_decode_cache
 from hf_reference import padded_batch, save_tiny
 
 
@@ -29,11 +29,26 @@ def test_prefill_then_incremental_equals_full_forward(tmp_path, name):
     np.testing.assert_allclose(incremental[real], full[real], atol=1e-5, rtol=0)
 
 
+def test_prefill_equals_hidden_states_with_an_empty_cache(tmp_path):
+    save_tiny("gqa_tied", tmp_path)
+    model, _ = aft_jax.from_pretrained(tmp_path)
+    ids, mask = padded_batch(np.random.default_rng(4), 97, [9, 3, 6], "left")
+    empty = aft_jax.init_cache(model.config, batch_size=3, max_length=ids.shape[1])
+    hidden, cache = model.hidden_states(ids, mask, cache=empty)
+    prefill_hidden, prefill_cache = model.prefill(ids, mask)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(prefill_hidden)[real], np.asarray(hidden)[real], atol=1e-5, rtol=0)
+    for got, want in ((prefill_cache.keys, cache.keys), (prefill_cache.values, cache.values)):
+        np.testing.assert_allclose(np.asarray(got)[:, real], np.asarray(want)[:, real], atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(prefill_cache.valid_bs, cache.valid_bs)
+    assert int(prefill_cache.end) == int(cache.end) == ids.shape[1]
+
+
 @pytest.mark.parametrize("name", ["gqa_tied", "llama3_rope"])
 def test_shared_prompt_decode_equals_full_forward(tmp_path, name):
     """Three rows continue each of two left-padded prompts with their own tokens; the decode path (one
-    prompt cache read by its rows, own caches per row, unstacked layers) gives each row the logits of a
-    full forward over its prompt plus continuation."""
+    prompt cache read by its rows, own caches per row that grow midway, unstacked layers) gives each row the
+    logits of a full forward over its prompt plus continuation."""
     save_tiny(name, tmp_path)
     model, _ = aft_jax.from_pretrained(tmp_path)
     rng = np.random.default_rng(5)
@@ -41,12 +56,13 @@ def test_shared_prompt_decode_equals_full_forward(tmp_path, name):
     rows_per_prompt, steps = 3, 5
     continuation = rng.integers(0, 97, (2 * rows_per_prompt, steps)).astype(np.int32)
 
-    cache = aft_jax.init_cache(model.config, batch_size=2, max_length=prompt_ids.shape[1])
-    _, cache = model.hidden_states(prompt_ids, prompt_mask, cache=cache)
-    cache = decode_cache(cache, rows_per_prompt, steps)
+    _, cache = model.prefill(prompt_ids, prompt_mask)
+    cache = decode_cache(cache, rows_per_prompt, 2)
     layers = model.unstacked_layers()
     decoded = []
     for j in range(steps):
+        if j == 2:  # the own caches grow (as the sampler's do) from 2 to `steps` slots
+            cache = grow_decode_cache(cache, steps)
         logits, cache = model.decode_step(layers, jnp.asarray(continuation[:, j]), cache)
         decoded.append(np.asarray(logits))
     decoded = np.stack(decoded, axis=1)

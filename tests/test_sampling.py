@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 import aft_jax
-from aft_jax.sampling import SamplingParams, filter_logits, left_pad, sample_token_ids
+from aft_jax.sampling import SamplingParams, filter_logits, left_pad, own_cache_sizes, sample_token_ids
 from aft_jax.tasks import format_prompt
 from train_helpers import tiny_model
 
@@ -18,7 +18,7 @@ def test_greedy_matches_transformers_generate(smollm2_dir, gsm8k_test_questions)
 
     model, tokenizer = aft_jax.from_pretrained(smollm2_dir)
     prompts = [format_prompt(q["question"], "plain") for q in gsm8k_test_questions[:6]]
-    ours = aft_jax.generate(model, tokenizer, prompts, max_new_tokens=40, batch_size=8)
+    ours = aft_jax.generate(model, tokenizer, prompts, max_new_tokens=40, batch_size=4)  # 2 batches, 1 `layers`
 
     hf_model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     tokenizer.padding_side = "left"
@@ -130,3 +130,10 @@ def test_sharded_sampling_equals_single_device():
     mesh = sharding.make_mesh((2, 2, 2))
     sharded, _ = sample_token_ids(tiny_model(mesh, seed=6), ids, mask, params, jax.random.key(3), num_samples=2)
     np.testing.assert_array_equal(single, sharded)
+
+
+def test_own_cache_grows_in_quarters_to_max_new_tokens():
+    assert own_cache_sizes(256) == [64, 128, 192, 256]
+    assert own_cache_sizes(100) == [32, 64, 96, 100]
+    assert own_cache_sizes(40) == [32, 40]
+    assert own_cache_sizes(12) == [12]
