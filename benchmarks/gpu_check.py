@@ -240,7 +240,7 @@ class SamplingModels:
 def sample_jax(models: SamplingModels, prompts, k, dtype, max_new_tokens, temperature, repeats) -> dict:
     import jax
 
-    from aft_jax.sampling import left_pad, sample_token_ids, sampling_params
+    from aft_jax.sampling import decode_layers, left_pad, sample_token_ids, sampling_params
 
     model = models.jax_model(dtype)
     tokenizer = models.get_tokenizer()
@@ -250,8 +250,9 @@ def sample_jax(models: SamplingModels, prompts, k, dtype, max_new_tokens, temper
     sample_token_ids(model, ids, mask, params, jax.random.key(0), num_samples=k)  # compiles
     warmup_s = time.perf_counter() - began
     tokens, began = 0, time.perf_counter()
+    layers = decode_layers(model)  # once for all batches, as `aft_jax.generate` does
     for i in range(repeats):
-        _, lengths = sample_token_ids(model, ids, mask, params, jax.random.key(1 + i), num_samples=k)
+        _, lengths = sample_token_ids(model, ids, mask, params, jax.random.key(1 + i), k, layers)
         tokens += int(lengths.sum())  # np.asarray inside: the call has finished
     seconds = time.perf_counter() - began
     return {
