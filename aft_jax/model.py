@@ -163,7 +163,9 @@ class Llama(nnx.Module):
         # The cache is read layer by layer; only this call's new slots come out of the scan, and are
         # written into the cache with one update (in place inside a decode loop).
         kv, cache_mask_bts = (cache.keys, cache.values), cache.valid_bs[:, None, :]
-        hidden_btd, new_kv = self._forward(input_ids_bt, mask_bt, positions_bt, offset_b, kv, cache_mask_bts, True)
+        hidden_btd, new_kv = self._forward(
+            input_ids_bt, mask_bt, positions_bt, offset_b, kv, cache_mask_bts, keep_new_kv=True
+        )
         start = (0, 0, cache.end, 0, 0)
         keys = jax.lax.dynamic_update_slice(cache.keys, new_kv[0].astype(cache.keys.dtype), start)
         values = jax.lax.dynamic_update_slice(cache.values, new_kv[1].astype(cache.values.dtype), start)

@@ -137,7 +137,7 @@ def sample_token_ids(
     graphdef, state = nnx.split(model)
     mesh = sharding.mesh_of(state)
     ids, mask = (sharding.shard_rows(np.asarray(x, np.int32), mesh) for x in (prompt_ids_qt, prompt_mask_qt))
-    layers = decode_layers(model) if layers is None else layers
+    layers = _compiled_unstack(graphdef)(state) if layers is None else layers  # as `decode_layers` does
     tokens, lengths = _compiled_decode(graphdef, params, num_samples)(state, layers, ids, mask, rng)
     return np.asarray(tokens), np.asarray(lengths)
 
