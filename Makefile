@@ -24,7 +24,7 @@ demo: $(VENV)/.installed-base
 	$(BIN)/aft-jax pipeline --config configs/demo.py
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -35,9 +35,10 @@ def _load(args):
 
 
 def _train(args) -> None:
+    from aft_jax.runtime import with_built_tokenizer
     from aft_jax.train import run_training
 
-    config = _load(args)
+    config = with_built_tokenizer(_load(args))
     if args.command == "vft":
         with config.unlocked():
             config.loss.method = "vft"
@@ -46,9 +47,9 @@ def _train(args) -> None:
 
 def _sample(args) -> None:
     from aft_jax.candidates import sample_candidates
-    from aft_jax.runtime import model_from_config, sampling_mesh
+    from aft_jax.runtime import model_from_config, sampling_mesh, with_built_tokenizer
 
-    config = _load(args)
+    config = with_built_tokenizer(_load(args))
     model, tokenizer = model_from_config(config.model, sampling_mesh(config), seed=config.seed)
     print(f"groups written to {sample_candidates(config, model, tokenizer)}")
 

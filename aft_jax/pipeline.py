@@ -114,14 +114,11 @@ def run_pipeline(config) -> dict:
     task = task_from_config(config)
 
     if config.model.tokenizer == "build":
-        from aft_jax.task_tokenizer import train_task_tokenizer
+        from aft_jax.task_tokenizer import train_for_config
 
         folder = run_dir / "tokenizer"
-        texts = [
-            task.prompt(e, config.task.template) + e.target for e in load_examples(config, config.task.train_split)
-        ]
         done = (folder / "tokenizer.json").exists()
-        manifest.stage("tokenizer", done, lambda: sharding.is_main_process() and train_task_tokenizer(texts, folder))
+        manifest.stage("tokenizer", done, lambda: sharding.is_main_process() and train_for_config(config, folder))
         config = _sub_config(config, model={"tokenizer": str(folder)})
 
     base = config.model.path

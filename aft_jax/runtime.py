@@ -40,6 +40,23 @@ def load_tokenizer(name: str):
         return AutoTokenizer.from_pretrained(local)
 
 
+def with_built_tokenizer(config):
+    """`config` itself, or, when `model.tokenizer = "build"`, a copy that names `<run_dir>/tokenizer`: a
+    tokenizer trained on the task's training text, by process 0 when that folder has none yet."""
+    if config.model.tokenizer != "build":
+        return config
+    from aft_jax.paths import Path
+    from aft_jax.task_tokenizer import train_for_config
+
+    folder = Path(config.run_dir) / "tokenizer"
+    if sharding.is_main_process() and not (folder / "tokenizer.json").exists():
+        train_for_config(config, folder)
+    sharding.sync("tokenizer")
+    config = config.copy_and_resolve_references()
+    config.model.tokenizer = str(folder)
+    return config
+
+
 def model_from_config(model_cfg, mesh, seed: int = 0):
     """`(model, tokenizer)`: loaded from `model.path` ("smollm2" names the built-in checkpoint), or randomly
     initialised from `model.random`."""

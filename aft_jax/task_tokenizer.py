@@ -37,3 +37,12 @@ def train_task_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int 
     with staged_dir(out_dir) as local:
         wrapped.save_pretrained(local)
     return wrapped
+
+
+def train_for_config(config, out_dir: str | Path):
+    """`train_task_tokenizer` on the prompt and target of every training question of `config`'s task."""
+    from aft_jax.candidates import load_examples, task_from_config
+
+    task = task_from_config(config)
+    texts = [task.prompt(e, config.task.template) + e.target for e in load_examples(config, config.task.train_split)]
+    return train_task_tokenizer(texts, out_dir)

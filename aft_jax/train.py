@@ -118,16 +118,20 @@ def compile_step(train_step, state: TrainState, mesh):
     )
 
 
+def matmul_params(c) -> int:
+    """N: the weights of the matrix products (the output projection once, norms left out)."""
+    per_layer = (
+        c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads) + 3 * c.hidden_size * c.intermediate_size
+    )
+    return c.num_layers * per_layer + c.vocab_size * c.hidden_size
+
+
 def train_flops(model_config, batch: dict) -> float:
     """Approximate FLOPs of one step on the padded batch: 6 N per token plus attention scores."""
     n_seq, length = int(np.prod(batch["input_ids"].shape[:-1])), batch["input_ids"].shape[-1]
     c = model_config
-    per_layer = (
-        c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads) + 3 * c.hidden_size * c.intermediate_size
-    )
-    params = c.num_layers * per_layer + c.vocab_size * c.hidden_size
     attention = 12 * c.num_layers * c.num_heads * c.head_dim * length  # per token, forward + backward
-    return float(n_seq * length * (6 * params + attention))
+    return float(n_seq * length * (6 * matmul_params(c) + attention))
 
 
 def shard_batch(batch: dict, mesh, global_rows: int | None = None) -> dict:

@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/demo_seeds.py [--seeds 0 1 2] [--run-root runs/demo_seeds]
 
 Each seed is a full `aft-jax pipeline --config configs/demo.py --config.seed=S` run (resumable: rerun the
-script to finish interrupted seeds). Prints a Markdown table and writes benchmarks/results/demo_seeds.json.
+script to finish interrupted seeds). Prints a Markdown table and writes benchmarks/results/demo_seeds.json,
+with the machine (`machine.py`) and each seed's pipeline time (the stages' seconds, summed).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import machine  # benchmarks/machine.py, beside this script
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +45,8 @@ def main() -> None:
         )
         per_seed[seed] = json.loads((run_dir / "metrics.json").read_text())
         per_seed[seed]["_groups"] = json.loads((run_dir / "groups" / "train" / "stats.json").read_text())
+        stages = json.loads((run_dir / "manifest.json").read_text())["stages"].values()
+        per_seed[seed]["_seconds"] = round(sum(stage.get("seconds", 0.0) for stage in stages), 1)
     methods = [m for m in per_seed[args.seeds[0]] if not m.startswith("_")]
     summary = {
         m: {
@@ -72,7 +76,13 @@ def main() -> None:
     out.parent.mkdir(exist_ok=True)
     out.write_text(
         json.dumps(
-            {"seeds": args.seeds, "summary": summary, "groups": {s: per_seed[s]["_groups"] for s in args.seeds}},
+            {
+                "machine": machine.record(),
+                "seeds": args.seeds,
+                "summary": summary,
+                "groups": {s: per_seed[s]["_groups"] for s in args.seeds},
+                "pipeline_seconds": {s: per_seed[s]["_seconds"] for s in args.seeds},
+            },
             indent=2,
         )
         + "\n"

@@ -157,6 +157,9 @@ def environment() -> dict:
     env["gpu_name"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     name = env["gpu_name"] or env["jax_device_kind"] or ""
     env["peak_flops"] = PEAK_BF16_FLOPS if ("H100" in name or "H200" in name) else None
+    import machine
+
+    env["machine"] = machine.record()  # CPU, GPU, versions, measured f32 and bf16 matmul peaks of both sides
     return env
 
 
@@ -345,7 +348,8 @@ def sampling_case(models, prompts, k, dtype, max_new_tokens, temperature, repeat
 # ---------------------------------------------------------------------------------------------- train step
 
 
-def train_case(checkpoint, cfg, args, remat, peak, run_jax_side) -> dict:
+def train_case(checkpoint, cfg, args, remat, peak, run_jax_side, machine_record) -> dict:
+    import machine
     import torch
     import train_step_vs_torch as ts
 
@@ -383,6 +387,10 @@ def train_case(checkpoint, cfg, args, remat, peak, run_jax_side) -> dict:
             r.pop("peak_rss_mb", None)  # one process for both sides here: not meaningful
             r["tokens_per_s"] = tokens / r["step_s"]
             r["mfu"] = flops / r["step_s"] / peak if peak else None
+            library = "jax" if side == "aft_jax" else "torch"
+            r["fraction_of_measured_peak"] = machine.fraction_of_peak(
+                flops / r["step_s"], machine_record, library, args.train_dtype
+            )
             result[side] = r
             mfu = f"{r['mfu']:.3f}" if r["mfu"] is not None else "n/a"
             log(f"  {side:8} remat {remat:5}: step {r['step_s']:.4f}s, {r['tokens_per_s']:.0f} tokens/s, MFU {mfu}")
@@ -422,10 +430,10 @@ def sampling_part(report, args, assets, checkpoint, torch_device, jax_ok, no_che
             run_case(report, "sampling", f"rows{rows}_{dtype}", args.budget_s, case, skip_reason=no_checkpoint)
 
 
-def train_part(report, args, checkpoint, cfg, peak, jax_ok, no_checkpoint) -> None:
+def train_part(report, args, checkpoint, cfg, peak, jax_ok, no_checkpoint, machine_record) -> None:
     for remat in args.remat.split(","):
         name = f"K{args.train_k}x{args.train_length}_{args.train_dtype}_remat_{remat}"
-        case = functools.partial(train_case, checkpoint, cfg, args, remat, peak, jax_ok)
+        case = functools.partial(train_case, checkpoint, cfg, args, remat, peak, jax_ok, machine_record)
         run_case(report, "train", name, args.budget_s, case, skip_reason=no_checkpoint)
 
 
@@ -545,7 +553,7 @@ def main() -> None:
                 if part == "sampling":
                     sampling_part(report, args, assets, checkpoint, torch_device, jax_ok, no_checkpoint)
                 elif part == "train":
-                    train_part(report, args, checkpoint, cfg, peak, jax_ok, no_checkpoint)
+                    train_part(report, args, checkpoint, cfg, peak, jax_ok, no_checkpoint, env.get("machine", {}))
                 else:
                     raise ValueError(f"unknown part {part!r}")
             except Exception as err:  # noqa: BLE001 - recorded, and the other parts still run

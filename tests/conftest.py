@@ -1,9 +1,24 @@
-"""Test set-up: 8 simulated CPU devices (set before JAX is imported) and shared fixtures."""
+"""Test set-up: 8 simulated CPU devices (set before JAX is imported), one XLA compilation cache for the
+session, and shared fixtures.
 
+The cache is JAX's persistent one in a fresh folder per session, inherited by every subprocess the tests
+start: a resumed run, the other process of a two-process run and the next test load the programs the
+first compiled instead of compiling them again (on this project's 2-core machines compiling is most of
+a tiny run's time). It starts empty, so a session never reads programs from another version of the code.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="aft_jax_xla_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -8,17 +8,18 @@ import pytest
 from aft_jax import sharding
 from aft_jax.candidates import label_group, sample_candidates
 from aft_jax.data import read_groups
-from aft_jax.runtime import model_from_config
+from aft_jax.runtime import model_from_config, with_built_tokenizer
 from aft_jax.tasks import get_task
 from aft_jax.train_config import load_config
 from conftest import REPO
 
 
 @pytest.fixture(scope="module")
-def tiny_setup(smollm2_dir):
+def tiny_setup(tmp_path_factory):
     config = load_config(
         REPO / "configs" / "tiny.py",
         [
+            f"run_dir={tmp_path_factory.mktemp('tiny')}",
             "task.name=synthetic",
             "task.limit=5",
             "task.template=plain",
@@ -29,6 +30,7 @@ def tiny_setup(smollm2_dir):
             "data.max_length=96",
         ],
     )
+    config = with_built_tokenizer(config)
     model, tokenizer = model_from_config(config.model, sharding.make_mesh("fsdp"), seed=0)
     return config, model, tokenizer
 

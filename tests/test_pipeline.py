@@ -24,16 +24,14 @@ def _pipeline(run_dir):
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory, smollm2_dir):
+def straight_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("pipeline") / "straight"
-    began = time.time()
     subprocess.run(_pipeline(run_dir), check=True, capture_output=True, env=_env())
-    return run_dir, time.time() - began
+    return run_dir
 
 
 def test_pipeline_runs_every_stage_and_reports(straight_run):
-    run_dir, seconds = straight_run
-    assert seconds < 120
+    run_dir = straight_run
     manifest = json.loads((run_dir / "manifest.json").read_text())
     stages = ["base", "vft", "sample_train", "sample_eval", "aft_bc", "rft", "eval"]
     assert all(manifest["stages"][s]["status"] == "done" for s in stages)
@@ -49,7 +47,7 @@ def test_pipeline_runs_every_stage_and_reports(straight_run):
 
 
 def test_killed_pipeline_resumes_to_the_same_result(straight_run, tmp_path):
-    straight_dir, _ = straight_run
+    straight_dir = straight_run
     run_dir = tmp_path / "killed"
     proc = subprocess.Popen(_pipeline(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
     deadline = time.time() + 120

@@ -8,7 +8,7 @@ from conftest import REPO
 
 
 @pytest.fixture(scope="module")
-def config(smollm2_dir):
+def config():
     # small logit chunks, so activations rather than one chunk of vocabulary logits dominate
     return load_config(REPO / "configs" / "tiny.py", ["train.mesh=1,4,2", "loss.method=aft", "loss.logit_chunk=16"])
 

@@ -18,7 +18,7 @@ def _command(run_dir, groups, *extra):
 
 
 @pytest.fixture(scope="module")
-def groups_file(tmp_path_factory, smollm2_dir):
+def groups_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "groups.jsonl"
     write_arithmetic_groups(path)
     return path
