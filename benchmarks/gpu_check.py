@@ -406,7 +406,12 @@ def train_case(checkpoint, cfg, args, remat, peak, run_jax_side, machine_record)
     return result
 
 
-def sampling_part(report, args, assets, checkpoint, torch_device, jax_ok, no_checkpoint) -> None:
+def sampling_part(report, args, assets, checkpoint, torch_device, jax_ok, no_checkpoint, machine_record) -> None:
+    """Each case also gets each side's share of its library's measured peak in the case's dtype, for
+    2 N FLOPs per prompt token of each question and per row and step (random weights: every row runs
+    all `max_new_tokens` steps)."""
+    import machine
+
     from aft_jax.tasks import get_task
 
     rows_list = [int(r) for r in args.rows.split(",")]
@@ -427,7 +432,16 @@ def sampling_part(report, args, assets, checkpoint, torch_device, jax_ok, no_che
                 args.repeats,
                 jax_ok,
             )
-            run_case(report, "sampling", f"rows{rows}_{dtype}", args.budget_s, case, skip_reason=no_checkpoint)
+            result = run_case(report, "sampling", f"rows{rows}_{dtype}", args.budget_s, case, skip_reason=no_checkpoint)
+            cfg = json.loads((assets / "model" / "config.json").read_text())
+            for side, library in (("aft_jax", "jax"), ("torch", "torch")):
+                r = (result or {}).get(side, {})
+                if "seconds" in r:
+                    work = args.repeats * (rows // args.k * r["prompt_len"] + rows * args.max_new_tokens)
+                    r["fraction_of_measured_peak"] = machine.fraction_of_peak(
+                        2 * matmul_params(cfg) * work / r["seconds"], machine_record, library, dtype
+                    )
+            report.write()
 
 
 def train_part(report, args, checkpoint, cfg, peak, jax_ok, no_checkpoint, machine_record) -> None:
@@ -551,7 +565,9 @@ def main() -> None:
         for part in [p.strip() for p in args.parts.split(",") if p.strip()]:
             try:
                 if part == "sampling":
-                    sampling_part(report, args, assets, checkpoint, torch_device, jax_ok, no_checkpoint)
+                    sampling_part(
+                        report, args, assets, checkpoint, torch_device, jax_ok, no_checkpoint, env.get("machine", {})
+                    )
                 elif part == "train":
                     train_part(report, args, checkpoint, cfg, peak, jax_ok, no_checkpoint, env.get("machine", {}))
                 else:
