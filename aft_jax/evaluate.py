@@ -85,6 +85,11 @@ def evaluate_model(config, task: Task, model, tokenizer, examples: list[Example]
         "examples": [
             {"question": x.question, "greedy": out[0], "correct": c} for x, out, c in zip(examples[:5], greedy, correct)
         ],
+        "per_question": {  # for paired comparisons between models on the same questions (aft_jax.stats)
+            "ids": [x.id for x in examples],
+            "correct": [bool(c) for c in correct],
+            "self_consistent": [bool(c) for c in consistent],
+        },
     }
 
 
@@ -170,7 +175,8 @@ def write_report(run_dir: Path, results: dict[str, dict], curves: dict[str, list
     plot_scores(results, plots / "scores.png")
     plot_training(curves, plots / "training.png")
     summary = {
-        name: {k: v for k, v in r.items() if k not in ("pos_scores", "neg_scores")} for name, r in results.items()
+        name: {k: v for k, v in r.items() if k not in ("pos_scores", "neg_scores", "per_question")}
+        for name, r in results.items()
     }
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     report = [

@@ -41,6 +41,10 @@ def test_pipeline_runs_every_stage_and_reports(straight_run):
     for name, row in metrics.items():
         assert f"| {name} | {100 * row['accuracy']:.1f} | {100 * row['self_consistency']:.1f} |" in report
         assert 0 <= row["accuracy"] <= 1 and row["ppl_pos"] > 1
+        per_question = json.loads((run_dir / "eval" / f"{name}.json").read_text())["per_question"]
+        assert len(per_question["ids"]) == len(per_question["correct"]) == row["questions"] == 16
+        assert sum(per_question["correct"]) / 16 == row["accuracy"]
+        assert sum(per_question["self_consistent"]) / 16 == row["self_consistency"]
     for plot in ("scores.png", "training.png"):
         data = (run_dir / "plots" / plot).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
