@@ -54,12 +54,11 @@ def measure_one(library: str, transposed: bool) -> dict:
         if library == "torch":
             rates[name] = round(machine.torch_matmul_gflops(m, k, n), 1)
             continue
-        import jax
         import jax.numpy as jnp
 
         a = jnp.ones((m, k), jnp.float32)
         b = jnp.ones((n, k) if transposed else (k, n), jnp.float32)
-        text = jax.jit(lambda x, y: x @ (y.T if transposed else y)).lower(a, b).compile().as_text()
+        text = machine.jax_product(transposed).lower(a, b).compile().as_text()
         kinds |= set(re.findall(r'"kind":"(__\w+)"', text)) or {"xla dot thunk"}
         rates[name] = round(machine.jax_matmul_gflops(m, k, n, transposed=transposed), 1)
     return {"gflops": rates, "fusion_kinds": sorted(kinds)}

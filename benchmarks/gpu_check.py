@@ -418,6 +418,7 @@ def sampling_part(report, args, assets, checkpoint, torch_device, jax_ok, no_che
     task = get_task("gsm8k")
     examples = task.load("test", data_dir=assets / "data", limit=max(rows_list) // args.k)
     prompts = [task.prompt(e, "alpaca") for e in examples]
+    cfg = json.loads((assets / "model" / "config.json").read_text())
     models = SamplingModels(checkpoint, torch_device)
     for rows in rows_list:
         for dtype in args.dtypes.split(","):
@@ -433,7 +434,6 @@ def sampling_part(report, args, assets, checkpoint, torch_device, jax_ok, no_che
                 jax_ok,
             )
             result = run_case(report, "sampling", f"rows{rows}_{dtype}", args.budget_s, case, skip_reason=no_checkpoint)
-            cfg = json.loads((assets / "model" / "config.json").read_text())
             for side, library in (("aft_jax", "jax"), ("torch", "torch")):
                 r = (result or {}).get(side, {})
                 if "seconds" in r:

@@ -93,13 +93,19 @@ def median_seconds(run, min_seconds: float = 0.5) -> float:
     return times[len(times) // 2]
 
 
+def jax_product(transposed: bool = False):
+    """The jitted `a @ b`, or `a @ b.T` with the right operand stored as [n, k]."""
+    import jax
+
+    return jax.jit(lambda a, b: a @ (b.T if transposed else b))
+
+
 def jax_matmul_gflops(m: int, k: int, n: int, dtype: str = "float32", calls: int = 8, transposed=False) -> float:
-    """`transposed`: the right operand stored as [n, k] (`a @ b.T`)."""
     import jax
 
     a = jax.random.normal(jax.random.key(0), (m, k), dtype)
     b = jax.random.normal(jax.random.key(1), (n, k) if transposed else (k, n), dtype)
-    product = jax.jit(lambda x, y: x @ (y.T if transposed else y))
+    product = jax_product(transposed)
 
     def run():
         jax.block_until_ready([product(a, b) for _ in range(calls)])
@@ -161,7 +167,7 @@ def fraction_of_peak(flops_per_s: float, machine: dict, library: str, dtype: str
 
 
 def describe(machine: dict) -> str:
-    """One line: "Intel(R) Xeon(R) Processor, 2 cores, AVX-512; f32 products: jax 330, torch 290 GFLOP/s"."""
+    """One line, e.g. "Intel(R) Xeon(R) Processor, 2 cores, AVX-512; f32 products: jax 262, torch 332 GFLOP/s"."""
     where = machine["gpu"]["kind"] if machine.get("gpu") else None
     c = machine["cpu"]
     line = where or f"{c['model']}, {c['cores']} cores, {c['isa']}"
