@@ -21,7 +21,7 @@ $(VENV)/.installed-test: setup.py $(BIN)/python
 	touch $@
 
 demo: $(VENV)/.installed-base
-	$(BIN)/aft-jax pipeline --config configs/demo.py
+	$(BIN)/aft-jax study --config configs/demo.py
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q --durations=15

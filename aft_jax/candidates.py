@@ -27,8 +27,13 @@ from aft_jax.tasks import Example, Task, get_task
 
 def task_from_config(config) -> Task:
     if config.task.name == "synthetic":
+        t = config.task
         return get_task(
-            "synthetic", num_train=config.task.synthetic_train, num_test=config.task.synthetic_test, seed=config.seed
+            "synthetic",
+            num_train=t.synthetic_train,
+            num_validation=t.synthetic_validation,
+            num_test=t.synthetic_test,
+            seed=config.seed,
         )
     return get_task(config.task.name)
 

@@ -60,6 +60,17 @@ def _pipeline(args) -> None:
     run_pipeline(_load(args))
 
 
+def _study(args) -> None:
+    from aft_jax.study import run_study, study_plan
+
+    config = _load(args)
+    try:
+        study_plan(config)
+    except ValueError as err:
+        raise SystemExit(f"aft-jax study: {err}") from None
+    run_study(config)
+
+
 def _plan(args) -> None:
     from aft_jax.plan import HBM_GB, plan_memory, recommend, request_host_devices
 
@@ -108,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("sample", "step 2: sample, label and score candidate groups with the VFT model", _sample),
         ("aft", "step 3: alignment fine-tuning on candidate groups (or a baseline: loss.method)", _train),
         ("pipeline", "all three steps, then evaluation and a comparison report, in one run directory", _pipeline),
+        ("study", "the pipeline once per seed (study.seeds), then intervals, paired tests and the paper's claims", _study),
     ):
         command = sub.add_parser(
             name, help=text, description=f"{text}. Override any config key with --config.KEY=VALUE."

@@ -50,11 +50,23 @@ def group_assessment(groups: list[Group]) -> dict:
     }
 
 
-def evaluate_model(config, task: Task, model, tokenizer, examples: list[Example], groups: list[Group]) -> dict:
+def greedy_correct(config, task: Task, model, tokenizer, examples: list[Example]) -> tuple[list[str], list[bool]]:
+    """Greedy completions of `examples` and whether each one's answer is right."""
+    prompts = [task.prompt(x, config.task.template, tokenizer) for x in examples]
+    e = config.eval
+    greedy = generate(model, tokenizer, prompts, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+    texts = [out[0] for out in greedy]
+    return texts, [task.is_correct(t, x.answer) for t, x in zip(texts, examples)]
+
+
+def evaluate_model(
+    config, task: Task, model, tokenizer, examples: list[Example], groups: list[Group], validation=()
+) -> dict:
+    """Every metric of section 6 on `examples` (test) and `groups` (held-out); with `validation`
+    questions, also their greedy accuracy (`validation_accuracy`), the number to make choices on."""
     e = config.eval
     prompts = [task.prompt(x, config.task.template, tokenizer) for x in examples]
-    greedy = generate(model, tokenizer, prompts, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
-    correct = [task.is_correct(out[0], x.answer) for out, x in zip(greedy, examples)]
+    greedy, correct = greedy_correct(config, task, model, tokenizer, examples)
     sampled = generate(
         model,
         tokenizer,
@@ -83,14 +95,22 @@ def evaluate_model(config, task: Task, model, tokenizer, examples: list[Example]
         "per_task": per_task,
         **group_assessment(rescored),
         "examples": [
-            {"question": x.question, "greedy": out[0], "correct": c} for x, out, c in zip(examples[:5], greedy, correct)
+            {"question": x.question, "greedy": text, "correct": c} for x, text, c in zip(examples[:5], greedy, correct)
         ],
         "per_question": {  # for paired comparisons between models on the same questions (aft_jax.stats)
             "ids": [x.id for x in examples],
             "correct": [bool(c) for c in correct],
             "self_consistent": [bool(c) for c in consistent],
         },
+        **validation_accuracy(config, task, model, tokenizer, list(validation)),
     }
+
+
+def validation_accuracy(config, task: Task, model, tokenizer, validation: list[Example]) -> dict:
+    if not validation:
+        return {}
+    _, correct = greedy_correct(config, task, model, tokenizer, validation)
+    return {"validation_accuracy": float(np.mean(correct)), "validation_questions": len(validation)}
 
 
 COLUMNS = [

@@ -36,7 +36,27 @@ METHOD_PRESETS = {
         for m in ("rrhf", "pro", "dpo")
         for suffix, c in (("", "none"), ("_bc", "boundary"), ("_dc", "detach"))
     },
+    # ranking feedback: every pair of levels (the task's `level`) instead of positive / negative
+    **{
+        f"{name}_rank": {"method": m, "constraint": c, "use_levels": True}
+        for name, m, c in (("aft_bc", "aft", "boundary"), ("aft_dc", "aft", "detach"), ("rrhf", "rrhf", "none"))
+    },
 }
+BETA_SUFFIX = "-beta"
+
+
+def method_loss(name: str) -> dict:
+    """The `loss` settings of a method name: a `METHOD_PRESETS` key, optionally with `-beta<value>` for
+    its boundary margin (`aft_bc-beta0.3`)."""
+    preset, suffix, beta = name.partition(BETA_SUFFIX)
+    if preset not in METHOD_PRESETS:
+        raise ValueError(f"pipeline.methods: unknown {name!r}; known: {', '.join(METHOD_PRESETS)} (+ -beta<value>)")
+    if not suffix:
+        return dict(METHOD_PRESETS[preset])
+    try:
+        return {**METHOD_PRESETS[preset], "beta": float(beta)}
+    except ValueError:
+        raise ValueError(f"pipeline.methods: {name!r}: {beta!r} after {BETA_SUFFIX} is not a number") from None
 
 
 class Manifest:
@@ -75,7 +95,7 @@ def log(message: str) -> None:
         print(f"[pipeline] {message}")
 
 
-def _sub_config(config, **sections):
+def sub_config(config, **sections):
     """A copy of `config` with `{"section": {"key": value}}` changes."""
     sub = config.copy_and_resolve_references()
     with sub.unlocked():
@@ -105,9 +125,7 @@ def run_pipeline(config) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(run_dir, config)
     methods = [m.strip() for m in config.pipeline.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHOD_PRESETS]
-    if unknown:
-        raise ValueError(f"pipeline.methods: unknown {unknown}; known: {', '.join(METHOD_PRESETS)}")
+    method_losses = {name: method_loss(name) for name in methods}
     if config.pipeline.init_from not in ("base", "vft"):
         raise ValueError(f"pipeline.init_from={config.pipeline.init_from!r}; expected 'base' or 'vft'")
     mesh = mesh_from_config(config.train.mesh)
@@ -119,7 +137,7 @@ def run_pipeline(config) -> dict:
         folder = run_dir / "tokenizer"
         done = (folder / "tokenizer.json").exists()
         manifest.stage("tokenizer", done, lambda: sharding.is_main_process() and train_for_config(config, folder))
-        config = _sub_config(config, model={"tokenizer": str(folder)})
+        config = sub_config(config, model={"tokenizer": str(folder)})
 
     base = config.model.path
     if not base:
@@ -133,7 +151,7 @@ def run_pipeline(config) -> dict:
     base_model = {"path": base, "tokenizer": ""}
 
     vft_dir = run_dir / "vft"
-    vft_config = _sub_config(
+    vft_config = sub_config(
         config,
         run_dir=str(vft_dir),
         model=base_model,
@@ -144,7 +162,7 @@ def run_pipeline(config) -> dict:
     manifest.stage("vft", _model_done(vft_dir), lambda: run_training(vft_config))
     vft_model_dir = str(vft_dir / "model")
 
-    sampler_config = _sub_config(config, model={"path": vft_model_dir, "tokenizer": ""})
+    sampler_config = sub_config(config, model={"path": vft_model_dir, "tokenizer": ""})
     groups_train, groups_eval = run_dir / "groups" / "train", run_dir / "groups" / "eval"
     loaded: dict = {}
 
@@ -168,11 +186,11 @@ def run_pipeline(config) -> dict:
 
     start = base if config.pipeline.init_from == "base" else vft_model_dir
     for name in methods:
-        method_config = _sub_config(
+        method_config = sub_config(
             config,
             run_dir=str(run_dir / name),
             model={"path": start, "tokenizer": ""},
-            loss=METHOD_PRESETS[name],
+            loss=method_losses[name],
             data={"train_file": str(groups_train)},
             train={"num_epochs": config.pipeline.align_epochs},
             optim={"lr": config.pipeline.align_lr if config.pipeline.align_lr > 0 else config.optim.lr},
@@ -182,6 +200,10 @@ def run_pipeline(config) -> dict:
     limit = config.eval.limit if config.eval.limit > 0 else None
     examples = task.load(config.task.eval_split, data_dir=config.task.data_dir or None, limit=limit)
     eval_groups = read_groups(groups_eval)
+    validation = []
+    if config.eval.validation_limit > 0:
+        validation = task.load(config.task.validation_split, data_dir=config.task.data_dir or None)
+        validation = validation[: config.eval.validation_limit]
     models = ["vft", *methods]
     outputs = {name: run_dir / "eval" / f"{name}.json" for name in models}
 
@@ -193,7 +215,7 @@ def run_pipeline(config) -> dict:
         for i, name in enumerate(pending):
             model, tokenizer = from_pretrained(run_dir / name / "model", mesh=sampling_mesh(config))
             if i % jax.process_count() == jax.process_index():
-                result = evaluate_model(config, task, model, tokenizer, examples, eval_groups)
+                result = evaluate_model(config, task, model, tokenizer, examples, eval_groups, validation)
                 outputs[name].parent.mkdir(exist_ok=True)
                 write_atomically(outputs[name], json.dumps(result) + "\n")  # marks the model evaluated
 

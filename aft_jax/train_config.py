@@ -34,8 +34,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.task.template = "alpaca"  # alpaca | plain | chat
     c.task.train_split = "train"
     c.task.eval_split = "test"
+    c.task.validation_split = "validation"  # for choices (beta, lr, epochs); see eval.validation_limit
     c.task.limit = -1  # > 0: use only the first N training questions
     c.task.synthetic_train = 2000  # sizes of the generated synthetic splits
+    c.task.synthetic_validation = 500
     c.task.synthetic_test = 200
 
     c.sample = ml_collections.ConfigDict()
@@ -54,6 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.max_new_tokens = 256
     c.eval.sc_k = 8  # samples per question for self-consistency
     c.eval.sc_temperature = 0.7
+    c.eval.validation_limit = 0  # > 0: also greedy accuracy on the first N questions of task.validation_split
     c.eval.group_questions = 100  # test questions whose sampled groups measure assessment accuracy
     c.eval.batch_size = 64
 
@@ -63,6 +66,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.pipeline.vft_epochs = 3
     c.pipeline.align_epochs = 3
     c.pipeline.align_lr = -1.0  # peak learning rate of the alignment runs; negative: optim.lr
+
+    c.study = ml_collections.ConfigDict()
+    c.study.seeds = "0"  # `aft-jax study`: one pipeline run per seed, in <run_dir>/seed-<n>
+    c.study.betas = ""  # e.g. "0.05,0.1,0.3,1.0": also AFT-BC once per beta (claim 7)
 
     c.data = ml_collections.ConfigDict()
     c.data.train_file = ""  # groups (file or folder of shards) or VFT pairs; empty for VFT: the task's train split

@@ -2,7 +2,7 @@
 
 import pytest
 
-from aft_jax.tasks import format_prompt, get_task
+from aft_jax.tasks import Example, format_prompt, get_task
 from aft_jax.tasks.choice import extract_option_letter
 from aft_jax.tasks.gsm8k import extract_number_answer
 
@@ -104,7 +104,44 @@ def test_synthetic_is_seeded_and_has_several_orders():
     assert all(task.is_correct(e.target, e.answer) for e in a)
     first_steps = {e.target.splitlines()[0].split(" ")[1] for e in a}
     assert {"+", "-", "*"} <= first_steps, "references start with different kinds of step"
-    assert not set(e.question for e in a) & set(e.question for e in task.load("test"))
+    questions = {split: {e.question for e in task.load(split)} for split in ("train", "validation", "test")}
+    assert len(questions["train"]) == 300 and len(questions["validation"]) == 500 and len(questions["test"]) == 200
+    assert not questions["train"] & questions["test"] and not questions["validation"] & (questions["train"] | questions["test"])
+    assert [e.question for e in task.load("test", limit=5)] == [e.question for e in task.load("test")[:5]]
+
+
+SYNTHETIC_EXAMPLE = Example(
+    id="hand-made",
+    question="Ann has 5 pens. Ann buys 2 boxes of 3 pens. Ann gives away 4. How many pens does Ann have?",
+    target="2 * 3 = 6\n5 + 6 = 11\n11 - 4 = 7\n#### 7",
+    answer="7",
+    meta={"solution": "2 * 3 = 6\n5 + 6 = 11\n11 - 4 = 7", "events": {"buy": [(2, 3)], "find": [], "give": [4]}},
+)
+
+
+@pytest.mark.parametrize(
+    "text, level",
+    [
+        ("2 * 3 = 6\n5 + 6 = 11\n11 - 4 = 7\n#### 7", 3),  # the reference
+        ("5 - 4 = 1\n2 * 3 = 6\n1 + 6 = 7\n#### 7", 3),  # another order
+        ("2 * 3 = 6\n5 + 6 = 11\n11 - 4 = 8\n#### 8", 2),  # one slip in the last step: 2 of 3 steps right
+        ("2 * 3 = 6\n5 + 6 = 11\n#### 11", 2),  # forgot the gift: 2 right steps
+        ("2 * 3 = 6\n5 + 6 = 12\n12 - 4 = 8\n#### 8", 2),  # a wrong sum, the other two steps right
+        ("5 + 6 = 11\n#### 11", 1),  # one right step of the reference's three
+        ("2 * 4 = 8\n5 + 8 = 13\n#### 13", 1),  # a purchase the question does not have
+        ("5 + 3 = 8\n8 - 4 = 4\n#### 4", 1),  # 3 is no event's amount; one right step
+        ("I do not know", 0),  # no answer
+    ],
+)
+def test_synthetic_levels_on_hand_made_candidates(text, level):
+    assert get_task("synthetic").level(text, SYNTHETIC_EXAMPLE) == level
+
+
+def test_synthetic_references_are_level_3_and_events_match_the_question():
+    for e in get_task("synthetic", num_train=200).load("train"):
+        assert get_task("synthetic").level(e.target, e) == 3
+        for boxes, each in e.meta["events"]["buy"]:
+            assert f"buys {boxes} boxes of {each} " in e.question
 
 
 def test_prompt_templates():

@@ -1,75 +1,131 @@
-"""synthetic (ours): multi-step arithmetic word problems generated from a seed, with no files.
+"""synthetic (ours): short multi-step arithmetic word problems generated from a seed, with no files.
 
-A start amount and 2-3 events (buy boxes of items, give away, find, eat). The events commute, so any
-order of the steps is a valid chain of thought; each reference solution uses its own seeded order, one
-line per step (`a + b = c`), then `#### N`. Running totals never go negative in any order.
+A start amount and two events (buy boxes of items, give some away, find some). The events commute, so
+any order of the steps is a valid chain of thought; each reference solution uses its own seeded order,
+one line per step (`a * b = c` for a purchase, then `t + c = t'`), then `#### N`. Running totals never go
+negative in any order. Splits `train`, `validation` and `test` are drawn from separate seeds and share no
+question.
+
+Levels for ranking feedback: 3 correct answer; 2 wrong answer but at least half as many right steps as
+the reference has (a right step is a true equation that applies one of the question's events: `b * e`
+for a purchase, `t + x` for a find or a purchase's total, `t - x` for a gift); 1 a wrong answer with fewer
+right steps; 0 no answer.
 """
 
 from __future__ import annotations
 
 import random
+import re
 
 from aft_jax.tasks.base import Example
 from aft_jax.tasks.gsm8k import GSM8K
 
 NAMES = ["Ann", "Ben", "Cara", "Dan", "Eve", "Finn", "Gus", "Hana", "Ivy", "Jon"]
 ITEMS = ["apples", "pens", "cards", "shells", "stamps", "marbles", "books", "coins"]
-SPLIT_SEEDS = {"train": 0, "test": 1_000_003}
+SPLIT_SEEDS = {"train": 0, "validation": 500_009, "test": 1_000_003}
+STEP = re.compile(r"^\s*(\d+)\s*([-+*])\s*(\d+)\s*=\s*(-?\d+)\s*$")
 
 
-def make_problem(rng: random.Random) -> tuple[str, list[str], int, list[str]]:
-    """`(question, reference steps, answer, all step lines of this problem)` for one problem."""
+def make_problem(rng: random.Random) -> tuple[str, list[str], int, dict]:
+    """`(question, reference steps, answer, events)` for one problem; `events` maps `"buy"` to the
+    `(boxes, each)` pairs, `"find"` and `"give"` to the amounts."""
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    start = rng.randint(5, 12)
-    events = []
-    for _ in range(rng.randint(2, 3)):
-        kind = rng.choice(["buy", "give", "find"])
+    start = rng.randint(2, 9)
+    events, phrases, budget = [], [], start
+    for _ in range(2):
+        kind = rng.choice(["buy", "give", "find"] if budget else ["buy", "find"])
         if kind == "buy":
-            boxes, each = rng.randint(2, 3), rng.randint(2, 5)
-            events.append((f"buys {boxes} boxes with {each} {item} in each box", boxes * each, f"{boxes} * {each}"))
+            boxes, each = 2, rng.randint(2, 4)
+            events.append(("buy", (boxes, each)))
+            phrases.append(f"{name} buys {boxes} boxes of {each} {item}")
         elif kind == "give":
-            events.append((f"gives away {(d := rng.randint(1, 4))} {item}", -d, None))
+            amount = rng.randint(1, min(4, budget))
+            budget -= amount
+            events.append(("give", amount))
+            phrases.append(f"{name} gives away {amount}")
         else:
-            events.append((f"finds {(e := rng.randint(1, 6))} more {item}", e, None))
-    story = ". ".join(f"Then {name} {text}" if k else f"{name} {text}" for k, (text, _, _) in enumerate(events))
-    question = f"{name} has {start} {item}. {story}. How many {item} does {name} have now?"
-    order = list(range(len(events)))
-    rng.shuffle(order)
+            events.append(("find", amount := rng.randint(1, 5)))
+            phrases.append(f"{name} finds {amount} more")
+    question = f"{name} has {start} {item}. " + ". ".join(phrases) + f". How many {item} does {name} have?"
+    rng.shuffle(order := list(range(len(events))))
     steps, total = [], start
     for k in order:
-        _, delta, product = events[k]
-        if product:
-            steps.append(f"{product} = {delta}")
-        sign = "+" if delta >= 0 else "-"
-        steps.append(f"{total} {sign} {abs(delta)} = {total + delta}")
+        kind, value = events[k]
+        if kind == "buy":
+            delta = value[0] * value[1]
+            steps.append(f"{value[0]} * {value[1]} = {delta}")
+        else:
+            delta = value if kind == "find" else -value
+        steps.append(f"{total} {'+' if delta >= 0 else '-'} {abs(delta)} = {total + delta}")
         total += delta
-    return question, steps, total, [text for text, _, _ in events]
+    grouped = {kind: [v for k, v in events if k == kind] for kind in ("buy", "find", "give")}
+    return question, steps, total, grouped
+
+
+def right_steps(text: str, events: dict) -> int:
+    """The lines of `text` that are true equations applying one of the question's events."""
+    products = {tuple(v) for v in events["buy"]}
+    gains = set(events["find"]) | {b * e for b, e in products}
+    count = 0
+    for line in text.splitlines():
+        match = STEP.match(line)
+        if not match:
+            continue
+        a, op, b, c = int(match[1]), match[2], int(match[3]), int(match[4])
+        if op == "*":
+            count += a * b == c and (a, b) in products
+        elif op == "+":
+            count += a + b == c and b in gains
+        else:
+            count += a - b == c and b in events["give"]
+    return count
 
 
 class Synthetic(GSM8K):
     name = "synthetic"
-    splits = {"train": "", "test": ""}
+    splits = {"train": "", "validation": "", "test": ""}
     hub_name = ""
 
-    def __init__(self, num_train: int = 2000, num_test: int = 200, seed: int = 0):
-        self.sizes = {"train": num_train, "test": num_test}
+    def __init__(self, num_train: int = 2000, num_test: int = 200, seed: int = 0, num_validation: int = 500):
+        self.sizes = {"train": num_train, "validation": num_validation, "test": num_test}
         self.seed = seed
 
-    def load(self, split, *, data_dir=None, path=None, limit=None):
-        if split not in self.sizes:
-            raise ValueError(f"task synthetic has no split {split!r}; splits: {sorted(self.sizes)}")
+    def _generate(self, split: str, count: int, exclude: set[str]) -> list[Example]:
         rng = random.Random(self.seed * 7919 + SPLIT_SEEDS[split])
-        count = min(limit, self.sizes[split]) if limit else self.sizes[split]
         examples = []
-        for index in range(count):
-            question, steps, answer, _ = make_problem(rng)
+        while len(examples) < count:
+            question, steps, answer, events = make_problem(rng)
+            if question in exclude:
+                continue
+            exclude.add(question)
             examples.append(
                 Example(
-                    id=f"synthetic-{split}-{index}",
+                    id=f"synthetic-{split}-{len(examples)}",
                     question=question,
                     target="\n".join(steps) + f"\n#### {answer}",
                     answer=str(answer),
-                    meta={"solution": "\n".join(steps)},
+                    meta={"solution": "\n".join(steps), "events": events},
                 )
             )
         return examples
+
+    def load(self, split, *, data_dir=None, path=None, limit=None):
+        """The first `limit` questions of `split`; a later split in train, validation, test never repeats
+        a question of an earlier one (each is generated whole, so limits do not change the questions)."""
+        if split not in self.sizes:
+            raise ValueError(f"task synthetic has no split {split!r}; splits: {sorted(self.sizes)}")
+        seen: set[str] = set()
+        for name in SPLIT_SEEDS:
+            examples = self._generate(name, self.sizes[name], seen)
+            if name == split:
+                return examples[:limit] if limit else examples
+        raise AssertionError(split)
+
+    def level(self, text, example):
+        predicted = self.extract_answer(text)
+        if predicted is None:
+            return 0
+        if self.answers_match(predicted, example.answer):
+            return 3
+        reference_steps = len(example.meta["solution"].splitlines())
+        return 2 if 2 * right_steps(text, example.meta["events"]) >= reference_steps else 1

@@ -1,0 +1,145 @@
+"""`aft-jax study` on the tiny preset (2 seeds, AFT-BC and RFT, a two-beta sweep): each seed's pipeline
+runs every stage and reports; study.json holds the statistics of the per-seed results; study.md the claims
+table; the plots are PNG files; a study killed in its second seed resumes to the same study.json."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from conftest import REPO, tiny_cli
+
+from aft_jax.stats import paired_t, t_interval
+from aft_jax.study import study_plan
+from aft_jax.train_config import load_config
+
+OVERRIDES = ("study.seeds=0,1", "study.betas=0.1,0.5", "eval.validation_limit=8")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _env():
+    """The pipeline's own process on the plain CPU device: sharding is tested elsewhere, speed matters here."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    return env
+
+
+def _study(run_dir):
+    return tiny_cli("study", run_dir, *OVERRIDES)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("study") / "straight"
+    subprocess.run(_study(run_dir), check=True, capture_output=True, env=_env())
+    return run_dir
+
+
+def test_each_seed_runs_every_stage_and_reports(straight_run):
+    models = ["vft", "aft_bc", "rft", "aft_bc-beta0.5"]
+    for seed in (0, 1):
+        run_dir = straight_run / f"seed-{seed}"
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        assert all(
+            manifest["stages"][s]["status"] == "done"
+            for s in ["base", "vft", "sample_train", "sample_eval", *models[1:], "eval"]
+        )
+        assert manifest["config"]["seed"] == seed
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert list(metrics) == models
+        report = (run_dir / "report.md").read_text()
+        for name, row in metrics.items():
+            assert f"| {name} | {100 * row['accuracy']:.1f} | {100 * row['self_consistency']:.1f} |" in report
+            assert 0 <= row["accuracy"] <= 1 and row["ppl_pos"] > 1 and row["validation_questions"] == 8
+            per_question = json.loads((run_dir / "eval" / f"{name}.json").read_text())["per_question"]
+            assert len(per_question["ids"]) == len(per_question["correct"]) == row["questions"] == 16
+            assert sum(per_question["correct"]) / 16 == row["accuracy"]
+            assert sum(per_question["self_consistent"]) / 16 == row["self_consistency"]
+        for plot in ("scores.png", "training.png"):
+            data = (run_dir / "plots" / plot).read_bytes()
+            assert data[:8] == PNG and len(data) > 5000
+    config = json.loads((straight_run / "seed-1" / "aft_bc-beta0.5" / "config.json").read_text())
+    assert config["loss"]["beta"] == 0.5 and config["loss"]["constraint"] == "boundary"
+
+
+def test_study_json_holds_the_statistics_of_the_seeds(straight_run):
+    study = json.loads((straight_run / "study.json").read_text())
+    evals = {
+        s: {m: json.loads((straight_run / f"seed-{s}" / "eval" / f"{m}.json").read_text()) for m in study["models"]}
+        for s in (0, 1)
+    }
+    assert study["seeds"] == [0, 1] and study["models"] == ["vft", "aft_bc", "rft", "aft_bc-beta0.5"]
+    for model in study["models"]:
+        for metric in ("accuracy", "assess_micro", "ppl_neg", "validation_accuracy"):
+            values = [evals[s][model][metric] for s in (0, 1)]
+            row, expected = study["summary"][model][metric], t_interval(values)
+            assert row["values"] == values and row["mean"] == pytest.approx(expected.mean)
+            assert (row["low"], row["high"]) == pytest.approx((expected.low, expected.high))
+    d = study["paired"]["vft"]["aft_bc"]["accuracy"]
+    expected = paired_t(*([evals[s][m]["accuracy"] for s in (0, 1)] for m in ("aft_bc", "vft")))
+    assert d["seeds"]["mean"] == pytest.approx(expected.mean) and d["seeds"]["p_value"] == pytest.approx(
+        expected.p_value
+    )
+    both = [np.array([evals[s][m]["per_question"]["correct"] for s in (0, 1)], float) for m in ("aft_bc", "vft")]
+    assert d["questions"]["mean"] == pytest.approx((both[0] - both[1]).mean()) and d["questions"]["n"] == 32
+    assert "rft" in study["paired"] and "aft_bc" in study["paired"]["rft"]
+    claims = {(c["claim"], c["method"], c["baseline"], c["metric"]) for c in study["claims"]}
+    assert {
+        (2, "aft_bc", "vft", "accuracy"),
+        (2, "aft_bc", "vft", "assess_micro"),
+        (3, "aft_bc", "rft", "accuracy"),
+    } <= claims
+    assert 1 in {c[0] for c in claims} and 7 in {c[0] for c in claims}, "claim 1 and the beta claim"
+    for c in study["claims"]:
+        assert c["verdict"] in ("reproduced", "contradicted", "inconclusive")
+        assert c["test"] == ("t-interval over seeds" if c["claim"] == 1 else "t over seeds")
+        if c["baseline"] in study["paired"]:
+            assert c["difference"] == pytest.approx(
+                study["paired"][c["baseline"]][c["method"]][c["metric"]]["seeds"]["mean"]
+            )
+    sweep = study["beta_sweep"]
+    assert sweep["models"] == {"0.1": "aft_bc", "0.5": "aft_bc-beta0.5"}
+    ranked = sorted(sweep["models"].values(), key=lambda m: study["summary"][m]["validation_accuracy"]["mean"])
+    assert sweep["best_worst_on_validation"] == [ranked[-1], ranked[0]]
+    markdown = (straight_run / "study.md").read_text()
+    assert "## The paper's claims" in markdown and "| 2. AFT beats VFT in accuracy" in markdown
+    assert sum(f"**{c['verdict']}**" in line for c in study["claims"] for line in markdown.splitlines()) >= len(
+        study["claims"]
+    )
+    for plot in ("metrics.png", "accuracy_vs_aacc.png", "scores.png"):
+        data = (straight_run / "plots" / plot).read_bytes()
+        assert data[:8] == PNG and len(data) > 5000
+
+
+def test_killed_study_resumes_to_the_same_study_json(straight_run, tmp_path):
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(_study(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    deadline = time.time() + 150
+    while time.time() < deadline and not list((run_dir / "seed-1" / "groups" / "train").glob("shard-00000.jsonl")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # in the middle of the second seed's sampling
+    proc.wait()
+    manifest = json.loads((run_dir / "seed-1" / "manifest.json").read_text())
+    assert manifest["stages"]["sample_train"]["status"] == "running"
+    result = subprocess.run(_study(run_dir), check=True, capture_output=True, text=True, env=_env())
+    assert "vft: complete, skipped" in result.stdout and "sample_train: running" in result.stdout
+    assert (run_dir / "study.json").read_text() == (straight_run / "study.json").read_text()
+    for shard in sorted((straight_run / "seed-1" / "groups" / "train").glob("shard-*.jsonl")):
+        assert (run_dir / "seed-1" / "groups" / "train" / shard.name).read_text() == shard.read_text()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("study.seeds=0,0", "distinct"), ("study.betas=0.1,x", "study.betas"), ("pipeline.methods=aft_xx", "aft_xx")],
+)
+def test_study_plan_rejects_bad_settings(override, message):
+    config = load_config(REPO / "configs" / "tiny.py", [override])
+    with pytest.raises(ValueError, match=message):
+        study_plan(config)
+    assert study_plan(load_config(REPO / "configs" / "tiny.py", list(OVERRIDES)))[1:] == (
+        ["aft_bc", "rft", "aft_bc-beta0.5"],
+        {0.1: "aft_bc", 0.5: "aft_bc-beta0.5"},
+    )
