@@ -133,6 +133,16 @@ class Task:
         """Quality level for ranking feedback: 1 if correct, else 0 (GSM8K-RANK refines this)."""
         return int(self.is_correct(text, example.answer))
 
+    def graded_level(self, text: str, example: Example, mostly_right) -> int:
+        """Four levels: 3 correct answer, 2 wrong answer but `mostly_right(text)` (the task's test of its
+        intermediate results), 1 another answer, 0 no answer."""
+        predicted = self.extract_answer(text)
+        if predicted is None:
+            return 0
+        if self.answers_match(predicted, example.answer):
+            return 3
+        return 2 if mostly_right(text) else 1
+
 
 def require(record: dict, key: str, where: str):
     if not isinstance(record, dict) or key not in record:

@@ -23,13 +23,10 @@ class GSM8KRank(GSM8K):
     name = "gsm8k_rank"
 
     def level(self, text, example):
-        predicted = self.extract_answer(text)
-        if predicted is None:
-            return 0
-        if self.answers_match(predicted, example.answer):
-            return 3
         wanted = intermediate_results(example.meta.get("solution", ""))
-        present = set(all_numbers(text))
-        if wanted and 2 * sum(any(abs(v - p) < 1e-6 for p in present) for v in wanted) >= len(wanted):
-            return 2
-        return 1
+
+        def mostly_right(text):
+            present = set(all_numbers(text))
+            return bool(wanted) and 2 * sum(any(abs(v - p) < 1e-6 for p in present) for v in wanted) >= len(wanted)
+
+        return self.graded_level(text, example, mostly_right)

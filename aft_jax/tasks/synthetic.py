@@ -122,10 +122,5 @@ class Synthetic(GSM8K):
         raise AssertionError(split)
 
     def level(self, text, example):
-        predicted = self.extract_answer(text)
-        if predicted is None:
-            return 0
-        if self.answers_match(predicted, example.answer):
-            return 3
         reference_steps = len(example.meta["solution"].splitlines())
-        return 2 if 2 * right_steps(text, example.meta["events"]) >= reference_steps else 1
+        return self.graded_level(text, example, lambda t: 2 * right_steps(t, example.meta["events"]) >= reference_steps)

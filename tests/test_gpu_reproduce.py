@@ -1,0 +1,45 @@
+"""benchmarks/gpu_reproduce.sh: the command it runs is a valid study config with the issue's protocol (every
+override names a real key), on a GPU and with `--limit N`; the slow test runs it end to end on CPU."""
+
+import shlex
+import subprocess
+
+import pytest
+from conftest import REPO
+
+from aft_jax.study import study_plan
+from aft_jax.train_config import load_config
+
+SCRIPT = REPO / "benchmarks" / "gpu_reproduce.sh"
+
+
+def _command(*args):
+    out = subprocess.run(["bash", str(SCRIPT), "--dry-run", *args], check=True, capture_output=True, text=True)
+    argv = shlex.split(out.stdout)
+    assert argv[1] == "study" and argv[2] == "--config"
+    overrides = [a[len("--config.") :] for a in argv[4:]]
+    return load_config(REPO / argv[3], overrides)
+
+
+def test_gpu_protocol():
+    c = _command()
+    assert (c.model.path, c.task.name, c.task.limit) == ("smollm2", "gsm8k", 2000)
+    assert (c.sample.k, c.sample.temperature) == (6, 1.0)
+    assert (c.pipeline.init_from, c.pipeline.vft_epochs, c.pipeline.align_epochs) == ("base", 1, 1)
+    assert c.eval.limit == -1 and c.eval.group_questions == 200  # all 1,319 test questions
+    assert study_plan(c) == ([0], ["aft_bc", "aft_dc", "rft"], {})
+
+
+def test_cpu_limit_keeps_the_protocol_and_passes_overrides_on():
+    c = _command("--limit", "3", "--config.study.seeds=0,1")
+    assert (c.task.limit, c.eval.limit, c.eval.group_questions, c.train.batch_size) == (3, 3, 3, 3)
+    assert (c.sample.k, c.pipeline.methods, c.model.compute_dtype) == (6, "aft_bc,aft_dc,rft", "float32")
+    assert study_plan(c)[0] == [0, 1]
+    bad = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--limmit", "2"], capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "--limmit" in bad.stderr
+
+
+@pytest.mark.slow
+def test_runs_end_to_end_on_cpu(tmp_path):
+    subprocess.run(["bash", str(SCRIPT), "--limit", "2", "--run-dir", str(tmp_path / "run")], check=True)
+    assert "## The paper's claims" in (tmp_path / "run" / "study.md").read_text()
