@@ -1,4 +1,5 @@
-"""The paper's claims (AFT_METHOD section 7) as comparisons between a study's models, and the verdict rule.
+"""The paper's claims (AFT_METHOD sections 4 and 7) as comparisons between a study's models, and the
+verdict rule (ours).
 
 A claim compares `method` with `baseline` on one metric in one direction ("higher" or "lower"). Its
 difference is paired within each seed (the models of a seed share the VFT model, the groups and the test
@@ -8,7 +9,7 @@ is the paired bootstrap over that seed's questions (accuracy metrics only).
 
 Verdict: **reproduced** when the whole interval lies on the claimed side of zero, **contradicted** when
 the whole interval lies on the other side, **inconclusive** otherwise. Claim 1 compares VFT's assessment
-accuracy with `MISALIGNED_BELOW` (well below 100%) the same way.
+accuracy with `MISALIGNED_BELOW` (ours: "well below 100%" read as below 90%) the same way.
 """
 
 from __future__ import annotations

@@ -130,6 +130,11 @@ def run_pipeline(config) -> dict:
         raise ValueError(f"pipeline.init_from={config.pipeline.init_from!r}; expected 'base' or 'vft'")
     mesh = mesh_from_config(config.train.mesh)
     task = task_from_config(config)
+    if config.eval.validation_limit > 0 and config.task.validation_split not in task.splits:
+        raise ValueError(
+            f"eval.validation_limit={config.eval.validation_limit}: task {task.name} has no split "
+            f"task.validation_split={config.task.validation_split!r}; splits: {sorted(task.splits)}"
+        )
 
     if config.model.tokenizer == "build":
         from aft_jax.task_tokenizer import train_for_config

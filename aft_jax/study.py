@@ -31,23 +31,30 @@ BASELINES = ("vft", "rft")
 
 
 def _numbers(text: str, what: str, kind=float) -> list:
+    """Distinct comma-separated numbers of `kind`; a ValueError names the setting."""
+    expected = f"{what}={text!r}: expected distinct comma-separated {'integers' if kind is int else 'numbers'}"
     try:
-        return [kind(x) for x in text.split(",") if x.strip()]
+        values = [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"{what}={text!r}: expected comma-separated numbers") from None
+        raise ValueError(expected) from None
+    if len(set(values)) != len(values) or any(v != v for v in values):
+        raise ValueError(expected)
+    return values
 
 
 def study_plan(config) -> tuple[list[int], list[str], dict[float, str]]:
     """The seeds, the alignment methods each seed runs, and the beta sweep as `{beta: method name}`;
     a ValueError names the bad setting."""
     seeds = _numbers(config.study.seeds, "study.seeds", int)
-    if not seeds or len(set(seeds)) != len(seeds):
+    if not seeds:
         raise ValueError(f"study.seeds={config.study.seeds!r}: expected distinct integers, e.g. 0,1,2")
     methods = [m.strip() for m in config.pipeline.methods.split(",") if m.strip()]
     for name in methods:
         method_loss(name)
     betas = {}
     for beta in _numbers(config.study.betas, "study.betas"):
+        if beta <= 0:
+            raise ValueError(f"study.betas={config.study.betas!r}: a boundary margin must be positive")
         if beta == config.loss.beta and "aft_bc" in methods:
             betas[beta] = "aft_bc"
         else:
@@ -68,7 +75,7 @@ def run_study(config) -> dict:
     models = ["vft", *methods]
     results = {s: {m: _read(run_dir / f"seed-{s}" / "eval" / f"{m}.json") for m in models} for s in seeds}
     study = aggregate(results, models, betas)
-    study["protocol"] = protocol(config, seeds)
+    study["protocol"] = protocol(config, seeds, results[seeds[0]]["vft"]["questions"])
     if sharding.is_main_process():
         from aft_jax.study_report import claims_table, plot_study, study_markdown
 
@@ -91,7 +98,7 @@ def _seconds(seed_dir: Path) -> float:
     return sum(s.get("seconds", 0.0) for s in stages)
 
 
-def protocol(config, seeds) -> dict:
+def protocol(config, seeds, test_questions: int) -> dict:
     p = config.pipeline
     return {
         "seeds": seeds,
@@ -101,7 +108,7 @@ def protocol(config, seeds) -> dict:
         "align_epochs": p.align_epochs,
         "align_lr": p.align_lr if p.align_lr > 0 else config.optim.lr,
         "beta": config.loss.beta,
-        "test_questions": config.eval.limit,
+        "test_questions": test_questions,
         "validation_questions": config.eval.validation_limit,
     }
 
@@ -119,7 +126,7 @@ def aggregate(results: dict[int, dict[str, dict]], models: list[str], betas: dic
         summary[m] = {}
         for metric in METRICS:
             values = [results[s][m].get(metric) for s in seeds]
-            if all(v is not None for v in values):
+            if all(v is not None and not math.isnan(v) for v in values):
                 summary[m][metric] = {**_interval(t_interval(values)), "values": values}
     paired = {b: {m: difference(results, m, b) for m in models if m != b} for b in BASELINES if b in models}
     best_worst = None
@@ -130,10 +137,14 @@ def aggregate(results: dict[int, dict[str, dict]], models: list[str], betas: dic
     claims = []
     for c in paper_claims(models, best_worst):
         if c.baseline:
-            d = difference(results, c.method, c.baseline, [c.metric])[c.metric]
+            d = difference(results, c.method, c.baseline, [c.metric]).get(c.metric)
+            if d is None:  # a metric without a value (no group with both kinds of candidate)
+                continue
             interval = d["seeds"] if len(seeds) > 1 else d.get("questions", d["seeds"])
             test = "t over seeds" if len(seeds) > 1 else "bootstrap over questions" if "questions" in d else "none"
         else:
+            if c.metric not in summary[c.method]:
+                continue
             s = summary[c.method][c.metric]
             interval = {k: (s[k] - MISALIGNED_BELOW if s[k] is not None else None) for k in ("mean", "low", "high")}
             test = "t-interval over seeds" if len(seeds) > 1 else "none"
@@ -166,7 +177,7 @@ def difference(results, method: str, baseline: str, metrics=METRICS) -> dict:
     for metric in metrics:
         a = [results[s][method].get(metric) for s in seeds]
         b = [results[s][baseline].get(metric) for s in seeds]
-        if any(v is None for v in a + b):
+        if any(v is None or math.isnan(v) for v in a + b):
             continue
         out[metric] = {"seeds": _interval(paired_t(a, b))}
         if metric in PER_QUESTION:

@@ -36,10 +36,10 @@ def _cell(s: dict | None, metric: str) -> str:
 def _difference(d: dict | None, metric: str) -> str:
     if d is None:
         return ""
-    k = _scale(metric)
-    low, high = ("?" if d[x] is None else f"{k * d[x]:+.1f}" for x in ("low", "high"))
+    k, digits = _scale(metric), 1 if metric in PERCENT else 3
+    low, high = ("?" if d[x] is None else f"{k * d[x]:+.{digits}f}" for x in ("low", "high"))
     p = "" if d.get("p_value") is None else f", p={d['p_value']:.3f}"
-    return f"{k * d['mean']:+.1f} [{low}, {high}]{p}"
+    return f"{k * d['mean']:+.{digits}f} [{low}, {high}]{p}"
 
 
 def study_markdown(study: dict, seconds: dict) -> str:
@@ -50,8 +50,9 @@ def study_markdown(study: dict, seconds: dict) -> str:
         "",
         f"Protocol: alignment from the **{p['init_from']}** model, VFT {p['vft_epochs']} epochs, alignment "
         f"{p['align_epochs']} epochs at peak lr {p['align_lr']:g}, beta {p['beta']:g}; {p['test_questions']} test "
-        f"questions and {p['validation_questions']} validation questions per seed (each seed draws its own "
-        f"questions for the synthetic task). Run time: {sum(seconds.values()) / 60:.1f} min "
+        f"questions and {p['validation_questions']} validation questions per seed"
+        f"{' (each seed draws its own questions)' if p['task'] == 'synthetic' else ''}. "
+        f"Run time: {sum(seconds.values()) / 60:.1f} min "
         f"({', '.join(f'seed {s}: {t / 60:.1f}' for s, t in seconds.items())}).",
         "",
         "## Models: mean ± half-width of the 95% t-interval over seeds",
@@ -146,7 +147,7 @@ def plot_study(results: dict, study: dict, plots: Path) -> None:
     models = study["models"]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(models)), 3.6))
     for ax, metric in zip(axes, ("accuracy", "assess_micro")):
-        s = [study["summary"][m][metric] for m in models]
+        s = [study["summary"][m].get(metric, {"mean": float("nan"), "low": None}) for m in models]
         means = [100 * x["mean"] for x in s]
         errors = [0 if x["low"] is None else 100 * (x["high"] - x["low"]) / 2 for x in s]
         ax.bar(range(len(models)), means, yerr=errors, capsize=3, color="tab:blue", alpha=0.8)
@@ -175,7 +176,7 @@ def plot_study(results: dict, study: dict, plots: Path) -> None:
         for m in models
     }
     for m, r in pooled.items():
-        r["assess_micro"] = study["summary"][m]["assess_micro"]["mean"]
+        r["assess_micro"] = study["summary"][m].get("assess_micro", {"mean": float("nan")})["mean"]
     plot_scores(pooled, plots / "scores.png")
 
 

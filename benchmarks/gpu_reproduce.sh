@@ -23,8 +23,10 @@ RUN_DIR=runs/gpu_reproduce
 EXTRA=()
 while (($#)); do
   case "$1" in
-    --limit) LIMIT="$2"; shift 2 ;;
-    --run-dir) RUN_DIR="$2"; shift 2 ;;
+    --limit | --run-dir)
+      [[ $# -ge 2 && "$2" != --* ]] || { echo "gpu_reproduce.sh: $1 needs a value" >&2; exit 2; }
+      if [[ "$1" == --limit ]]; then LIMIT="$2"; else RUN_DIR="$2"; fi
+      shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
     --config.*) EXTRA+=("$1"); shift ;;
     *) echo "gpu_reproduce.sh: unknown argument $1 (expected --limit N, --run-dir DIR, --dry-run or --config.KEY=VALUE)" >&2; exit 2 ;;
@@ -63,6 +65,7 @@ if ((LIMIT > 0)); then  # a CPU check of every stage: tiny sizes, float32, one d
     --config.eval.batch_size=12
     --config.data.max_length=256
     --config.train.batch_size="$LIMIT"
+    --config.optim.warmup_ratio=0.0
     --config.model.compute_dtype=float32
     --config.train.mesh=single
     --config.sample.mesh=single
@@ -78,7 +81,9 @@ if ((DRY_RUN)); then
   echo
   exit 0
 fi
-export AFT_DATA_DIR="${AFT_DATA_DIR:-$(cd .. && pwd)/shared/data}"
+if [[ -z "${AFT_DATA_DIR:-}" && -d ../shared/data ]]; then  # this project's data folder; else the hub
+  export AFT_DATA_DIR="$(cd ../shared/data && pwd)"
+fi
 start=$(date +%s)
 "$AFT_JAX" study "${ARGS[@]}"
 echo "gpu_reproduce: $(($(date +%s) - start)) s on $(nvidia-smi -L 2> /dev/null | head -1 || echo 'no GPU'); see $RUN_DIR/study.md"

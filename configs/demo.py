@@ -4,7 +4,8 @@ A small Llama is trained from scratch with a tokenizer built for the task. VFT t
 step 2 samples k chains of thought per training question with the VFT model; each alignment method
 then continues from the VFT model (`pipeline.init_from = "vft"`, to fit the time budget) on those
 groups; every model is evaluated on 1,000 held-out test questions (standard error of an accuracy near
-30%: 1.5 points). `aft-jax study` adds `--config.eval.validation_limit=300` for choices such as beta.
+30%: 1.5 points). A study that makes choices (such as beta) adds `--config.eval.validation_limit=300`:
+greedy accuracy on 300 validation questions.
 """
 
 from aft_jax.train_config import default_config

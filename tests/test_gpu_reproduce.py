@@ -35,8 +35,12 @@ def test_cpu_limit_keeps_the_protocol_and_passes_overrides_on():
     assert (c.task.limit, c.eval.limit, c.eval.group_questions, c.train.batch_size) == (3, 3, 3, 3)
     assert (c.sample.k, c.pipeline.methods, c.model.compute_dtype) == (6, "aft_bc,aft_dc,rft", "float32")
     assert study_plan(c)[0] == [0, 1]
-    bad = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--limmit", "2"], capture_output=True, text=True, check=False)
+    bad = subprocess.run(
+        ["bash", str(SCRIPT), "--dry-run", "--limmit", "2"], capture_output=True, text=True, check=False
+    )
     assert bad.returncode == 2 and "--limmit" in bad.stderr
+    bad = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--limit"], capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "--limit needs a value" in bad.stderr
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
-"""`aft-jax study` on the tiny preset (2 seeds, AFT-BC and RFT, a two-beta sweep): each seed's pipeline
-runs every stage and reports; study.json holds the statistics of the per-seed results; study.md the claims
-table; the plots are PNG files; a study killed in its second seed resumes to the same study.json."""
+"""`aft-jax study` on the tiny preset (2 seeds, AFT-BC and RFT): each seed's pipeline runs every stage and
+reports; study.json holds the statistics of the per-seed results; study.md the claims table; the plots are
+PNG files; a study killed in its second seed resumes to the same study.json. The beta sweep, the verdicts
+and method names are checked in-process on hand-made results."""
 
 import json
 import os
@@ -13,7 +14,9 @@ import pytest
 from conftest import REPO, tiny_cli
 
 from aft_jax.stats import paired_t, t_interval
+from aft_jax.pipeline import method_loss
 from aft_jax.study import aggregate, study_plan
+from aft_jax.study_report import claims_table
 from aft_jax.train_config import load_config
 
 OVERRIDES = ("study.seeds=0,1", "eval.validation_limit=8")
@@ -100,9 +103,7 @@ def test_study_json_holds_the_statistics_of_the_seeds(straight_run):
             )
     markdown = (straight_run / "study.md").read_text()
     assert "## The paper's claims" in markdown and "| 2. AFT beats VFT in accuracy" in markdown
-    assert sum(f"**{c['verdict']}**" in line for c in study["claims"] for line in markdown.splitlines()) >= len(
-        study["claims"]
-    )
+    assert claims_table(study) in markdown and len(claims_table(study).splitlines()) == 2 + len(study["claims"])
     for plot in ("metrics.png", "accuracy_vs_aacc.png", "scores.png"):
         data = (straight_run / "plots" / plot).read_bytes()
         assert data[:8] == PNG and len(data) > 5000
@@ -127,7 +128,15 @@ def test_killed_study_resumes_to_the_same_study_json(straight_run, tmp_path):
 
 @pytest.mark.parametrize(
     "override, message",
-    [("study.seeds=0,0", "distinct"), ("study.betas=0.1,x", "study.betas"), ("pipeline.methods=aft_xx", "aft_xx")],
+    [
+        ("study.seeds=0,0", "distinct"),
+        ("study.seeds=0.5", "integers"),
+        ("study.betas=0.1,x", "study.betas"),
+        ("study.betas=0.1,0.1", "distinct"),
+        ("study.betas=-1", "positive"),
+        ("pipeline.methods=aft_xx", "aft_xx"),
+        ("pipeline.methods=aft_bc-betax", "not a number"),
+    ],
 )
 def test_study_plan_rejects_bad_settings(override, message):
     config = load_config(REPO / "configs" / "tiny.py", [override])
@@ -176,3 +185,30 @@ def test_aggregate_verdicts_and_the_beta_chosen_on_validation():
     assert verdicts[(1, "vft", "", "assess_micro")]["verdict"] == "reproduced"  # 0.70-0.72, well below 0.90
     bootstrap = study["paired"]["vft"]["aft_bc"]["accuracy"]["questions"]
     assert bootstrap["mean"] == pytest.approx(0.25) and bootstrap["n"] == 12
+
+
+def test_method_names():
+    assert method_loss("aft_bc") == {"method": "aft", "constraint": "boundary"}
+    assert method_loss("aft_bc-beta0.3") == {"method": "aft", "constraint": "boundary", "beta": 0.3}
+    assert method_loss("rrhf_rank") == {"method": "rrhf", "constraint": "none", "use_levels": True}
+    assert method_loss("dpo_bc") == {"method": "dpo", "constraint": "boundary"}
+
+
+def test_one_seed_uses_the_bootstrap_and_a_lower_claim_can_be_contradicted():
+    results = {
+        0: {
+            "vft": _result(0.25, [True, False, False, False] * 25, 0.5, 0.7),
+            "aft_bc": _result(0.5, [True, True, False, False] * 25, 0.5, 0.8),
+            "aft_none": _result(0.75, [True, True, True, False] * 25, 0.5, 0.8),
+        }
+    }
+    for r in results[0].values():
+        r["per_question"]["ids"] = [str(i) for i in range(100)]
+    study = aggregate(results, ["vft", "aft_bc", "aft_none"], {})
+    claims = {(c["method"], c["baseline"], c["metric"]): c for c in study["claims"]}
+    acc = claims[("aft_bc", "vft", "accuracy")]
+    assert acc["test"] == "bootstrap over questions" and acc["verdict"] == "reproduced"
+    assert acc["low"] > 0.1 and acc["high"] < 0.4 and acc["p_value"] < 0.01
+    assert claims[("aft_none", "vft", "accuracy")]["verdict"] == "contradicted"  # the claim says lower
+    assert claims[("aft_bc", "vft", "assess_micro")]["verdict"] == "inconclusive"  # no test with one seed
+    assert study["summary"]["vft"]["accuracy"]["low"] is None

@@ -106,7 +106,9 @@ def test_synthetic_is_seeded_and_has_several_orders():
     assert {"+", "-", "*"} <= first_steps, "references start with different kinds of step"
     questions = {split: {e.question for e in task.load(split)} for split in ("train", "validation", "test")}
     assert len(questions["train"]) == 300 and len(questions["validation"]) == 500 and len(questions["test"]) == 200
-    assert not questions["train"] & questions["test"] and not questions["validation"] & (questions["train"] | questions["test"])
+    assert not questions["train"] & questions["test"] and not questions["validation"] & (
+        questions["train"] | questions["test"]
+    )
     assert [e.question for e in task.load("test", limit=5)] == [e.question for e in task.load("test")[:5]]
 
 
@@ -128,6 +130,7 @@ SYNTHETIC_EXAMPLE = Example(
         ("2 * 3 = 6\n5 + 6 = 11\n#### 11", 2),  # forgot the gift: 2 right steps
         ("2 * 3 = 6\n5 + 6 = 12\n12 - 4 = 8\n#### 8", 2),  # a wrong sum, the other two steps right
         ("5 + 6 = 11\n#### 11", 1),  # one right step of the reference's three
+        ("2 * 3 = 6\n2 * 3 = 6\n#### 6", 1),  # a right step twice counts once
         ("2 * 4 = 8\n5 + 8 = 13\n#### 13", 1),  # a purchase the question does not have
         ("5 + 3 = 8\n8 - 4 = 4\n#### 4", 1),  # 3 is no event's amount; one right step
         ("I do not know", 0),  # no answer
@@ -137,11 +140,13 @@ def test_synthetic_levels_on_hand_made_candidates(text, level):
     assert get_task("synthetic").level(text, SYNTHETIC_EXAMPLE) == level
 
 
-def test_synthetic_references_are_level_3_and_events_match_the_question():
+def test_synthetic_references_are_level_3_and_totals_never_negative():
     for e in get_task("synthetic", num_train=200).load("train"):
         assert get_task("synthetic").level(e.target, e) == 3
         for boxes, each in e.meta["events"]["buy"]:
             assert f"buys {boxes} boxes of {each} " in e.question
+        start = int(e.question.split(" has ")[1].split(" ")[0])
+        assert start >= sum(e.meta["events"]["give"]), "no order of the steps goes below zero"
 
 
 def test_prompt_templates():
