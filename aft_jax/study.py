@@ -37,7 +37,7 @@ def _numbers(text: str, what: str, kind=float) -> list:
         values = [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ValueError(expected) from None
-    if len(set(values)) != len(values) or any(v != v for v in values):
+    if len(set(values)) != len(values) or any(math.isnan(v) for v in values):
         raise ValueError(expected)
     return values
 

@@ -48,12 +48,14 @@ def study_markdown(study: dict, seconds: dict) -> str:
     lines = [
         f"# Study: {p['task']}, {len(p['seeds'])} seeds ({', '.join(map(str, p['seeds']))})",
         "",
-        f"Protocol: alignment from the **{p['init_from']}** model, VFT {p['vft_epochs']} epochs, alignment "
-        f"{p['align_epochs']} epochs at peak lr {p['align_lr']:g}, beta {p['beta']:g}; {p['test_questions']} test "
-        f"questions and {p['validation_questions']} validation questions per seed"
-        f"{' (each seed draws its own questions)' if p['task'] == 'synthetic' else ''}. "
-        f"Run time: {sum(seconds.values()) / 60:.1f} min "
-        f"({', '.join(f'seed {s}: {t / 60:.1f}' for s, t in seconds.items())}).",
+        (
+            f"Protocol: alignment from the **{p['init_from']}** model, VFT {p['vft_epochs']} epochs, alignment "
+            f"{p['align_epochs']} epochs at peak lr {p['align_lr']:g}, beta {p['beta']:g}; {p['test_questions']} test "
+            f"questions and {p['validation_questions']} validation questions per seed"
+            f"{' (each seed draws its own questions)' if p['task'] == 'synthetic' else ''}. "
+            f"Run time: {sum(seconds.values()) / 60:.1f} min "
+            f"({', '.join(f'seed {s}: {t / 60:.1f}' for s, t in seconds.items())})."
+        ),
         "",
         "## Models: mean ± half-width of the 95% t-interval over seeds",
         "",
@@ -77,9 +79,11 @@ def study_markdown(study: dict, seconds: dict) -> str:
             lines.append(f"| {name} | " + " | ".join([*cells, _difference(aacc.get("seeds"), "assess_micro")]) + " |")
     lines += [
         "",
-        "Tests: the t-interval (and two-sided paired t-test) of the per-seed differences, which carries "
-        "training randomness; the paired bootstrap resamples each seed's test questions (10,000 times, the "
-        "same indices for both models) and carries question sampling only.",
+        (
+            "Tests: the t-interval (and two-sided paired t-test) of the per-seed differences, which carries "
+            "training randomness; the paired bootstrap resamples each seed's test questions (10,000 times, the "
+            "same indices for both models) and carries question sampling only."
+        ),
         "",
         "## The paper's claims",
         "",

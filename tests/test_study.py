@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from conftest import REPO, tiny_cli
 
-from aft_jax.stats import paired_t, t_interval
 from aft_jax.pipeline import method_loss
+from aft_jax.stats import paired_t, t_interval
 from aft_jax.study import aggregate, study_plan
 from aft_jax.study_report import claims_table
 from aft_jax.train_config import load_config
