@@ -43,8 +43,7 @@ def _difference(d: dict | None, metric: str) -> str:
 
 
 def study_markdown(study: dict, seconds: dict) -> str:
-    p, models = study["protocol"], study["models"]
-    metrics = [m for m in TITLES if any(m in study["summary"][x] for x in models)]
+    p = study["protocol"]
     lines = [
         f"# Study: {p['task']}, {len(p['seeds'])} seeds ({', '.join(map(str, p['seeds']))})",
         "",
@@ -59,11 +58,8 @@ def study_markdown(study: dict, seconds: dict) -> str:
         "",
         "## Models: mean ± half-width of the 95% t-interval over seeds",
         "",
-        "| model | " + " | ".join(TITLES[m] for m in metrics) + " |",
-        "|" + "---|" * (len(metrics) + 1),
+        models_table(study),
     ]
-    for name in models:
-        lines.append(f"| {name} | " + " | ".join(_cell(study["summary"][name].get(m), m) for m in metrics) + " |")
     for baseline, rows in study["paired"].items():
         lines += [
             "",
@@ -121,6 +117,15 @@ def study_markdown(study: dict, seconds: dict) -> str:
         "![scores](plots/scores.png)",
         "",
     ]
+    return "\n".join(lines)
+
+
+def models_table(study: dict) -> str:
+    models = study["models"]
+    metrics = [m for m in TITLES if any(m in study["summary"][x] for x in models)]
+    lines = ["| model | " + " | ".join(TITLES[m] for m in metrics) + " |", "|" + "---|" * (len(metrics) + 1)]
+    for name in models:
+        lines.append(f"| {name} | " + " | ".join(_cell(study["summary"][name].get(m), m) for m in metrics) + " |")
     return "\n".join(lines)
 
 
