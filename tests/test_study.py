@@ -1,10 +1,11 @@
 """`aft-jax study` on the tiny preset (2 seeds, AFT-BC and RFT): each seed's pipeline runs every stage and
 reports; study.json holds the statistics of the per-seed results; study.md the claims table; the plots are
-PNG files; a study killed in its second seed resumes to the same study.json. The beta sweep, the verdicts
+PNG files; a study killed in its second seed (its first one finished) resumes to the same study.json. The beta sweep, the verdicts
 and method names are checked in-process on hand-made results."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -111,6 +112,7 @@ def test_study_json_holds_the_statistics_of_the_seeds(straight_run):
 
 def test_killed_study_resumes_to_the_same_study_json(straight_run, tmp_path):
     run_dir = tmp_path / "killed"
+    shutil.copytree(straight_run / "seed-0", run_dir / "seed-0")  # as the study would have left it: deterministic
     proc = subprocess.Popen(_study(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
     deadline = time.time() + 150
     while time.time() < deadline and not list((run_dir / "seed-1" / "groups" / "train").glob("shard-00000.jsonl")):
