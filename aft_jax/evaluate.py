@@ -107,6 +107,7 @@ def evaluate_model(
 
 
 def validation_accuracy(config, task: Task, model, tokenizer, validation: list[Example]) -> dict:
+    """`validation_accuracy` and `validation_questions`, or nothing without validation questions."""
     if not validation:
         return {}
     _, correct = greedy_correct(config, task, model, tokenizer, validation)
