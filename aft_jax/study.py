@@ -66,14 +66,14 @@ def study_plan(config) -> tuple[list[int], list[str], dict[float, str]]:
 def run_study(config) -> dict:
     seeds, methods, betas = study_plan(config)
     run_dir = Path(config.run_dir)
+    results = {}
     for i, seed in enumerate(seeds):
         log(f"study: seed {seed} ({i + 1} of {len(seeds)})")
         seed_config = sub_config(
             config, seed=seed, run_dir=str(run_dir / f"seed-{seed}"), pipeline={"methods": ",".join(methods)}
         )
-        run_pipeline(seed_config)
+        results[seed] = run_pipeline(seed_config)  # every model's evaluation, as in <seed dir>/eval/
     models = ["vft", *methods]
-    results = {s: {m: _read(run_dir / f"seed-{s}" / "eval" / f"{m}.json") for m in models} for s in seeds}
     study = aggregate(results, models, betas)
     study["protocol"] = protocol(config, seeds, results[seeds[0]]["vft"]["questions"])
     if sharding.is_main_process():
@@ -137,7 +137,8 @@ def aggregate(results: dict[int, dict[str, dict]], models: list[str], betas: dic
     claims = []
     for c in paper_claims(models, best_worst):
         if c.baseline:
-            d = difference(results, c.method, c.baseline, [c.metric]).get(c.metric)
+            done = paired.get(c.baseline, {}).get(c.method, {})
+            d = done.get(c.metric) or difference(results, c.method, c.baseline, [c.metric]).get(c.metric)
             if d is None:  # a metric without a value (no group with both kinds of candidate)
                 continue
             interval = d["seeds"] if len(seeds) > 1 else d.get("questions", d["seeds"])
