@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# make test: pytest-xdist processes, each running whole test files
+TEST_WORKERS ?= 2
 AFT_DATA_DIR ?= $(abspath ../shared/data)
 export AFT_DATA_DIR
 
@@ -24,7 +26,7 @@ demo: $(VENV)/.installed-base
 	$(BIN)/aft-jax study --config configs/demo.py
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

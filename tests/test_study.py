@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO, tiny_cli
+from conftest import DEVICES_FLAG, REPO, tiny_cli
 
 from aft_jax.pipeline import method_loss
 from aft_jax.stats import paired_t, t_interval
@@ -27,7 +27,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def _env():
     """The pipeline's own process on the plain CPU device: sharding is tested elsewhere, speed matters here."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(DEVICES_FLAG))
     return env
 
 
