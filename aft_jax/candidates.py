@@ -10,11 +10,13 @@ the shared output folder; the groups file is the shards read in order, the same 
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 
 import jax
 import numpy as np
+from flax import nnx
 from tqdm import tqdm
 
 from aft_jax.data import Candidate, Group, GroupEncoder, read_groups
@@ -65,6 +67,12 @@ def label_group(task: Task, example: Example, prompt: str, samples: list[str]) -
     return Group(example.id, prompt, example.answer, tuple(candidates)), duplicates
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled_scores(graphdef):
+    """`sequence_scores` jitted once per model architecture, the weights an argument (not constants)."""
+    return jax.jit(lambda state, ids, att, comp: sequence_scores(nnx.merge(graphdef, state), ids, att, comp))
+
+
 def score_groups(model, tokenizer, groups: list[Group], *, max_length: int, batch_size: int) -> list[Group]:
     """Adds each candidate's mean and summed completion log-prob under `model` (float32)."""
     encoder = GroupEncoder(tokenizer, max_length, group_size=10**6)
@@ -73,7 +81,8 @@ def score_groups(model, tokenizer, groups: list[Group], *, max_length: int, batc
         encoded = encoder.encode(group)
         for c, (tokens, prompt_len) in enumerate(zip(encoded.tokens, encoded.prompt_lengths)):
             rows.append((g, c, tokens, prompt_len))
-    score = jax.jit(lambda ids, att, comp: sequence_scores(model, ids, att, comp))
+    graphdef, state = nnx.split(model)
+    score = functools.partial(_compiled_scores(graphdef), state)
     means, sums = np.zeros(len(rows), np.float32), np.zeros(len(rows), np.float32)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]

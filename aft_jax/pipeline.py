@@ -18,6 +18,7 @@ and process 0 writes the manifest and the reports; every stage ends at a barrier
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import jax
@@ -42,21 +43,35 @@ METHOD_PRESETS = {
         for name, m, c in (("aft_bc", "aft", "boundary"), ("aft_dc", "aft", "detach"), ("rrhf", "rrhf", "none"))
     },
 }
-BETA_SUFFIX = "-beta"
+SUFFIXES = {"beta": ("loss", "beta"), "lr": ("optim", "lr")}  # name suffix -> the (section, key) it sets
+_SUFFIX = re.compile(r"-(beta|lr)(.*?)(?=-beta|-lr|$)")
 
 
-def method_loss(name: str) -> dict:
-    """The `loss` settings of a method name: a `METHOD_PRESETS` key, optionally with `-beta<value>` for
-    its boundary margin (`aft_bc-beta0.3`)."""
-    preset, suffix, beta = name.partition(BETA_SUFFIX)
+def method_settings(name: str) -> dict:
+    """The config sections a method name sets: `loss` from its `METHOD_PRESETS` key, and with suffixes
+    `-beta<value>` the boundary margin (`loss.beta`) and `-lr<value>` the peak learning rate of its
+    alignment run (`optim.lr`), e.g. `aft_bc-beta0.3` or `aft_bc-lr0.0003`."""
+    preset = name.split("-", 1)[0]
     if preset not in METHOD_PRESETS:
-        raise ValueError(f"pipeline.methods: unknown {name!r}; known: {', '.join(METHOD_PRESETS)} (+ -beta<value>)")
-    if not suffix:
-        return dict(METHOD_PRESETS[preset])
-    try:
-        return {**METHOD_PRESETS[preset], "beta": float(beta)}
-    except ValueError:
-        raise ValueError(f"pipeline.methods: {name!r}: {beta!r} after {BETA_SUFFIX} is not a number") from None
+        raise ValueError(
+            f"pipeline.methods: unknown {name!r}; known: {', '.join(METHOD_PRESETS)} (+ -beta<value>, -lr<value>)"
+        )
+    settings = {"loss": dict(METHOD_PRESETS[preset])}
+    rest, end = name[len(preset) :], 0
+    for match in _SUFFIX.finditer(rest):
+        if match.start() != end:
+            break
+        key, text = match.groups()
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"pipeline.methods: {name!r}: {text!r} after -{key} is not a number") from None
+        section, field = SUFFIXES[key]
+        settings.setdefault(section, {})[field] = value
+        end = match.end()
+    if end != len(rest):
+        raise ValueError(f"pipeline.methods: {name!r}: unknown suffix {rest[end:]!r}; known: -beta<value>, -lr<value>")
+    return settings
 
 
 class Manifest:
@@ -107,6 +122,11 @@ def sub_config(config, **sections):
     return sub
 
 
+def align_lr(config) -> float:
+    """The alignment runs' peak learning rate: `pipeline.align_lr`, or `optim.lr` when it is not positive."""
+    return config.pipeline.align_lr if config.pipeline.align_lr > 0 else config.optim.lr
+
+
 def _model_done(folder: Path) -> bool:
     return (folder / "model" / "params").is_dir()
 
@@ -125,7 +145,7 @@ def run_pipeline(config) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(run_dir, config)
     methods = [m.strip() for m in config.pipeline.methods.split(",") if m.strip()]
-    method_losses = {name: method_loss(name) for name in methods}
+    method_sections = {name: method_settings(name) for name in methods}
     if config.pipeline.init_from not in ("base", "vft"):
         raise ValueError(f"pipeline.init_from={config.pipeline.init_from!r}; expected 'base' or 'vft'")
     mesh = mesh_from_config(config.train.mesh)
@@ -195,10 +215,10 @@ def run_pipeline(config) -> dict:
             config,
             run_dir=str(run_dir / name),
             model={"path": start, "tokenizer": ""},
-            loss=method_losses[name],
+            loss=method_sections[name]["loss"],
             data={"train_file": str(groups_train)},
             train={"num_epochs": config.pipeline.align_epochs},
-            optim={"lr": config.pipeline.align_lr if config.pipeline.align_lr > 0 else config.optim.lr},
+            optim={"lr": method_sections[name].get("optim", {}).get("lr", align_lr(config))},
         )
         manifest.stage(name, _model_done(run_dir / name), lambda c=method_config: run_training(c))
 

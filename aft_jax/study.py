@@ -6,9 +6,11 @@
     <run_dir>/study.md     the same as tables, with the protocol and the tests used
     <run_dir>/plots/       metrics.png, accuracy_vs_aacc.png, scores.png
 
-Models are `vft` and `pipeline.methods`, plus `aft_bc-beta<b>` for each `study.betas` value (the loss's
-own beta is `aft_bc` itself). A killed study reruns the same command: finished seeds are skipped stage
-by stage and the interrupted one resumes, so `study.json` ends the same.
+Models are `vft` and `pipeline.methods`, plus `aft_bc-beta<b>` for each `study.betas` value and
+`aft_bc-lr<lr>` for each `study.lrs` value (the configured beta and alignment learning rate are `aft_bc`
+itself); each sweep's best and worst are chosen on validation accuracy. A killed study reruns the same
+command: finished seeds are skipped stage by stage and the interrupted one resumes, so `study.json` ends
+the same.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 from aft_jax import sharding
 from aft_jax.claims import MISALIGNED_BELOW, paper_claims, verdict
 from aft_jax.paths import Path, write_atomically
-from aft_jax.pipeline import BETA_SUFFIX, log, method_loss, run_pipeline, sub_config
+from aft_jax.pipeline import align_lr, log, method_settings, run_pipeline, sub_config
 from aft_jax.stats import paired_bootstrap, paired_t, t_interval
 
 METRICS = ("accuracy", "self_consistency", "assess_macro", "assess_micro", "ppl_pos", "ppl_neg", "validation_accuracy")
@@ -42,29 +44,33 @@ def _numbers(text: str, what: str, kind=float) -> list:
     return values
 
 
-def study_plan(config) -> tuple[list[int], list[str], dict[float, str]]:
-    """The seeds, the alignment methods each seed runs, and the beta sweep as `{beta: method name}`;
-    a ValueError names the bad setting."""
+def study_plan(config) -> tuple[list[int], list[str], dict[str, dict[float, str]]]:
+    """The seeds, the alignment methods each seed runs, and the sweeps of AFT-BC as
+    `{"beta": {beta: method name}, "lr": {learning rate: method name}}`; a ValueError names the bad setting."""
     seeds = _numbers(config.study.seeds, "study.seeds", int)
     if not seeds:
         raise ValueError(f"study.seeds={config.study.seeds!r}: expected distinct integers, e.g. 0,1,2")
     methods = [m.strip() for m in config.pipeline.methods.split(",") if m.strip()]
     for name in methods:
-        method_loss(name)
-    betas = {}
-    for beta in _numbers(config.study.betas, "study.betas"):
-        if beta <= 0:
-            raise ValueError(f"study.betas={config.study.betas!r}: a boundary margin must be positive")
-        if beta == config.loss.beta and "aft_bc" in methods:
-            betas[beta] = "aft_bc"
-        else:
-            betas[beta] = f"aft_bc{BETA_SUFFIX}{beta:g}"
-            methods += [betas[beta]] if betas[beta] not in methods else []
-    return seeds, methods, betas
+        method_settings(name)
+    sweeps = {}
+    for key, own, what in (
+        ("beta", config.loss.beta, "a boundary margin"),
+        ("lr", align_lr(config), "a learning rate"),
+    ):
+        setting = f"study.{key}s"
+        sweeps[key] = {}
+        for value in _numbers(config.study[f"{key}s"], setting):
+            if value <= 0:
+                raise ValueError(f"{setting}={config.study[key + 's']!r}: {what} must be positive")
+            name = "aft_bc" if value == own and "aft_bc" in methods else f"aft_bc-{key}{value:g}"
+            sweeps[key][value] = name
+            methods += [name] if name not in methods else []
+    return seeds, methods, sweeps
 
 
 def run_study(config) -> dict:
-    seeds, methods, betas = study_plan(config)
+    seeds, methods, sweeps = study_plan(config)
     run_dir = Path(config.run_dir)
     results = {}
     for i, seed in enumerate(seeds):
@@ -74,7 +80,7 @@ def run_study(config) -> dict:
         )
         results[seed] = run_pipeline(seed_config)  # every model's evaluation, as in <seed dir>/eval/
     models = ["vft", *methods]
-    study = aggregate(results, models, betas)
+    study = aggregate(results, models, sweeps)
     study["protocol"] = protocol(config, seeds, results[seeds[0]]["vft"]["questions"])
     if sharding.is_main_process():
         from aft_jax.study_report import claims_table, plot_study, study_markdown
@@ -106,7 +112,7 @@ def protocol(config, seeds, test_questions: int) -> dict:
         "init_from": p.init_from,
         "vft_epochs": p.vft_epochs,
         "align_epochs": p.align_epochs,
-        "align_lr": p.align_lr if p.align_lr > 0 else config.optim.lr,
+        "align_lr": align_lr(config),
         "beta": config.loss.beta,
         "test_questions": test_questions,
         "validation_questions": config.eval.validation_limit,
@@ -118,8 +124,8 @@ def _interval(interval) -> dict:
     return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in dataclasses.asdict(interval).items()}
 
 
-def aggregate(results: dict[int, dict[str, dict]], models: list[str], betas: dict[float, str]) -> dict:
-    """`results[seed][model]` (evaluation JSON) -> the summary, paired differences and claims."""
+def aggregate(results: dict[int, dict[str, dict]], models: list[str], sweeps: dict[str, dict[float, str]]) -> dict:
+    """`results[seed][model]` (evaluation JSON) -> the summary, paired differences, sweeps and claims."""
     seeds = list(results)
     summary = {}
     for m in models:
@@ -129,13 +135,9 @@ def aggregate(results: dict[int, dict[str, dict]], models: list[str], betas: dic
             if all(v is not None and not math.isnan(v) for v in values):
                 summary[m][metric] = {**_interval(t_interval(values)), "values": values}
     paired = {b: {m: difference(results, m, b) for m in models if m != b} for b in BASELINES if b in models}
-    best_worst = None
-    sweep = {f"{beta:g}": name for beta, name in sorted(betas.items())}
-    if len(betas) >= 2 and all("validation_accuracy" in summary[n] for n in betas.values()):
-        ranked = sorted(betas.values(), key=lambda n: summary[n]["validation_accuracy"]["mean"])
-        best_worst = (ranked[-1], ranked[0])
+    swept = {key: sweep(names, summary) for key, names in sweeps.items()}
     claims = []
-    for c in paper_claims(models, best_worst):
+    for c in paper_claims(models, swept.get("beta", {}).get("best_worst_on_validation")):
         if c.baseline:
             done = paired.get(c.baseline, {}).get(c.method, {})
             d = done.get(c.metric) or difference(results, c.method, c.baseline, [c.metric]).get(c.metric)
@@ -165,8 +167,21 @@ def aggregate(results: dict[int, dict[str, dict]], models: list[str], betas: dic
         "models": models,
         "summary": summary,
         "paired": paired,
-        "beta_sweep": {"models": sweep, "best_worst_on_validation": best_worst},
+        **{f"{key}_sweep": value for key, value in swept.items()},
         "claims": claims,
+    }
+
+
+def sweep(names: dict[float, str], summary: dict) -> dict:
+    """`{"models": {value: name}, "best_worst_on_validation": (best, worst) or None}`: the choice is made on
+    mean validation accuracy over seeds, never on the test questions."""
+    best_worst = None
+    if len(names) >= 2 and all("validation_accuracy" in summary[n] for n in names.values()):
+        ranked = sorted(names.values(), key=lambda n: summary[n]["validation_accuracy"]["mean"])
+        best_worst = (ranked[-1], ranked[0])
+    return {
+        "models": {f"{value:g}": name for value, name in sorted(names.items())},
+        "best_worst_on_validation": best_worst,
     }
 
 

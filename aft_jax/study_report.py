@@ -85,22 +85,25 @@ def study_markdown(study: dict, seconds: dict) -> str:
         "",
         claims_table(study),
     ]
-    sweep = study["beta_sweep"]["models"]
-    if sweep:
+    for key, title in (("beta", "beta"), ("lr", "learning rate")):
+        sweep = study.get(f"{key}_sweep", {})
+        if not sweep.get("models"):
+            continue
         lines += [
             "",
-            "## Beta sweep (AFT-BC)",
+            f"## {title[0].upper() + title[1:]} sweep (AFT-BC)",
             "",
-            "| beta | model | validation accuracy | test accuracy |",
-            "|---|---|---|---|",
+            f"| {title} | model | validation accuracy | test accuracy | test accuracy - vft, t over seeds |",
+            "|---|---|---|---|---|",
         ]
-        for beta, name in sweep.items():
+        for value, name in sweep["models"].items():
             s = study["summary"][name]
+            d = study["paired"].get("vft", {}).get(name, {}).get("accuracy", {})
             lines.append(
-                f"| {beta} | {name} | {_cell(s.get('validation_accuracy'), 'validation_accuracy')} | "
-                f"{_cell(s.get('accuracy'), 'accuracy')} |"
+                f"| {value} | {name} | {_cell(s.get('validation_accuracy'), 'validation_accuracy')} | "
+                f"{_cell(s.get('accuracy'), 'accuracy')} | {_difference(d.get('seeds'), 'accuracy')} |"
             )
-        chosen = study["beta_sweep"]["best_worst_on_validation"]
+        chosen = sweep["best_worst_on_validation"]
         if chosen:
             lines += ["", f"Chosen on validation accuracy: best {chosen[0]}, worst {chosen[1]}."]
     rule = VERDICT_RULE.split("\n\n", 1)[1].strip()

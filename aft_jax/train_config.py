@@ -70,6 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.study = ml_collections.ConfigDict()
     c.study.seeds = "0"  # `aft-jax study`: one pipeline run per seed, in <run_dir>/seed-<n>
     c.study.betas = ""  # e.g. "0.05,0.1,0.3,1.0": also AFT-BC once per beta (claim 7)
+    c.study.lrs = ""  # e.g. "1e-3,3e-4,1e-4": also AFT-BC once per alignment learning rate
 
     c.data = ml_collections.ConfigDict()
     c.data.train_file = ""  # groups (file or folder of shards) or VFT pairs; empty for VFT: the task's train split

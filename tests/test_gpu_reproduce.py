@@ -27,7 +27,7 @@ def test_gpu_protocol():
     assert (c.sample.k, c.sample.temperature) == (6, 1.0)
     assert (c.pipeline.init_from, c.pipeline.vft_epochs, c.pipeline.align_epochs) == ("base", 1, 1)
     assert c.eval.limit == -1 and c.eval.group_questions == 200  # all 1,319 test questions
-    assert study_plan(c) == ([0], ["aft_bc", "aft_dc", "rft"], {})
+    assert study_plan(c) == ([0], ["aft_bc", "aft_dc", "rft"], {"beta": {}, "lr": {}})
 
 
 def test_cpu_limit_keeps_the_protocol_and_passes_overrides_on():

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from conftest import DEVICES_FLAG, REPO, tiny_cli
 
-from aft_jax.pipeline import method_loss
+from aft_jax.pipeline import method_settings
 from aft_jax.stats import paired_t, t_interval
 from aft_jax.study import aggregate, study_plan
-from aft_jax.study_report import claims_table
+from aft_jax.study_report import claims_table, study_markdown
 from aft_jax.train_config import load_config
 
 OVERRIDES = ("study.seeds=0,1", "pipeline.methods=aft_bc", "eval.validation_limit=8")
@@ -133,15 +133,19 @@ def test_killed_study_resumes_to_the_same_study_json(straight_run, tmp_path):
         ("study.betas=-1", "positive"),
         ("pipeline.methods=aft_xx", "aft_xx"),
         ("pipeline.methods=aft_bc-betax", "not a number"),
+        ("pipeline.methods=aft_bc-lr", "not a number"),
+        ("pipeline.methods=aft_bc-epochs3", "unknown suffix '-epochs3'"),
+        ("study.lrs=0", "learning rate must be positive"),
     ],
 )
 def test_study_plan_rejects_bad_settings(override, message):
     config = load_config(REPO / "configs" / "tiny.py", [override])
     with pytest.raises(ValueError, match=message):
         study_plan(config)
-    assert study_plan(load_config(REPO / "configs" / "tiny.py", ["study.betas=0.1,0.5"]))[1:] == (
-        ["aft_bc", "rft", "aft_bc-beta0.5"],
-        {0.1: "aft_bc", 0.5: "aft_bc-beta0.5"},
+    swept = load_config(REPO / "configs" / "tiny.py", ["study.betas=0.1,0.5", "study.lrs=3e-3,1e-4"])
+    assert study_plan(swept)[1:] == (
+        ["aft_bc", "rft", "aft_bc-beta0.5", "aft_bc-lr0.0001"],
+        {"beta": {0.1: "aft_bc", 0.5: "aft_bc-beta0.5"}, "lr": {3e-3: "aft_bc", 1e-4: "aft_bc-lr0.0001"}},
     )
 
 
@@ -169,10 +173,22 @@ def test_aggregate_verdicts_and_the_beta_chosen_on_validation():
             "aft_bc": _result(0.75, [True, True, True, False], 0.4, 0.80 + 0.01 * s),
             "aft_bc-beta0.5": _result(0.25, [True, False, False, False], 0.6, 0.75),
             "rft": _result([0.25, 0.75, 0.5][s], [True, False, False, False], 0.5, 0.72),
+            "aft_bc-lr0.0001": _result(0.5, [True, True, False, False], 0.3, 0.7),
         }
-    models = ["vft", "aft_bc", "aft_bc-beta0.5", "rft"]
-    study = aggregate(results, models, {0.1: "aft_bc", 0.5: "aft_bc-beta0.5"})
+    models = ["vft", "aft_bc", "aft_bc-beta0.5", "rft", "aft_bc-lr0.0001"]
+    sweeps = {"beta": {0.1: "aft_bc", 0.5: "aft_bc-beta0.5"}, "lr": {1e-3: "aft_bc", 1e-4: "aft_bc-lr0.0001"}}
+    study = aggregate(results, models, sweeps)
     assert study["beta_sweep"]["best_worst_on_validation"] == ("aft_bc-beta0.5", "aft_bc")
+    assert study["lr_sweep"] == {
+        "models": {"0.0001": "aft_bc-lr0.0001", "0.001": "aft_bc"},
+        "best_worst_on_validation": ("aft_bc", "aft_bc-lr0.0001"),
+    }
+    protocol = dict(seeds=[0, 1, 2], task="synthetic", init_from="vft", vft_epochs=1, align_epochs=1, align_lr=1e-3)
+    markdown = study_markdown(
+        {**study, "protocol": {**protocol, "beta": 0.1, "test_questions": 4, "validation_questions": 4}}, {}
+    )
+    assert "| 0.0001 | aft_bc-lr0.0001 | 30.0 ± 0.0 | 50.0 ± 0.0 | +0.0 [+0.0, +0.0], p=1.000 |" in markdown
+    assert "Chosen on validation accuracy: best aft_bc, worst aft_bc-lr0.0001." in markdown
     verdicts = {(c["claim"], c["method"], c["baseline"], c["metric"]): c for c in study["claims"]}
     assert verdicts[(2, "aft_bc", "vft", "accuracy")]["verdict"] == "reproduced"
     assert verdicts[(2, "aft_bc", "vft", "accuracy")]["difference"] == pytest.approx(0.25)
@@ -185,10 +201,14 @@ def test_aggregate_verdicts_and_the_beta_chosen_on_validation():
 
 
 def test_method_names():
-    assert method_loss("aft_bc") == {"method": "aft", "constraint": "boundary"}
-    assert method_loss("aft_bc-beta0.3") == {"method": "aft", "constraint": "boundary", "beta": 0.3}
-    assert method_loss("rrhf_rank") == {"method": "rrhf", "constraint": "none", "use_levels": True}
-    assert method_loss("dpo_bc") == {"method": "dpo", "constraint": "boundary"}
+    assert method_settings("aft_bc") == {"loss": {"method": "aft", "constraint": "boundary"}}
+    assert method_settings("aft_bc-beta0.3") == {"loss": {"method": "aft", "constraint": "boundary", "beta": 0.3}}
+    assert method_settings("rrhf_rank") == {"loss": {"method": "rrhf", "constraint": "none", "use_levels": True}}
+    assert method_settings("dpo_bc") == {"loss": {"method": "dpo", "constraint": "boundary"}}
+    assert method_settings("aft_dc-lr1e-05-beta0.2") == {
+        "loss": {"method": "aft", "constraint": "detach", "beta": 0.2},
+        "optim": {"lr": 1e-5},
+    }
 
 
 def test_one_seed_uses_the_bootstrap_and_a_lower_claim_can_be_contradicted():
@@ -201,7 +221,7 @@ def test_one_seed_uses_the_bootstrap_and_a_lower_claim_can_be_contradicted():
     }
     for r in results[0].values():
         r["per_question"]["ids"] = [str(i) for i in range(100)]
-    study = aggregate(results, ["vft", "aft_bc", "aft_none"], {})
+    study = aggregate(results, ["vft", "aft_bc", "aft_none"], {"beta": {}})
     claims = {(c["method"], c["baseline"], c["metric"]): c for c in study["claims"]}
     acc = claims[("aft_bc", "vft", "accuracy")]
     assert acc["test"] == "bootstrap over questions" and acc["verdict"] == "reproduced"
