@@ -44,7 +44,8 @@ METHOD_PRESETS = {
     },
 }
 SUFFIXES = {"beta": ("loss", "beta"), "lr": ("optim", "lr")}  # name suffix -> the (section, key) it sets
-_SUFFIX = re.compile(r"-(beta|lr)(.*?)(?=-beta|-lr|$)")
+_SUFFIX = re.compile(rf"-({'|'.join(SUFFIXES)})(.*?)(?={''.join(f'-{k}|' for k in SUFFIXES)}$)")
+_KNOWN_SUFFIXES = ", ".join(f"-{key}<value>" for key in SUFFIXES)
 
 
 def method_settings(name: str) -> dict:
@@ -54,7 +55,7 @@ def method_settings(name: str) -> dict:
     preset = name.split("-", 1)[0]
     if preset not in METHOD_PRESETS:
         raise ValueError(
-            f"pipeline.methods: unknown {name!r}; known: {', '.join(METHOD_PRESETS)} (+ -beta<value>, -lr<value>)"
+            f"pipeline.methods: unknown {name!r}; known: {', '.join(METHOD_PRESETS)} (+ {_KNOWN_SUFFIXES})"
         )
     settings = {"loss": dict(METHOD_PRESETS[preset])}
     rest, end = name[len(preset) :], 0
@@ -70,7 +71,7 @@ def method_settings(name: str) -> dict:
         settings.setdefault(section, {})[field] = value
         end = match.end()
     if end != len(rest):
-        raise ValueError(f"pipeline.methods: {name!r}: unknown suffix {rest[end:]!r}; known: -beta<value>, -lr<value>")
+        raise ValueError(f"pipeline.methods: {name!r}: unknown suffix {rest[end:]!r}; known: {_KNOWN_SUFFIXES}")
     return settings
 
 
