@@ -44,7 +44,8 @@ METHOD_PRESETS = {
     },
 }
 SUFFIXES = {"beta": ("loss", "beta"), "lr": ("optim", "lr")}  # name suffix -> the (section, key) it sets
-_SUFFIX = re.compile(rf"-({'|'.join(SUFFIXES)})(.*?)(?={''.join(f'-{k}|' for k in SUFFIXES)}$)")
+_SUFFIX_NAMES = "|".join(SUFFIXES)
+_SUFFIX = re.compile(rf"-({_SUFFIX_NAMES})(.*?)(?=-(?:{_SUFFIX_NAMES})|$)")  # -<name><value>, to the next suffix
 _KNOWN_SUFFIXES = ", ".join(f"-{key}<value>" for key in SUFFIXES)
 
 

@@ -58,11 +58,11 @@ def study_plan(config) -> tuple[list[int], list[str], dict[str, dict[float, str]
         ("beta", config.loss.beta, "a boundary margin"),
         ("lr", align_lr(config), "a learning rate"),
     ):
-        setting = f"study.{key}s"
+        setting, text = f"study.{key}s", config.study[f"{key}s"]
         sweeps[key] = {}
-        for value in _numbers(config.study[f"{key}s"], setting):
+        for value in _numbers(text, setting):
             if value <= 0:
-                raise ValueError(f"{setting}={config.study[key + 's']!r}: {what} must be positive")
+                raise ValueError(f"{setting}={text!r}: {what} must be positive")
             name = "aft_bc" if value == own and "aft_bc" in methods else f"aft_bc-{key}{value:g}"
             sweeps[key][value] = name
             methods += [name] if name not in methods else []

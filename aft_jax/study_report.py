@@ -91,7 +91,7 @@ def study_markdown(study: dict, seconds: dict) -> str:
             continue
         lines += [
             "",
-            f"## {title[0].upper() + title[1:]} sweep (AFT-BC)",
+            f"## {title.capitalize()} sweep (AFT-BC)",
             "",
             f"| {title} | model | validation accuracy | test accuracy | test accuracy - vft, t over seeds |",
             "|---|---|---|---|---|",
