@@ -11,7 +11,7 @@ from pathlib import Path
 
 def _convert(args) -> None:
     import aft_jax
-    from aft_jax import checkpoint
+    from aft_jax.io import checkpoint
 
     model, tokenizer = aft_jax.from_pretrained(args.src, dtype=args.dtype, allow_pickle=args.allow_pickle)
     dst = Path(args.dst)
@@ -26,7 +26,7 @@ def _convert(args) -> None:
 
 
 def _load(args):
-    from aft_jax.train_config import load_config
+    from aft_jax.config.load import load_config
 
     try:
         return load_config(args.config, args.overrides)
@@ -35,8 +35,8 @@ def _load(args):
 
 
 def _train(args) -> None:
-    from aft_jax.runtime import with_built_tokenizer
-    from aft_jax.train import run_training
+    from aft_jax.build import with_built_tokenizer
+    from aft_jax.stages.train import run_training
 
     config = with_built_tokenizer(_load(args))
     if args.command == "vft":
@@ -46,8 +46,8 @@ def _train(args) -> None:
 
 
 def _sample(args) -> None:
-    from aft_jax.candidates import sample_candidates
-    from aft_jax.runtime import model_from_config, sampling_mesh, with_built_tokenizer
+    from aft_jax.stages.sample import sample_candidates
+    from aft_jax.build import model_from_config, sampling_mesh, with_built_tokenizer
 
     config = with_built_tokenizer(_load(args))
     model, tokenizer = model_from_config(config.model, sampling_mesh(config), seed=config.seed)
@@ -61,7 +61,7 @@ def _pipeline(args) -> None:
 
 
 def _study(args) -> None:
-    from aft_jax.study import run_study, study_plan
+    from aft_jax.study.runner import run_study, study_plan
 
     config = _load(args)
     try:
@@ -72,7 +72,7 @@ def _study(args) -> None:
 
 
 def _plan(args) -> None:
-    from aft_jax.plan import HBM_GB, plan_memory, recommend, request_host_devices
+    from aft_jax.stages.plan import HBM_GB, plan_memory, recommend, request_host_devices
 
     config = _load(args)
     sizes = config.train.mesh.split(",") if "," in config.train.mesh else []
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     if args.command != "plan":  # plan simulates its own devices
-        from aft_jax.sharding import initialize_distributed
+        from aft_jax.parallel.sharding import initialize_distributed
 
         initialize_distributed()
     args.run(args)

@@ -23,9 +23,9 @@ import time
 
 import jax
 
-from aft_jax import sharding
-from aft_jax.metrics import read_metrics
-from aft_jax.paths import Path, write_atomically
+from aft_jax.parallel import sharding
+from aft_jax.io.metrics import read_metrics
+from aft_jax.io.paths import Path, write_atomically
 
 METHOD_PRESETS = {
     "aft_bc": {"method": "aft", "constraint": "boundary"},
@@ -135,13 +135,13 @@ def _model_done(folder: Path) -> bool:
 
 def run_pipeline(config) -> dict:
     """Runs every stage not yet complete; returns the evaluation results per model."""
-    from aft_jax.candidates import load_examples, sample_candidates, task_from_config
-    from aft_jax.checkpoint import save_model_folder
-    from aft_jax.data import read_groups
-    from aft_jax.evaluate import comparison_table, evaluate_model, write_report
-    from aft_jax.hf import from_pretrained
-    from aft_jax.runtime import mesh_from_config, model_from_config, sampling_mesh
-    from aft_jax.train import run_training
+    from aft_jax.stages.sample import load_examples, sample_candidates, task_from_config
+    from aft_jax.io.checkpoint import save_model_folder
+    from aft_jax.data.groups import read_groups
+    from aft_jax.stages.evaluate import comparison_table, evaluate_model, write_report
+    from aft_jax.io.hf import from_pretrained
+    from aft_jax.build import mesh_from_config, model_from_config, sampling_mesh
+    from aft_jax.stages.train import run_training
 
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -159,7 +159,7 @@ def run_pipeline(config) -> dict:
         )
 
     if config.model.tokenizer == "build":
-        from aft_jax.task_tokenizer import train_for_config
+        from aft_jax.data.task_tokenizer import train_for_config
 
         folder = run_dir / "tokenizer"
         done = (folder / "tokenizer.json").exists()

@@ -8,7 +8,7 @@ speed / MFU on a SmolLM2-135M-shaped model with random weights, in one process, 
     model/    config.json, generation_config.json, tokenizer.json, tokenizer_config.json, chat_template.jinja
               of SmolLM2-135M-Instruct (no weights)
     data/     gsm8k/test.jsonl (the first 64 test questions), laid out like the shared data folder
-    wheels/   ml_collections (installed by benchmarks/gpu_check.sh; aft_jax.train_config needs it)
+    wheels/   ml_collections (installed by benchmarks/gpu_check.sh; aft_jax.config.load needs it)
 
 Parts, in order (each case is wrapped: a failure is recorded with its exception text and the rest still
 run; results are rewritten to DIR/gpu_check.json after every case):
@@ -18,7 +18,7 @@ run; results are rewritten to DIR/gpu_check.json after every case):
    real tokenizer files copied in. Both sides load this one folder, so they hold the same weights.
 2. sampling: for rows in (24, 96), i.e. 4 and 16 GSM8K questions x 6 samples, and for float32 and
    bfloat16 (parameters and activations in that dtype on both sides), `max_new_tokens` 256, temperature
-   1.0, no top-k / top-p: `aft_jax.sampling.sample_token_ids` (prompts left-padded to a multiple of 64;
+   1.0, no top-k / top-p: `aft_jax.sampling.sampler.sample_token_ids` (prompts left-padded to a multiple of 64;
    one warm-up call that compiles, then timed calls with fresh keys) against transformers `generate` on
    CUDA (same prompts repeated 6 times, left-padded, `do_sample`, `top_k=0`, `top_p=1.0`, same EOS / pad
    ids; one short warm-up `generate`, then timed calls between `torch.cuda.synchronize()`). Generated
@@ -40,7 +40,7 @@ run; results are rewritten to DIR/gpu_check.json after every case):
                                                               matmuls, forward + backward, no causal
                                                               halving: the PaLM convention)
 
-   This is `aft_jax.train.train_flops`. MFU = FLOPs / step_s / peak, peak = 989e12 (H100 SXM dense
+   This is `aft_jax.stages.train.train_flops`. MFU = FLOPs / step_s / peak, peak = 989e12 (H100 SXM dense
    bfloat16; also used for H200, which has the same compute) when the GPU's name contains H100 or H200,
    else MFU is null.
 
@@ -234,7 +234,7 @@ class SamplingModels:
 
     def get_tokenizer(self):
         if self.tokenizer is None:
-            from aft_jax.hf import load_tokenizer
+            from aft_jax.io.hf import load_tokenizer
 
             self.tokenizer = load_tokenizer(Path(self.checkpoint))
         return self.tokenizer
@@ -243,7 +243,7 @@ class SamplingModels:
 def sample_jax(models: SamplingModels, prompts, k, dtype, max_new_tokens, temperature, repeats) -> dict:
     import jax
 
-    from aft_jax.sampling import decode_layers, left_pad, sample_token_ids, sampling_params
+    from aft_jax.sampling.sampler import decode_layers, left_pad, sample_token_ids, sampling_params
 
     model = models.jax_model(dtype)
     tokenizer = models.get_tokenizer()
@@ -277,7 +277,7 @@ def sample_torch(models: SamplingModels, prompts, k, dtype, max_new_tokens, temp
     tokenizer = models.get_tokenizer()
     cfg = json.loads((Path(models.checkpoint) / "config.json").read_text())
     eos = cfg.get("eos_token_id")
-    # The same EOS / pad rule as aft_jax.sampling.sampling_params.
+    # The same EOS / pad rule as aft_jax.sampling.sampler.sampling_params.
     eos_ids = sorted((set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}) - {None})
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     tokenizer.padding_side = "left"
@@ -412,7 +412,7 @@ def sampling_part(report, args, assets, checkpoint, torch_device, jax_ok, no_che
     all `max_new_tokens` steps)."""
     import machine
 
-    from aft_jax.tasks import get_task
+    from aft_jax.data.tasks import get_task
 
     rows_list = [int(r) for r in args.rows.split(",")]
     task = get_task("gsm8k")

@@ -16,7 +16,7 @@ prompt cache, while transformers prefills and caches every row.
 
 The result file also holds the machine (`machine.py`: CPU and its vector extensions, versions, measured
 float32 matrix-product peak of JAX and of torch) and each side's model FLOP/s as a fraction of its own
-library's peak: the same useful work for both, 2 N FLOPs (N = `aft_jax.train.matmul_params`) per prompt
+library's peak: the same useful work for both, 2 N FLOPs (N = `aft_jax.stages.train.matmul_params`) per prompt
 token of each question once and per row and decode step (attention left out).
 """
 
@@ -51,10 +51,10 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     import aft_jax
-    from aft_jax.sampling import decode_layers, left_pad, sample_token_ids, sampling_params
-    from aft_jax.smollm2 import smollm2_checkpoint
-    from aft_jax.tasks import get_task
-    from aft_jax.train import matmul_params
+    from aft_jax.sampling.sampler import decode_layers, left_pad, sample_token_ids, sampling_params
+    from aft_jax.io.smollm2 import smollm2_checkpoint
+    from aft_jax.data.tasks import get_task
+    from aft_jax.stages.train import matmul_params
 
     checkpoint = smollm2_checkpoint()
     examples = get_task("gsm8k").load("test", limit=args.questions)

@@ -5,7 +5,7 @@ numbers do not, per model, from a study's per-question results.
     .venv/bin/python benchmarks/synthetic_overlap.py benchmarks/results/reproduction/from_vft [--train 1000]
 
 Writes `<study>/overlap.json` and prints a Markdown table: each subset's accuracy (mean over seeds) and
-each model's difference from VFT on it (95% t-interval over seeds, `aft_jax.stats.paired_t`).
+each model's difference from VFT on it (95% t-interval over seeds, `aft_jax.study.stats.paired_t`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from aft_jax.stats import paired_t
-from aft_jax.tasks import get_task
+from aft_jax.study.stats import paired_t
+from aft_jax.data.tasks import get_task
 
 
 def signature(example) -> tuple:

@@ -11,7 +11,7 @@ the ratios, and writes them to benchmarks/results/train_step_remat_<policy>[_<dt
 compute dtype; parameters and optimizer state stay float32 on both sides (aft_jax: `compute_dtype`,
 torch: `torch.autocast`). torch runs on CUDA when there is a GPU, else on the CPU. The result file also
 holds the machine (`machine.py`: CPU and its vector extensions or the GPU, versions, the measured matrix-
-product peak of JAX and of torch) and each side's model FLOP/s (`aft_jax.train.train_flops`, remat's
+product peak of JAX and of torch) and each side's model FLOP/s (`aft_jax.stages.train.train_flops`, remat's
 recomputation not counted) as a fraction of its own library's peak in the compute dtype.
 """
 
@@ -63,9 +63,9 @@ def run_jax(args, checkpoint: str) -> dict:
     from flax import nnx
 
     import aft_jax
-    from aft_jax import sharding
-    from aft_jax.train import build_optimizer, compile_step, init_state, make_train_step, shard_batch
-    from aft_jax.train_config import default_config
+    from aft_jax.parallel import sharding
+    from aft_jax.stages.train import build_optimizer, compile_step, init_state, make_train_step, shard_batch
+    from aft_jax.config.defaults import default_config
 
     mesh = sharding.single_device_mesh()
     model, _ = aft_jax.from_pretrained(
@@ -187,7 +187,7 @@ def main() -> None:
     if args.checkpoint:
         checkpoint = args.checkpoint
     else:
-        from aft_jax.smollm2 import smollm2_checkpoint
+        from aft_jax.io.smollm2 import smollm2_checkpoint
 
         checkpoint = str(smollm2_checkpoint())
     if args.impl:
@@ -220,9 +220,9 @@ def main() -> None:
         results[impl] = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
     import machine
 
-    from aft_jax.config import LlamaConfig
-    from aft_jax.hf_files import read_config
-    from aft_jax.train import train_flops
+    from aft_jax.model.config import LlamaConfig
+    from aft_jax.io.hf_files import read_config
+    from aft_jax.stages.train import train_flops
 
     where = machine.record()
     model_config = LlamaConfig.from_hf_config(read_config(Path(checkpoint)))

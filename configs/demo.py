@@ -8,7 +8,7 @@ groups; every model is evaluated on 1,000 held-out test questions (standard erro
 greedy accuracy on 300 validation questions.
 """
 
-from aft_jax.train_config import default_config
+from aft_jax.config.defaults import default_config
 
 
 def get_config():

@@ -4,7 +4,7 @@ MODEL: llama_7b, llama2_7b, llama2_13b. TASK: gsm8k, aqua_rat, ecqa, gsm8k_rank 
 (the three tasks trained together; the report adds per-task accuracies).
 """
 
-from aft_jax.presets import paper_config
+from aft_jax.config.presets import paper_config
 
 
 def get_config(name: str = "llama2_7b-gsm8k"):

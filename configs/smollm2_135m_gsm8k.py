@@ -4,7 +4,7 @@
 the paper's defaults (AFT_METHOD section 7) but a smaller batch.
 """
 
-from aft_jax.train_config import default_config
+from aft_jax.config.defaults import default_config
 
 
 def get_config():

@@ -4,7 +4,7 @@ Like `configs/demo.py` it trains its own tokenizer on the task's text (`<run_dir
 tokens): with SmolLM2's 49,152-token vocabulary the output projection would be ~98% of this model's work.
 """
 
-from aft_jax.train_config import default_config
+from aft_jax.config.defaults import default_config
 
 
 def get_config():

@@ -63,6 +63,6 @@ def gsm8k_test_questions() -> list[dict]:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct as a float32 HF checkpoint folder (built once per machine)."""
-    from aft_jax.smollm2 import smollm2_checkpoint
+    from aft_jax.io.smollm2 import smollm2_checkpoint
 
     return smollm2_checkpoint()

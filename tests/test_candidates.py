@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from aft_jax import sharding
-from aft_jax.candidates import label_group, sample_candidates
-from aft_jax.data import read_groups
-from aft_jax.runtime import model_from_config, with_built_tokenizer
-from aft_jax.tasks import get_task
-from aft_jax.train_config import load_config
+from aft_jax.parallel import sharding
+from aft_jax.stages.sample import label_group, sample_candidates
+from aft_jax.data.groups import read_groups
+from aft_jax.build import model_from_config, with_built_tokenizer
+from aft_jax.data.tasks import get_task
+from aft_jax.config.load import load_config
 from conftest import REPO
 
 

@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from aft_jax import losses
-from aft_jax.data import Candidate, Group
-from aft_jax.evaluate import comparison_table, group_assessment, majority_vote
+from aft_jax.method import losses
+from aft_jax.data.groups import Candidate, Group
+from aft_jax.stages.evaluate import comparison_table, group_assessment, majority_vote
 
 
 def test_majority_vote():
@@ -56,7 +56,7 @@ def test_comparison_table_holds_the_numbers():
 
 
 def test_per_task_table_for_the_mix():
-    from aft_jax.evaluate import per_task_table
+    from aft_jax.stages.evaluate import per_task_table
 
     row = {"per_task": {"gsm8k": {"accuracy": 0.25}, "ecqa": {"accuracy": 0.5}}}
     assert "| vft | 50.0 | 25.0 |" in per_task_table({"vft": row})

@@ -7,8 +7,8 @@ import subprocess
 import pytest
 from conftest import REPO
 
-from aft_jax.study import study_plan
-from aft_jax.train_config import load_config
+from aft_jax.study.runner import study_plan
+from aft_jax.config.load import load_config
 
 SCRIPT = REPO / "benchmarks" / "gpu_reproduce.sh"
 

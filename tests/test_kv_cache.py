@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import aft_jax
-from aft_jax.model import decode_cache, grow_decode_cache
+from aft_jax.model.llama import decode_cache, grow_decode_cache
 from hf_reference import padded_batch, save_tiny
 
 

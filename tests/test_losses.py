@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aft_jax import losses
+from aft_jax.method import losses
 
 BETA = 0.3
 

@@ -11,8 +11,8 @@ import jax
 import numpy as np
 
 import aft_jax
-from aft_jax.data import read_groups
-from aft_jax.metrics import read_metrics
+from aft_jax.data.groups import read_groups
+from aft_jax.io.metrics import read_metrics
 from conftest import tiny_cli
 from train_helpers import write_arithmetic_groups
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from aft_jax.plan import plan_memory, recommend
-from aft_jax.train_config import load_config
+from aft_jax.stages.plan import plan_memory, recommend
+from aft_jax.config.load import load_config
 from conftest import REPO
 
 

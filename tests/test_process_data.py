@@ -6,7 +6,9 @@ import threading
 import numpy as np
 from transformers import AutoTokenizer
 
-from aft_jax.data import GroupBatcher, GroupEncoder, read_groups
+from aft_jax.data.batches import GroupBatcher, GroupEncoder
+
+from aft_jax.data.groups import read_groups
 from train_helpers import write_arithmetic_groups
 
 

@@ -7,8 +7,8 @@ import pytest
 from scipy import stats
 
 import aft_jax
-from aft_jax.sampling import SamplingParams, filter_logits, left_pad, own_cache_sizes, sample_token_ids
-from aft_jax.tasks import format_prompt
+from aft_jax.sampling.sampler import SamplingParams, filter_logits, left_pad, own_cache_sizes, sample_token_ids
+from aft_jax.data.tasks import format_prompt
 from train_helpers import tiny_model
 
 
@@ -121,7 +121,7 @@ def test_seeded_sampling_is_reproducible(smollm2_dir):
 
 
 def test_sharded_sampling_equals_single_device():
-    from aft_jax import sharding
+    from aft_jax.parallel import sharding
 
     prompts = [[5, 7, 11], [13, 17, 19, 23, 29], [31, 37], [41, 43, 47, 53]]
     ids, mask = left_pad(prompts, 4, pad_id=0, multiple=8)

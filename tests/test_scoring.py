@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from aft_jax.scoring import sequence_scores
+from aft_jax.method.scoring import sequence_scores
 from train_helpers import VOCAB, tiny_model
 
 

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 
 import aft_jax
-from aft_jax import sharding
+from aft_jax.parallel import sharding
 from hf_reference import padded_batch, save_tiny
 
 

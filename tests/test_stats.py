@@ -1,4 +1,4 @@
-"""aft_jax.stats against values computed by hand (t quantiles from tables, the closed-form t
+"""aft_jax.study.stats against values computed by hand (t quantiles from tables, the closed-form t
 distribution with 2 degrees of freedom, the normal approximation of a Bernoulli mean)."""
 
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from aft_jax.stats import paired_bootstrap, paired_t, t_interval
+from aft_jax.study.stats import paired_bootstrap, paired_t, t_interval
 
 T_975_DF4 = 2.7764451051977987  # Student t, 97.5% quantile, 4 degrees of freedom
 

@@ -15,10 +15,10 @@ import pytest
 from conftest import DEVICES_FLAG, REPO, tiny_cli
 
 from aft_jax.pipeline import method_settings
-from aft_jax.stats import paired_t, t_interval
-from aft_jax.study import aggregate, study_plan
-from aft_jax.study_report import claims_table, study_markdown
-from aft_jax.train_config import load_config
+from aft_jax.study.stats import paired_t, t_interval
+from aft_jax.study.runner import aggregate, study_plan
+from aft_jax.study.report import claims_table, study_markdown
+from aft_jax.config.load import load_config
 
 OVERRIDES = ("study.seeds=0,1", "pipeline.methods=aft_bc", "eval.validation_limit=8")
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -2,9 +2,9 @@
 
 import pytest
 
-from aft_jax.tasks import Example, format_prompt, get_task
-from aft_jax.tasks.choice import extract_option_letter
-from aft_jax.tasks.gsm8k import extract_number_answer
+from aft_jax.data.tasks import Example, format_prompt, get_task
+from aft_jax.data.tasks.choice import extract_option_letter
+from aft_jax.data.tasks.gsm8k import extract_number_answer
 
 NUMBER_CASES = [
     ("so she has 5 + 3 = 8 apples.\n#### 8", "8"),

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from aft_jax import sharding
-from aft_jax.train import build_optimizer, compile_step, init_state, make_train_step, shard_batch
-from aft_jax.train_config import default_config
+from aft_jax.parallel import sharding
+from aft_jax.stages.train import build_optimizer, compile_step, init_state, make_train_step, shard_batch
+from aft_jax.config.defaults import default_config
 from train_helpers import loss_config, random_batch, tiny_model
 
 

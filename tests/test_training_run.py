@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from aft_jax.metrics import read_metrics
+from aft_jax.io.metrics import read_metrics
 from conftest import REPO, tiny_cli
 from train_helpers import write_arithmetic_groups
 
@@ -57,7 +57,7 @@ def test_killed_run_resumes_with_identical_losses(tmp_path, groups_file):
 
 
 def test_typo_in_override_lists_valid_keys():
-    from aft_jax.train_config import load_config
+    from aft_jax.config.load import load_config
 
     with pytest.raises(KeyError, match=r"unknown config key 'loss.betta'.*beta_dpo"):
         load_config(REPO / "configs" / "tiny.py", ["loss.betta=0.2"])
@@ -68,7 +68,7 @@ def test_typo_in_override_lists_valid_keys():
 
 
 def test_malformed_groups_line_names_file_and_line(tmp_path):
-    from aft_jax.data import DataError, read_groups
+    from aft_jax.data.groups import DataError, read_groups
 
     path = tmp_path / "groups.jsonl"
     good = {"id": 1, "prompt": "p", "answer": "1", "candidates": [{"text": "t", "correct": True}]}
@@ -82,8 +82,8 @@ def test_malformed_groups_line_names_file_and_line(tmp_path):
 
 
 def test_paper_presets_load():
-    from aft_jax.presets import PAPER_MODELS, PAPER_TASKS
-    from aft_jax.train_config import load_config
+    from aft_jax.config.presets import PAPER_MODELS, PAPER_TASKS
+    from aft_jax.config.load import load_config
 
     for model in PAPER_MODELS:
         for task in PAPER_TASKS:

@@ -1,0 +1,1 @@
+"""The run configuration: defaults, loading and overrides, the paper's presets."""

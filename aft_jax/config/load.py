@@ -1,0 +1,73 @@
+"""Loading a run configuration: preset files and `--config.a.b=value` overrides.
+
+A preset is a Python file with `get_config() -> ConfigDict` (see `configs/`). Configs are locked, so a
+misspelt override is an error that lists the valid keys.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+    """Loads `get_config()` (or `get_config(arg)` for `file.py:arg`) from a preset file, locks it and
+    applies `a.b=value` overrides."""
+    path, _, arg = str(path).partition(".py:")
+    path = Path(path if not arg else path + ".py")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
+    spec = importlib.util.spec_from_file_location(f"aft_jax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path}: a config file must define get_config()")
+    config = module.get_config(arg) if arg else module.get_config()
+    config.lock()
+    for override in overrides:
+        apply_override(config, override)
+    return config
+
+
+def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
+    """Sets `a.b=value`, parsing value as the existing field's type."""
+    if "=" not in override:
+        raise ValueError(f"override {override!r} must look like key.sub=value")
+    dotted, raw = override.split("=", 1)
+    *parents, leaf = dotted.split(".")
+    node = config
+    for depth, key in enumerate(parents):
+        if key not in node or not isinstance(node[key], ml_collections.ConfigDict):
+            raise KeyError(_unknown(dotted, ".".join(parents[:depth]), node))
+        node = node[key]
+    if leaf not in node:
+        raise KeyError(_unknown(dotted, ".".join(parents), node))
+    current = node[leaf]
+    with node.unlocked():
+        node[leaf] = _parse(raw, current, dotted)
+
+
+def _unknown(dotted: str, where: str, node) -> str:
+    return f"unknown config key {dotted!r}; valid keys{' under ' + where if where else ''}: {', '.join(sorted(node))}"
+
+
+def _parse(raw: str, current, dotted: str):
+    if isinstance(current, bool):
+        if raw.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{dotted}: expected true or false, got {raw!r}")
+        return raw.lower() in ("true", "1")
+    if isinstance(current, ml_collections.ConfigDict):
+        raise ValueError(f"{dotted} is a section; set one of its keys: {', '.join(sorted(current))}")
+    try:
+        if isinstance(current, int):
+            return int(raw)
+        if isinstance(current, float):
+            return float(raw)
+        if isinstance(current, (tuple, list)):
+            return type(current)(ast.literal_eval(raw))
+    except (ValueError, SyntaxError) as err:
+        raise ValueError(f"{dotted}: cannot parse {raw!r} as {type(current).__name__}") from err
+    return raw

@@ -1,0 +1,44 @@
+"""The paper's experiments as configs: a model x a task, with the paper's training settings (the defaults
+of `config.defaults.default_config`, AFT_METHOD section 7) and a memory layout for multi-accelerator hosts."""
+
+from __future__ import annotations
+
+from aft_jax.config.defaults import default_config
+
+PAPER_MODELS = {  # hub name, gradient accumulation for 128 questions per step
+    "llama_7b": ("huggyllama/llama-7b", 4),
+    "llama2_7b": ("meta-llama/Llama-2-7b-hf", 4),
+    "llama2_13b": ("meta-llama/Llama-2-13b-hf", 8),
+}
+PAPER_TASKS = {
+    "gsm8k": {"task": {"name": "gsm8k"}},
+    "aqua_rat": {"task": {"name": "aqua_rat"}},
+    "ecqa": {"task": {"name": "ecqa"}},
+    "gsm8k_rank": {
+        "task": {"name": "gsm8k_rank"},
+        "loss": {"use_levels": True},
+        "pipeline": {"methods": "aft_bc,aft_dc,rrhf,pro,dpo"},
+    },
+    "mix": {"task": {"name": "mix"}},  # GSM8K + AQuA-RAT + ECQA together
+}
+
+
+def paper_config(model: str, task: str):
+    """`model` in PAPER_MODELS, `task` in PAPER_TASKS."""
+    if model not in PAPER_MODELS or task not in PAPER_TASKS:
+        raise ValueError(
+            f"unknown paper preset {model}-{task}; models: {sorted(PAPER_MODELS)}, tasks: {sorted(PAPER_TASKS)}"
+        )
+    path, grad_accum = PAPER_MODELS[model]
+    c = default_config()
+    c.run_dir = f"runs/{model}_{task}"
+    c.model.path = path
+    c.model.compute_dtype = "bfloat16"
+    c.model.remat_policy = "dots_no_batch"
+    c.train.grad_accum = grad_accum
+    c.pipeline.methods = "aft_bc,aft_dc,rft,rrhf,dpo"
+    c.checkpoint.save_every = 100
+    c.checkpoint.export_hf = True
+    for section, values in PAPER_TASKS[task].items():
+        c[section].update(values)
+    return c

@@ -1,0 +1,1 @@
+"""Data: tasks (benchmarks, prompts, answer checking), candidate-group files, training batches."""

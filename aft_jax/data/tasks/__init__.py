@@ -1,0 +1,20 @@
+"""Tasks behind one interface (see `base.Task`): gsm8k, gsm8k_rank, aqua_rat, ecqa, synthetic, mix."""
+
+from aft_jax.data.tasks.aqua_rat import AquaRat
+from aft_jax.data.tasks.base import TEMPLATES, Example, Task, TaskDataError, format_prompt
+from aft_jax.data.tasks.ecqa import ECQA
+from aft_jax.data.tasks.gsm8k import GSM8K
+from aft_jax.data.tasks.gsm8k_rank import GSM8KRank
+from aft_jax.data.tasks.mix import Mix
+from aft_jax.data.tasks.synthetic import Synthetic
+
+TASKS = {cls.name: cls for cls in (GSM8K, GSM8KRank, AquaRat, ECQA, Synthetic, Mix)}
+
+
+def get_task(name: str, **options) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
+    return TASKS[name](**options)
+
+
+__all__ = ["TASKS", "TEMPLATES", "Example", "Task", "TaskDataError", "format_prompt", "get_task"]

@@ -1,0 +1,1 @@
+"""Files: Hugging Face folders, Orbax model folders and checkpoints, run-directory paths, metrics logs."""

@@ -1,0 +1,1 @@
+"""The method: completion scores, every loss, and the training objective over candidate groups."""

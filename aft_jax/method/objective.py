@@ -1,0 +1,122 @@
+"""The training objective `L = w_vft * L_VFT + lambda * L_align` over a batch of candidate groups.
+
+One forward pass over all `B * K` candidates gives the token log-probs; the VFT loss reads the target
+rows' tokens and the alignment loss the per-candidate scores. Losses are sums divided by normalisers
+of the *global* batch (`normalisers`), so gradients accumulated over micro-batches equal the
+full-batch gradient exactly.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from aft_jax.method import losses
+from aft_jax.method.scoring import completion_logprobs
+
+METHODS = ("vft", "rft", "aft", "rrhf", "pro", "dpo")
+
+
+def vft_rows(batch, loss_cfg):
+    """Which candidates the NLL term trains on: the reference, or every positive (RFT)."""
+    if loss_cfg.method == "rft" or loss_cfg.vft_targets == "positives":
+        return batch["is_pos"] & batch["valid"]
+    return batch["is_reference"] & batch["valid"]
+
+
+def normalisers(batch, loss_cfg) -> dict:
+    """Global-batch denominators: VFT target tokens and real groups."""
+    rows_bk = vft_rows(batch, loss_cfg)
+    tokens = jnp.sum(batch["completion_mask"].astype(bool) & rows_bk[..., None])
+    groups = jnp.sum(jnp.any(batch["valid"], axis=-1))
+    return {
+        "vft_tokens": jnp.maximum(tokens, 1).astype(jnp.float32),
+        "groups": jnp.maximum(groups, 1).astype(jnp.float32),
+    }
+
+
+def vft_weight(loss_cfg) -> float:
+    """`loss.vft_weight`, where a negative value means the method's default (0 for DPO, else 1)."""
+    if loss_cfg.vft_weight >= 0:
+        return float(loss_cfg.vft_weight)
+    return 0.0 if loss_cfg.method == "dpo" else 1.0
+
+
+def alignment_terms(scores_bk, sum_logp_bk, batch, loss_cfg):
+    """The method's per-group alignment loss `[B]` (zeros for VFT and RFT)."""
+    method, constraint, beta = loss_cfg.method, loss_cfg.constraint, loss_cfg.beta
+    valid_bk = batch["valid"]
+    levels_bk = batch["levels"] if loss_cfg.use_levels else batch["is_pos"].astype(jnp.int32)
+    if method in ("vft", "rft"):
+        return jnp.zeros(scores_bk.shape[:1], jnp.float32)
+    if method == "aft":
+        return losses.ranking_loss(scores_bk, levels_bk, valid_bk, constraint=constraint, beta=beta)
+    if method == "rrhf":
+        return losses.rrhf_loss(scores_bk, levels_bk, valid_bk, constraint=constraint, beta=beta)
+    if method == "pro":
+        return losses.pro_loss(scores_bk, levels_bk, valid_bk, constraint=constraint, beta=beta)
+    if method == "dpo":
+        return losses.dpo_loss(
+            sum_logp_bk,
+            batch["ref_logp_sum"],
+            levels_bk,
+            valid_bk,
+            beta_dpo=loss_cfg.beta_dpo,
+            constraint=constraint,
+            scores_bk=scores_bk,
+            beta=beta,
+        )
+    raise ValueError(f"loss.method={method!r}; expected one of {METHODS}")
+
+
+def objective(model, batch, norm, loss_cfg):
+    """Returns `(loss, sums)`: the scalar loss of this (micro-)batch and additive statistics for metrics."""
+    b, k, t = batch["input_ids"].shape
+    completion_nt = batch["completion_mask"].reshape(b * k, t)
+    logp_nt = completion_logprobs(
+        model,
+        batch["input_ids"].reshape(b * k, t),
+        batch["attention_mask"].reshape(b * k, t),
+        completion_nt,
+        chunk_size=loss_cfg.logit_chunk,
+    )
+    sum_logp_bk = jnp.sum(logp_nt, axis=-1).reshape(b, k)
+    count_bk = jnp.sum(completion_nt.astype(bool), axis=-1).reshape(b, k)
+    scores_bk = sum_logp_bk / jnp.maximum(count_bk, 1)
+
+    rows_bk = vft_rows(batch, loss_cfg)
+    vft_nll = losses.vft_loss(logp_nt, completion_nt.astype(bool) & rows_bk.reshape(-1)[:, None], norm["vft_tokens"])
+    align = jnp.sum(alignment_terms(scores_bk, sum_logp_bk, batch, loss_cfg)) / norm["groups"]
+    loss = vft_weight(loss_cfg) * vft_nll + loss_cfg.lam * align
+
+    is_pos, is_neg = batch["is_pos"] & batch["valid"], batch["is_neg"] & batch["valid"]
+    right_b, pairs_b = losses.assessment_counts(scores_bk, is_pos, is_neg)
+    sums = {
+        "loss": loss,
+        "vft_loss": vft_nll,
+        "align_loss": align,
+        "pos_score_sum": jnp.sum(jnp.where(is_pos, scores_bk, 0.0)),
+        "pos_count": jnp.sum(is_pos),
+        "neg_score_sum": jnp.sum(jnp.where(is_neg, scores_bk, 0.0)),
+        "neg_count": jnp.sum(is_neg),
+        "pairs_right": jnp.sum(right_b),
+        "pairs_total": jnp.sum(pairs_b),
+        "macro_sum": jnp.sum(jnp.where(pairs_b > 0, right_b / jnp.maximum(pairs_b, 1), 0.0)),
+        "macro_groups": jnp.sum(pairs_b > 0),
+    }
+    return loss, sums
+
+
+def finalize_metrics(sums) -> dict:
+    """Ratios from summed statistics (NaN where a denominator is 0)."""
+    pos = sums["pos_score_sum"] / sums["pos_count"]
+    neg = sums["neg_score_sum"] / sums["neg_count"]
+    return {
+        "loss": sums["loss"],
+        "vft_loss": sums["vft_loss"],
+        "align_loss": sums["align_loss"],
+        "pos_score": pos,
+        "neg_score": neg,
+        "margin": pos - neg,
+        "assess_macro": sums["macro_sum"] / sums["macro_groups"],
+        "assess_micro": sums["pairs_right"] / sums["pairs_total"],
+    }

@@ -1,0 +1,1 @@
+"""Parallelism: meshes, the logical-axis rules, shardings and processes."""

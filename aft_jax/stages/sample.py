@@ -1,0 +1,204 @@
+"""Step 2 of AFT: sample k chains of thought per training question, drop duplicates, label them, add
+the reference, score every candidate with the sampling model, and write the groups file in shards.
+
+Shard `i` holds questions `[i * shard_size, (i + 1) * shard_size)` and is sampled with its own seed, so
+it depends on nothing else: each is written to a temporary file and renamed when complete, and an
+interrupted run restarts at the first missing shard, never duplicating or losing a group. With several
+processes, process `p` samples shards `p, p + P, ...` with its own model copy (on its own devices) into
+the shared output folder; the groups file is the shards read in order, the same as with one process.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from aft_jax.data.batches import GroupEncoder
+
+from aft_jax.data.groups import Candidate, Group, read_groups
+from aft_jax.io.paths import Path, write_atomically
+from aft_jax.sampling.sampler import generate
+from aft_jax.method.scoring import sequence_scores
+from aft_jax.parallel.sharding import is_main_process, sync
+from aft_jax.data.tasks import Example, Task, get_task
+
+
+def task_from_config(config) -> Task:
+    if config.task.name == "synthetic":
+        t = config.task
+        return get_task(
+            "synthetic",
+            num_train=t.synthetic_train,
+            num_validation=t.synthetic_validation,
+            num_test=t.synthetic_test,
+            seed=config.seed,
+        )
+    return get_task(config.task.name)
+
+
+def load_examples(config, split: str) -> list[Example]:
+    limit = config.task.limit if config.task.limit > 0 and split == config.task.train_split else None
+    return task_from_config(config).load(split, data_dir=config.task.data_dir or None, limit=limit)
+
+
+def normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
+def label_group(task: Task, example: Example, prompt: str, samples: list[str]) -> tuple[Group, int]:
+    """The reference first (a positive), then each distinct sample labelled; returns the group and the
+    number of samples dropped as duplicates (of the reference or of each other)."""
+    seen = {normalise(example.target)}
+    candidates = [Candidate(example.target, correct=True, level=task.level(example.target, example), reference=True)]
+    duplicates = 0
+    for text in samples:
+        key = normalise(text)
+        if key in seen:
+            duplicates += 1
+            continue
+        seen.add(key)
+        candidates.append(
+            Candidate(text, correct=task.is_correct(text, example.answer), level=task.level(text, example))
+        )
+    return Group(example.id, prompt, example.answer, tuple(candidates)), duplicates
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_scores(graphdef):
+    """`sequence_scores` jitted once per model architecture, the weights an argument (not constants)."""
+    return jax.jit(lambda state, ids, att, comp: sequence_scores(nnx.merge(graphdef, state), ids, att, comp))
+
+
+def score_groups(model, tokenizer, groups: list[Group], *, max_length: int, batch_size: int) -> list[Group]:
+    """Adds each candidate's mean and summed completion log-prob under `model` (float32)."""
+    encoder = GroupEncoder(tokenizer, max_length, group_size=10**6)
+    rows = []  # (group index, candidate index, tokens, prompt length)
+    for g, group in enumerate(groups):
+        encoded = encoder.encode(group)
+        for c, (tokens, prompt_len) in enumerate(zip(encoded.tokens, encoded.prompt_lengths)):
+            rows.append((g, c, tokens, prompt_len))
+    graphdef, state = nnx.split(model)
+    score = functools.partial(_compiled_scores(graphdef), state)
+    means, sums = np.zeros(len(rows), np.float32), np.zeros(len(rows), np.float32)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        length = -(-max(len(r[2]) for r in chunk) // 64) * 64
+        ids = np.zeros((batch_size, length), np.int32)
+        att, comp = np.zeros_like(ids), np.zeros_like(ids)
+        for i, (_, _, tokens, prompt_len) in enumerate(chunk):
+            ids[i, : len(tokens)], att[i, : len(tokens)], comp[i, prompt_len : len(tokens)] = tokens, 1, 1
+        mean, total = score(ids, att, comp)
+        means[start : start + len(chunk)] = np.asarray(mean)[: len(chunk)]
+        sums[start : start + len(chunk)] = np.asarray(total)[: len(chunk)]
+    candidates = [list(g.candidates) for g in groups]
+    for (g, c, _, _), mean, total in zip(rows, means, sums):
+        cand = candidates[g][c]
+        candidates[g][c] = Candidate(cand.text, cand.correct, cand.level, cand.reference, float(total), float(mean))
+    return [Group(g.id, g.prompt, g.answer, tuple(c)) for g, c in zip(groups, candidates)]
+
+
+def group_statistics(groups: list[Group], duplicates: int, samples: int) -> dict:
+    positives = [sum(c.correct for c in g.candidates) for g in groups]
+    negatives = [sum(not c.correct for c in g.candidates) for g in groups]
+    sampled = [c for g in groups for c in g.candidates if not c.reference]
+    return {
+        "groups": len(groups),
+        "positives_per_group": float(np.mean(positives)) if groups else 0.0,
+        "negatives_per_group": float(np.mean(negatives)) if groups else 0.0,
+        "groups_with_both": float(np.mean([p > 0 and n > 0 for p, n in zip(positives, negatives)])) if groups else 0.0,
+        "sample_accuracy": float(np.mean([c.correct for c in sampled])) if sampled else 0.0,
+        "duplicate_rate": duplicates / samples if samples else 0.0,
+    }
+
+
+def sample_candidates(
+    config,
+    model,
+    tokenizer,
+    *,
+    examples: list[Example] | None = None,
+    out_dir: str | Path | None = None,
+    stop_after_shards: int | None = None,
+) -> Path:
+    """Writes `<out_dir>/shard-NNNNN.jsonl` (with a `.meta.json` of its counts and timing) for every shard
+    not yet complete, then `stats.json`. Questions: `examples`, by default the task's training split.
+    `stop_after_shards` ends the run early (as an interruption would) after that many new shards.
+    With several processes each samples its share of the shards (`model` is its own, on local devices)
+    and process 0 writes `stats.json` once every shard is there."""
+    task = task_from_config(config)
+    examples = examples if examples is not None else load_examples(config, config.task.train_split)
+    out_dir = Path(out_dir or config.sample.out_dir or Path(config.run_dir) / "groups")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    s = config.sample
+    shard_count = -(-len(examples) // s.shard_size)
+    written = 0
+    mine = range(jax.process_index(), shard_count, jax.process_count())
+    bar = tqdm(total=len(mine), desc=f"sampling {task.name} (k={s.k})", unit="shard", disable=not is_main_process())
+    for shard in mine:
+        path = out_dir / f"shard-{shard:05d}.jsonl"
+        if path.exists():
+            bar.update(1)
+            continue
+        if stop_after_shards is not None and written >= stop_after_shards:
+            break
+        chunk = examples[shard * s.shard_size : (shard + 1) * s.shard_size]
+        prompts = [task.prompt(e, config.task.template, tokenizer) for e in chunk]
+        began = time.perf_counter()
+        samples = generate(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            num_samples=s.k,
+            seed=config.seed * 1_000_003 + shard,
+            batch_size=s.batch_size,
+        )
+        seconds = time.perf_counter() - began
+        tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for row in samples for t in row)
+        labelled = [label_group(task, e, p, row) for e, p, row in zip(chunk, prompts, samples)]
+        groups = score_groups(
+            model, tokenizer, [g for g, _ in labelled], max_length=config.data.max_length, batch_size=s.batch_size
+        )
+        meta = {
+            "duplicates": sum(d for _, d in labelled),
+            "samples": len(chunk) * s.k,
+            "generated_tokens": tokens,
+            "seconds": seconds,
+            "process": jax.process_index(),
+        }
+        write_atomically(path.with_suffix(".meta.json"), json.dumps(meta) + "\n")  # before its shard
+        write_atomically(path, "".join(g.to_json() + "\n" for g in groups))
+        written += 1
+        bar.update(1)
+        bar.set_postfix(tok_s=f"{tokens / seconds:,.0f}")
+    bar.close()
+    sync("sampled")
+    if is_main_process() and all((out_dir / f"shard-{i:05d}.jsonl").exists() for i in range(shard_count)):
+        write_statistics(out_dir)
+    sync("sampling statistics")
+    return out_dir
+
+
+def write_statistics(out_dir: Path) -> dict:
+    """Positives per group, share of groups with both labels, duplicate rate, sampling tokens/s."""
+    groups = read_groups(out_dir)
+    progress = {p.name: json.loads(p.read_text()) for p in sorted(out_dir.glob("shard-*.meta.json"))}
+    duplicates = sum(p["duplicates"] for p in progress.values())
+    samples = sum(p["samples"] for p in progress.values())
+    stats = group_statistics(groups, duplicates, samples)
+    seconds = sum(p["seconds"] for p in progress.values())
+    stats["generated_tokens_per_s"] = (
+        sum(p["generated_tokens"] for p in progress.values()) / seconds if seconds else 0.0
+    )
+    write_atomically(out_dir / "stats.json", json.dumps(stats, indent=2) + "\n")  # marks sampling complete
+    print("groups: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
+    return stats

@@ -1,0 +1,215 @@
+"""`aft-jax study`: the pipeline once per seed, then statistics over the seeds and the paper's claims.
+
+    <run_dir>/seed-<n>/    one pipeline run per seed of `study.seeds` (each resumable like the pipeline)
+    <run_dir>/study.json   per model and metric: mean, std and 95% t-interval over seeds; paired
+                           differences against `vft` and `rft`; the claims with their verdicts
+    <run_dir>/study.md     the same as tables, with the protocol and the tests used
+    <run_dir>/plots/       metrics.png, accuracy_vs_aacc.png, scores.png
+
+Models are `vft` and `pipeline.methods`, plus `aft_bc-beta<b>` for each `study.betas` value and
+`aft_bc-lr<lr>` for each `study.lrs` value (the configured beta and alignment learning rate are `aft_bc`
+itself); each sweep's best and worst are chosen on validation accuracy. A killed study reruns the same
+command: finished seeds are skipped stage by stage and the interrupted one resumes, so `study.json` ends
+the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+
+from aft_jax.parallel import sharding
+from aft_jax.study.claims import MISALIGNED_BELOW, paper_claims, verdict
+from aft_jax.io.paths import Path, write_atomically
+from aft_jax.pipeline import align_lr, log, method_settings, run_pipeline, sub_config
+from aft_jax.study.stats import paired_bootstrap, paired_t, t_interval
+
+METRICS = ("accuracy", "self_consistency", "assess_macro", "assess_micro", "ppl_pos", "ppl_neg", "validation_accuracy")
+PER_QUESTION = {"accuracy": "correct", "self_consistency": "self_consistent"}
+BASELINES = ("vft", "rft")
+
+
+def _numbers(text: str, what: str, kind=float) -> list:
+    """Distinct comma-separated numbers of `kind`; a ValueError names the setting."""
+    expected = f"{what}={text!r}: expected distinct comma-separated {'integers' if kind is int else 'numbers'}"
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(expected) from None
+    if len(set(values)) != len(values) or any(math.isnan(v) for v in values):
+        raise ValueError(expected)
+    return values
+
+
+def study_plan(config) -> tuple[list[int], list[str], dict[str, dict[float, str]]]:
+    """The seeds, the alignment methods each seed runs, and the sweeps of AFT-BC as
+    `{"beta": {beta: method name}, "lr": {learning rate: method name}}`; a ValueError names the bad setting."""
+    seeds = _numbers(config.study.seeds, "study.seeds", int)
+    if not seeds:
+        raise ValueError(f"study.seeds={config.study.seeds!r}: expected distinct integers, e.g. 0,1,2")
+    methods = [m.strip() for m in config.pipeline.methods.split(",") if m.strip()]
+    for name in methods:
+        method_settings(name)
+    sweeps = {}
+    for key, own, what in (
+        ("beta", config.loss.beta, "a boundary margin"),
+        ("lr", align_lr(config), "a learning rate"),
+    ):
+        setting, text = f"study.{key}s", config.study[f"{key}s"]
+        sweeps[key] = {}
+        for value in _numbers(text, setting):
+            if value <= 0:
+                raise ValueError(f"{setting}={text!r}: {what} must be positive")
+            name = "aft_bc" if value == own and "aft_bc" in methods else f"aft_bc-{key}{value:g}"
+            sweeps[key][value] = name
+            methods += [name] if name not in methods else []
+    return seeds, methods, sweeps
+
+
+def run_study(config) -> dict:
+    seeds, methods, sweeps = study_plan(config)
+    run_dir = Path(config.run_dir)
+    results = {}
+    for i, seed in enumerate(seeds):
+        log(f"study: seed {seed} ({i + 1} of {len(seeds)})")
+        seed_config = sub_config(
+            config, seed=seed, run_dir=str(run_dir / f"seed-{seed}"), pipeline={"methods": ",".join(methods)}
+        )
+        results[seed] = run_pipeline(seed_config)  # every model's evaluation, as in <seed dir>/eval/
+    models = ["vft", *methods]
+    study = aggregate(results, models, sweeps)
+    study["protocol"] = protocol(config, seeds, results[seeds[0]]["vft"]["questions"])
+    if sharding.is_main_process():
+        from aft_jax.study.report import claims_table, plot_study, study_markdown
+
+        write_atomically(run_dir / "study.json", json.dumps(study, indent=1, allow_nan=False) + "\n")
+        plot_study(results, study, run_dir / "plots")
+        seconds = {s: _seconds(run_dir / f"seed-{s}") for s in seeds}
+        write_atomically(run_dir / "study.md", study_markdown(study, seconds))
+        print(
+            "\n" + claims_table(study) + f"\n\nstudy: {run_dir / 'study.md'} ({len(seeds)} seeds, {len(models)} models)"
+        )
+    return study
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _seconds(seed_dir: Path) -> float:
+    stages = _read(seed_dir / "manifest.json")["stages"].values()
+    return sum(s.get("seconds", 0.0) for s in stages)
+
+
+def protocol(config, seeds, test_questions: int) -> dict:
+    p = config.pipeline
+    return {
+        "seeds": seeds,
+        "task": config.task.name,
+        "init_from": p.init_from,
+        "vft_epochs": p.vft_epochs,
+        "align_epochs": p.align_epochs,
+        "align_lr": align_lr(config),
+        "beta": config.loss.beta,
+        "test_questions": test_questions,
+        "validation_questions": config.eval.validation_limit,
+    }
+
+
+def _interval(interval) -> dict:
+    """An `Interval` as JSON (NaN, as with a single seed, becomes null)."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in dataclasses.asdict(interval).items()}
+
+
+def aggregate(results: dict[int, dict[str, dict]], models: list[str], sweeps: dict[str, dict[float, str]]) -> dict:
+    """`results[seed][model]` (evaluation JSON) -> the summary, paired differences, sweeps and claims."""
+    seeds = list(results)
+    summary = {}
+    for m in models:
+        summary[m] = {}
+        for metric in METRICS:
+            values = [results[s][m].get(metric) for s in seeds]
+            if all(v is not None and not math.isnan(v) for v in values):
+                summary[m][metric] = {**_interval(t_interval(values)), "values": values}
+    paired = {b: {m: difference(results, m, b) for m in models if m != b} for b in BASELINES if b in models}
+    swept = {key: sweep(names, summary) for key, names in sweeps.items()}
+    claims = []
+    for c in paper_claims(models, swept.get("beta", {}).get("best_worst_on_validation")):
+        if c.baseline:
+            done = paired.get(c.baseline, {}).get(c.method, {})
+            d = done.get(c.metric) or difference(results, c.method, c.baseline, [c.metric]).get(c.metric)
+            if d is None:  # a metric without a value (no group with both kinds of candidate)
+                continue
+            interval = d["seeds"] if len(seeds) > 1 else d.get("questions", d["seeds"])
+            test = "t over seeds" if len(seeds) > 1 else "bootstrap over questions" if "questions" in d else "none"
+        else:
+            if c.metric not in summary[c.method]:
+                continue
+            s = summary[c.method][c.metric]
+            interval = {k: (s[k] - MISALIGNED_BELOW if s[k] is not None else None) for k in ("mean", "low", "high")}
+            test = "t-interval over seeds" if len(seeds) > 1 else "none"
+        claims.append(
+            {
+                **dataclasses.asdict(c),
+                "difference": interval["mean"],
+                "low": interval["low"],
+                "high": interval["high"],
+                "p_value": interval.get("p_value"),
+                "test": test,
+                "verdict": verdict(interval["low"], interval["high"], c.direction),
+            }
+        )
+    return {
+        "seeds": seeds,
+        "models": models,
+        "summary": summary,
+        "paired": paired,
+        **{f"{key}_sweep": value for key, value in swept.items()},
+        "claims": claims,
+    }
+
+
+def sweep(names: dict[float, str], summary: dict) -> dict:
+    """`{"models": {value: name}, "best_worst_on_validation": (best, worst) or None}`: the choice is made on
+    mean validation accuracy over seeds, never on the test questions."""
+    best_worst = None
+    if len(names) >= 2 and all("validation_accuracy" in summary[n] for n in names.values()):
+        ranked = sorted(names.values(), key=lambda n: summary[n]["validation_accuracy"]["mean"])
+        best_worst = (ranked[-1], ranked[0])
+    return {
+        "models": {f"{value:g}": name for value, name in sorted(names.items())},
+        "best_worst_on_validation": best_worst,
+    }
+
+
+def difference(results, method: str, baseline: str, metrics=METRICS) -> dict:
+    """Per metric `method - baseline`, paired within each seed: `seeds` (t-interval of the per-seed
+    differences, with p-value) and, for per-question metrics, `questions` (paired bootstrap)."""
+    seeds = list(results)
+    out = {}
+    for metric in metrics:
+        a = [results[s][method].get(metric) for s in seeds]
+        b = [results[s][baseline].get(metric) for s in seeds]
+        if any(v is None or math.isnan(v) for v in a + b):
+            continue
+        out[metric] = {"seeds": _interval(paired_t(a, b))}
+        if metric in PER_QUESTION:
+            a_sq, b_sq = (_per_question(results, seeds, m, PER_QUESTION[metric]) for m in (method, baseline))
+            if a_sq is not None and b_sq is not None:
+                out[metric]["questions"] = _interval(paired_bootstrap(a_sq, b_sq))
+    return out
+
+
+def _per_question(results, seeds, model: str, key: str):
+    """`[seeds, questions]` of a per-question result, aligned by question id with the seed's VFT rows."""
+    rows = []
+    for s in seeds:
+        pq = results[s][model]["per_question"]
+        order = results[s]["vft"]["per_question"]["ids"]
+        if pq["ids"] != order:
+            raise ValueError(f"seed {s}: {model} was evaluated on other questions than vft")
+        rows.append(np.asarray(pq[key], np.float64))
+    return np.stack(rows) if len({len(r) for r in rows}) == 1 else None
