@@ -13,7 +13,7 @@ setup(
     install_requires=[
         "jax>=0.10,<0.12",
         "flax>=0.12,<0.14",
-        "optax>=0.2.4,<0.3",
+        "optax>=0.2.8,<0.3",
         "orbax-checkpoint>=0.11,<0.13",
         "ml-collections>=1.0,<2",
         "numpy>=1.26",

@@ -1,12 +1,12 @@
 """aft_jax: Alignment Fine-Tuning (arXiv 2309.02144) for Llama-family models in JAX/Flax NNX."""
 
-from aft_jax.model.config import ConfigError, LlamaConfig, RopeScaling
 from aft_jax.io.hf import from_pretrained, save_pretrained
 from aft_jax.io.hf_files import CheckpointError
 from aft_jax.method import losses
-from aft_jax.model.llama import KVCache, Llama, create_model, init_cache
-from aft_jax.sampling.sampler import generate
 from aft_jax.method.scoring import sequence_scores
+from aft_jax.model.config import ConfigError, LlamaConfig, RopeScaling
+from aft_jax.model.llama import KVCache, Llama, create_model, init_cache
+from aft_jax.sampling.sampler import Sampler, generate
 
 __version__ = "0.1.0"
 
@@ -17,6 +17,7 @@ __all__ = [
     "Llama",
     "LlamaConfig",
     "RopeScaling",
+    "Sampler",
     "create_model",
     "from_pretrained",
     "generate",

@@ -1,24 +1,21 @@
-"""From a run config to live objects: the mesh, and the model with its tokenizer."""
+"""From a run config to live objects: the sampling mesh, the task and its examples, the tokenizer (loaded or
+trained on the task) and the model."""
 
 from __future__ import annotations
 
-from aft_jax.parallel import sharding
+import dataclasses
+
+from aft_jax.data.tasks import Example, Task, get_task
+from aft_jax.io.paths import Path
 from aft_jax.model.config import LlamaConfig
-
-
-def mesh_from_config(spec: str, devices=None):
-    """A preset name (`fsdp`, `data`, ...) or comma-separated `data,fsdp,tensor` sizes (one may be -1),
-    over `devices` (default: every device of every process)."""
-    if "," in spec:
-        return sharding.make_mesh(tuple(int(x) for x in spec.split(",")), devices)
-    return sharding.make_mesh(spec, devices)
+from aft_jax.parallel import sharding
 
 
 def sampling_mesh(config):
     """`sample.mesh` over this process's devices: each process samples its own shards."""
     import jax
 
-    return mesh_from_config(config.sample.mesh, jax.local_devices())
+    return sharding.make_mesh(config.sample.mesh, jax.local_devices())
 
 
 def resolve_model_path(name: str) -> str:
@@ -45,16 +42,40 @@ def with_built_tokenizer(config):
     tokenizer trained on the task's training text, by process 0 when that folder has none yet."""
     if config.model.tokenizer != "build":
         return config
-    from aft_jax.io.paths import Path
-    from aft_jax.data.task_tokenizer import train_for_config
-
     folder = Path(config.run_dir) / "tokenizer"
     if sharding.is_main_process() and not (folder / "tokenizer.json").exists():
         train_for_config(config, folder)
     sharding.sync("tokenizer")
-    config = config.copy_and_resolve_references()
-    config.model.tokenizer = str(folder)
-    return config
+    return config.replace(model={"tokenizer": str(folder)})
+
+
+def task_from_config(config) -> Task:
+    """The task of `task.name`, the synthetic one generated with its configured sizes and the run's seed."""
+    if config.task.name == "synthetic":
+        t = config.task
+        return get_task(
+            "synthetic",
+            num_train=t.synthetic_train,
+            num_validation=t.synthetic_validation,
+            num_test=t.synthetic_test,
+            seed=config.seed,
+        )
+    return get_task(config.task.name)
+
+
+def load_examples(config, split: str) -> list[Example]:
+    """A split of the task (the training split cut to `task.limit` questions when that is positive)."""
+    limit = config.task.limit if config.task.limit > 0 and split == config.task.train_split else None
+    return task_from_config(config).load(split, data_dir=config.task.data_dir or None, limit=limit)
+
+
+def train_for_config(config, out_dir: str | Path):
+    """`train_task_tokenizer` on the prompt and target of every training question of `config`'s task."""
+    from aft_jax.data.task_tokenizer import train_task_tokenizer
+
+    task = task_from_config(config)
+    texts = [task.prompt(e, config.task.template) + e.target for e in load_examples(config, config.task.train_split)]
+    return train_task_tokenizer(texts, out_dir)
 
 
 def model_from_config(model_cfg, mesh, seed: int = 0):
@@ -79,7 +100,7 @@ def model_from_config(model_cfg, mesh, seed: int = 0):
     if not model_cfg.tokenizer or not model_cfg.random.num_layers:
         raise ValueError("set model.path, or model.tokenizer and model.random.* for a randomly initialised model")
     tokenizer = load_tokenizer(model_cfg.tokenizer)
-    dims = dict(model_cfg.random)
+    dims = dataclasses.asdict(model_cfg.random)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         **dims,

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import math
 import logging
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -18,20 +19,14 @@ def _convert(args) -> None:
     if args.to == "hf":
         aft_jax.save_pretrained(model, tokenizer, dst)
     else:
-        try:
-            checkpoint.save_model_folder(model, tokenizer, dst)
-        except FileExistsError as err:
-            raise SystemExit(str(err)) from None
+        checkpoint.save_model_folder(model, tokenizer, dst)
     print(f"wrote {args.to} model to {dst}")
 
 
 def _load(args):
     from aft_jax.config.load import load_config
 
-    try:
-        return load_config(args.config, args.overrides)
-    except (KeyError, ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"aft-jax {args.command}: {err.args[0] if err.args else err}") from None
+    return load_config(args.config, args.overrides, command=args.command)
 
 
 def _train(args) -> None:
@@ -39,15 +34,12 @@ def _train(args) -> None:
     from aft_jax.stages.train import run_training
 
     config = with_built_tokenizer(_load(args))
-    if args.command == "vft":
-        with config.unlocked():
-            config.loss.method = "vft"
     print(f"exported the final model to {run_training(config)}")
 
 
 def _sample(args) -> None:
-    from aft_jax.stages.sample import sample_candidates
     from aft_jax.build import model_from_config, sampling_mesh, with_built_tokenizer
+    from aft_jax.stages.sample import sample_candidates
 
     config = with_built_tokenizer(_load(args))
     model, tokenizer = model_from_config(config.model, sampling_mesh(config), seed=config.seed)
@@ -61,25 +53,29 @@ def _pipeline(args) -> None:
 
 
 def _study(args) -> None:
+    from aft_jax.config.spec import RunConfigError
     from aft_jax.study.runner import run_study, study_plan
 
     config = _load(args)
     try:
         study_plan(config)
     except ValueError as err:
-        raise SystemExit(f"aft-jax study: {err}") from None
+        raise RunConfigError(str(err)) from None
     run_study(config)
 
 
 def _plan(args) -> None:
+    from aft_jax.config.spec import RunConfigError
+    from aft_jax.parallel.sharding import parse_mesh_shape
     from aft_jax.stages.plan import HBM_GB, plan_memory, recommend, request_host_devices
 
     config = _load(args)
-    sizes = config.train.mesh.split(",") if "," in config.train.mesh else []
-    devices = args.devices or (math.prod(int(x) for x in sizes) if sizes and "-1" not in sizes else 0)
+    sizes = parse_mesh_shape(config.train.mesh)
+    devices = args.devices or (math.prod(sizes) if -1 not in sizes else 0)
     if not devices:
-        raise SystemExit(
-            "aft-jax plan: give --devices N (or a mesh of explicit sizes, e.g. --config.train.mesh=1,16,1)"
+        raise RunConfigError(
+            f"train.mesh={config.train.mesh!r} leaves the device count open: give --devices N (or a mesh of "
+            "explicit sizes, e.g. --config.train.mesh=1,16,1)"
         )
     request_host_devices(devices)
     plan = plan_memory(config, args.batch_size, args.seq_len)
@@ -96,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aft-jax", description="Alignment Fine-Tuning for Llama-family models in JAX."
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error (also: AFT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     convert = sub.add_parser(
@@ -119,7 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("sample", "step 2: sample, label and score candidate groups with the VFT model", _sample),
         ("aft", "step 3: alignment fine-tuning on candidate groups (or a baseline: loss.method)", _train),
         ("pipeline", "all three steps, then evaluation and a comparison report, in one run directory", _pipeline),
-        ("study", "the pipeline once per seed (study.seeds), then intervals, paired tests and the paper's claims", _study),
+        (
+            "study",
+            "the pipeline once per seed (study.seeds), then intervals, paired tests and the paper's claims",
+            _study,
+        ),
     ):
         command = sub.add_parser(
             name, help=text, description=f"{text}. Override any config key with --config.KEY=VALUE."
@@ -156,13 +157,23 @@ def main(argv: list[str] | None = None) -> None:
     if unknown or (overrides and not hasattr(args, "config")):
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     args.overrides = overrides
+    debug = args.debug or os.environ.get("AFT_DEBUG", "") not in ("", "0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     if args.command != "plan":  # plan simulates its own devices
         from aft_jax.parallel.sharding import initialize_distributed
 
         initialize_distributed()
-    args.run(args)
+    from aft_jax.errors import UserError
+
+    try:
+        args.run(args)
+    except (UserError, FileNotFoundError, FileExistsError) as err:
+        if debug:
+            raise
+        message = err.args[0] if err.args and isinstance(err.args[0], str) else str(err)
+        print(f"aft-jax {args.command}: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -18,62 +18,14 @@ and process 0 writes the manifest and the reports; every stage ends at a barrier
 from __future__ import annotations
 
 import json
-import re
 import time
 
 import jax
 
-from aft_jax.parallel import sharding
 from aft_jax.io.metrics import read_metrics
 from aft_jax.io.paths import Path, write_atomically
-
-METHOD_PRESETS = {
-    "aft_bc": {"method": "aft", "constraint": "boundary"},
-    "aft_dc": {"method": "aft", "constraint": "detach"},
-    "aft_none": {"method": "aft", "constraint": "none"},
-    "rft": {"method": "rft", "constraint": "none"},
-    **{
-        f"{m}{suffix}": {"method": m, "constraint": c}
-        for m in ("rrhf", "pro", "dpo")
-        for suffix, c in (("", "none"), ("_bc", "boundary"), ("_dc", "detach"))
-    },
-    # ranking feedback: every pair of levels (the task's `level`) instead of positive / negative
-    **{
-        f"{name}_rank": {"method": m, "constraint": c, "use_levels": True}
-        for name, m, c in (("aft_bc", "aft", "boundary"), ("aft_dc", "aft", "detach"), ("rrhf", "rrhf", "none"))
-    },
-}
-SUFFIXES = {"beta": ("loss", "beta"), "lr": ("optim", "lr")}  # name suffix -> the (section, key) it sets
-_SUFFIX_NAMES = "|".join(SUFFIXES)
-_SUFFIX = re.compile(rf"-({_SUFFIX_NAMES})(.*?)(?=-(?:{_SUFFIX_NAMES})|$)")  # -<name><value>, to the next suffix
-_KNOWN_SUFFIXES = ", ".join(f"-{key}<value>" for key in SUFFIXES)
-
-
-def method_settings(name: str) -> dict:
-    """The config sections a method name sets: `loss` from its `METHOD_PRESETS` key, and with suffixes
-    `-beta<value>` the boundary margin (`loss.beta`) and `-lr<value>` the peak learning rate of its
-    alignment run (`optim.lr`), e.g. `aft_bc-beta0.3` or `aft_bc-lr0.0003`."""
-    preset = name.split("-", 1)[0]
-    if preset not in METHOD_PRESETS:
-        raise ValueError(
-            f"pipeline.methods: unknown {name!r}; known: {', '.join(METHOD_PRESETS)} (+ {_KNOWN_SUFFIXES})"
-        )
-    settings = {"loss": dict(METHOD_PRESETS[preset])}
-    rest, end = name[len(preset) :], 0
-    for match in _SUFFIX.finditer(rest):
-        if match.start() != end:
-            break
-        key, text = match.groups()
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError(f"pipeline.methods: {name!r}: {text!r} after -{key} is not a number") from None
-        section, field = SUFFIXES[key]
-        settings.setdefault(section, {})[field] = value
-        end = match.end()
-    if end != len(rest):
-        raise ValueError(f"pipeline.methods: {name!r}: unknown suffix {rest[end:]!r}; known: {_KNOWN_SUFFIXES}")
-    return settings
+from aft_jax.method.registry import method_settings
+from aft_jax.parallel import sharding
 
 
 class Manifest:
@@ -82,7 +34,7 @@ class Manifest:
     def __init__(self, run_dir: Path, config):
         self.path = run_dir / "manifest.json"
         self.data = json.loads(self.path.read_text()) if self.path.exists() else {"stages": {}}
-        self.data["config"] = json.loads(config.to_json_best_effort())
+        self.data["config"] = config.to_dict()
         self._save()
 
     def _save(self) -> None:
@@ -112,18 +64,6 @@ def log(message: str) -> None:
         print(f"[pipeline] {message}")
 
 
-def sub_config(config, **sections):
-    """A copy of `config` with `{"section": {"key": value}}` changes."""
-    sub = config.copy_and_resolve_references()
-    with sub.unlocked():
-        for section, values in sections.items():
-            if isinstance(values, dict):
-                sub[section].update(values)
-            else:
-                sub[section] = values
-    return sub
-
-
 def align_lr(config) -> float:
     """The alignment runs' peak learning rate: `pipeline.align_lr`, or `optim.lr` when it is not positive."""
     return config.pipeline.align_lr if config.pipeline.align_lr > 0 else config.optim.lr
@@ -135,12 +75,12 @@ def _model_done(folder: Path) -> bool:
 
 def run_pipeline(config) -> dict:
     """Runs every stage not yet complete; returns the evaluation results per model."""
-    from aft_jax.stages.sample import load_examples, sample_candidates, task_from_config
-    from aft_jax.io.checkpoint import save_model_folder
+    from aft_jax.build import load_examples, model_from_config, sampling_mesh, task_from_config
     from aft_jax.data.groups import read_groups
-    from aft_jax.stages.evaluate import comparison_table, evaluate_model, write_report
+    from aft_jax.io.checkpoint import save_model_folder
     from aft_jax.io.hf import from_pretrained
-    from aft_jax.build import mesh_from_config, model_from_config, sampling_mesh
+    from aft_jax.stages.evaluate import comparison_table, evaluate_model, write_report
+    from aft_jax.stages.sample import sample_candidates
     from aft_jax.stages.train import run_training
 
     run_dir = Path(config.run_dir)
@@ -150,7 +90,7 @@ def run_pipeline(config) -> dict:
     method_sections = {name: method_settings(name) for name in methods}
     if config.pipeline.init_from not in ("base", "vft"):
         raise ValueError(f"pipeline.init_from={config.pipeline.init_from!r}; expected 'base' or 'vft'")
-    mesh = mesh_from_config(config.train.mesh)
+    mesh = sharding.make_mesh(config.train.mesh)
     task = task_from_config(config)
     if config.eval.validation_limit > 0 and config.task.validation_split not in task.splits:
         raise ValueError(
@@ -159,12 +99,12 @@ def run_pipeline(config) -> dict:
         )
 
     if config.model.tokenizer == "build":
-        from aft_jax.data.task_tokenizer import train_for_config
+        from aft_jax.build import train_for_config
 
         folder = run_dir / "tokenizer"
         done = (folder / "tokenizer.json").exists()
         manifest.stage("tokenizer", done, lambda: sharding.is_main_process() and train_for_config(config, folder))
-        config = sub_config(config, model={"tokenizer": str(folder)})
+        config = config.replace(model={"tokenizer": str(folder)})
 
     base = config.model.path
     if not base:
@@ -178,8 +118,7 @@ def run_pipeline(config) -> dict:
     base_model = {"path": base, "tokenizer": ""}
 
     vft_dir = run_dir / "vft"
-    vft_config = sub_config(
-        config,
+    vft_config = config.replace(
         run_dir=str(vft_dir),
         model=base_model,
         loss={"method": "vft"},
@@ -189,7 +128,7 @@ def run_pipeline(config) -> dict:
     manifest.stage("vft", _model_done(vft_dir), lambda: run_training(vft_config))
     vft_model_dir = str(vft_dir / "model")
 
-    sampler_config = sub_config(config, model={"path": vft_model_dir, "tokenizer": ""})
+    sampler_config = config.replace(model={"path": vft_model_dir, "tokenizer": ""})
     groups_train, groups_eval = run_dir / "groups" / "train", run_dir / "groups" / "eval"
     loaded: dict = {}
 
@@ -201,20 +140,19 @@ def run_pipeline(config) -> dict:
     manifest.stage(
         "sample_train",
         (groups_train / "stats.json").exists(),
-        lambda: sample_candidates(sampler_config, *vft_model(), out_dir=groups_train),
+        lambda: sample_candidates(sampler_config, *vft_model(), task=task, out_dir=groups_train),
     )
     held_out = load_examples(config, config.task.eval_split)[: max(config.eval.group_questions, 0)]
     manifest.stage(
         "sample_eval",
         (groups_eval / "stats.json").exists(),
-        lambda: sample_candidates(sampler_config, *vft_model(), examples=held_out, out_dir=groups_eval),
+        lambda: sample_candidates(sampler_config, *vft_model(), task=task, examples=held_out, out_dir=groups_eval),
     )
     loaded.clear()
 
     start = base if config.pipeline.init_from == "base" else vft_model_dir
     for name in methods:
-        method_config = sub_config(
-            config,
+        method_config = config.replace(
             run_dir=str(run_dir / name),
             model={"path": start, "tokenizer": ""},
             loss=method_sections[name]["loss"],

@@ -51,9 +51,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     import aft_jax
-    from aft_jax.sampling.sampler import decode_layers, left_pad, sample_token_ids, sampling_params
-    from aft_jax.io.smollm2 import smollm2_checkpoint
     from aft_jax.data.tasks import get_task
+    from aft_jax.io.smollm2 import smollm2_checkpoint
+    from aft_jax.sampling.sampler import decode_layers, left_pad, sample_token_ids, sampling_params
     from aft_jax.stages.train import matmul_params
 
     checkpoint = smollm2_checkpoint()

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from aft_jax.study.stats import paired_t
 from aft_jax.data.tasks import get_task
+from aft_jax.study.stats import paired_t
 
 
 def signature(example) -> tuple:

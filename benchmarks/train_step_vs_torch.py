@@ -60,12 +60,12 @@ def peak_rss_mb() -> float:
 
 def run_jax(args, checkpoint: str) -> dict:
     import jax
-    from flax import nnx
 
     import aft_jax
-    from aft_jax.parallel import sharding
-    from aft_jax.stages.train import build_optimizer, compile_step, init_state, make_train_step, shard_batch
     from aft_jax.config.defaults import default_config
+    from aft_jax.parallel import sharding
+    from aft_jax.stages.program import build_train_program
+    from aft_jax.stages.train import shard_batch
 
     mesh = sharding.single_device_mesh()
     model, _ = aft_jax.from_pretrained(
@@ -73,9 +73,8 @@ def run_jax(args, checkpoint: str) -> dict:
     )
     cfg = default_config()
     cfg.loss.update(method="aft", constraint="boundary", beta=BETA)
-    tx, schedule = build_optimizer(cfg.optim, total_steps=100)
-    state = init_state(model, tx, 0, mesh)
-    step = compile_step(make_train_step(nnx.graphdef(model), cfg.loss, tx, schedule, 1), state, mesh)
+    step = build_train_program(model.config, mesh, cfg.loss, cfg.optim, total_steps=100, grad_accum=1)
+    state = step.init_state(model, 0)
     del model
     batch = shard_batch(make_batch(args.k, args.length, 49152), mesh)
     times, losses = [], []
@@ -220,8 +219,8 @@ def main() -> None:
         results[impl] = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
     import machine
 
-    from aft_jax.model.config import LlamaConfig
     from aft_jax.io.hf_files import read_config
+    from aft_jax.model.config import LlamaConfig
     from aft_jax.stages.train import train_flops
 
     where = machine.record()

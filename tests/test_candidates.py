@@ -4,14 +4,14 @@ import json
 
 import numpy as np
 import pytest
+from conftest import REPO
 
+from aft_jax.build import model_from_config, with_built_tokenizer
+from aft_jax.config.load import load_config
+from aft_jax.data.groups import read_groups
+from aft_jax.data.tasks import get_task
 from aft_jax.parallel import sharding
 from aft_jax.stages.sample import label_group, sample_candidates
-from aft_jax.data.groups import read_groups
-from aft_jax.build import model_from_config, with_built_tokenizer
-from aft_jax.data.tasks import get_task
-from aft_jax.config.load import load_config
-from conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +41,9 @@ def _files(directory):
 
 def test_interrupted_sampling_gives_the_same_groups(tmp_path, tiny_setup):
     config, model, tokenizer = tiny_setup
-    with config.unlocked():
-        config.sample.out_dir = str(tmp_path / "straight")
+    config = config.replace(sample={"out_dir": str(tmp_path / "straight")})
     straight = sample_candidates(config, model, tokenizer)
-    with config.unlocked():
-        config.sample.out_dir = str(tmp_path / "interrupted")
+    config = config.replace(sample={"out_dir": str(tmp_path / "interrupted")})
     sample_candidates(config, model, tokenizer, stop_after_shards=1)
     assert len(_files(tmp_path / "interrupted")) == 1 and not (tmp_path / "interrupted" / "stats.json").exists()
     (tmp_path / "interrupted" / "shard-00001.jsonl.tmp").write_text("half a line")  # as a kill mid-write leaves
@@ -70,8 +68,7 @@ def test_scores_in_groups_match_sequence_scores(tmp_path, tiny_setup):
     import aft_jax
 
     config, model, tokenizer = tiny_setup
-    with config.unlocked():
-        config.sample.out_dir = str(tmp_path / "g")
+    config = config.replace(sample={"out_dir": str(tmp_path / "g")})
     group = read_groups(sample_candidates(config, model, tokenizer))[0]
     cand = group.candidates[0]
     prompt = tokenizer(group.prompt)["input_ids"]

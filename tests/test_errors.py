@@ -4,10 +4,10 @@ import json
 
 import numpy as np
 import pytest
+from hf_reference import save_tiny
 from safetensors.numpy import load_file, save_file
 
 import aft_jax
-from hf_reference import save_tiny
 
 
 def test_missing_config(tmp_path):
@@ -65,3 +65,11 @@ def test_pickled_weights_are_refused_unless_allowed(tmp_path):
         aft_jax.from_pretrained(tmp_path)
     model, _ = aft_jax.from_pretrained(tmp_path, allow_pickle=True)
     np.testing.assert_array_equal(np.asarray(model.embed[...]), hf_model.model.embed_tokens.weight.detach().numpy())
+
+
+def test_truncated_safetensors_names_the_file(tmp_path):
+    save_tiny("mha_untied", tmp_path)
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    with pytest.raises(aft_jax.CheckpointError, match=r"model\.safetensors: "):
+        aft_jax.from_pretrained(tmp_path)

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from aft_jax.method import losses
 from aft_jax.data.groups import Candidate, Group
+from aft_jax.method import losses
 from aft_jax.stages.evaluate import comparison_table, group_assessment, majority_vote
 
 

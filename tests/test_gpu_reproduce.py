@@ -7,8 +7,8 @@ import subprocess
 import pytest
 from conftest import REPO
 
-from aft_jax.study.runner import study_plan
 from aft_jax.config.load import load_config
+from aft_jax.study.runner import study_plan
 
 SCRIPT = REPO / "benchmarks" / "gpu_reproduce.sh"
 

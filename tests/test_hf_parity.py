@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+from hf_reference import TINY_CONFIGS, hf_logits, padded_batch, save_tiny
 
 import aft_jax
-from hf_reference import TINY_CONFIGS, hf_logits, padded_batch, save_tiny
 
 
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))

@@ -3,10 +3,10 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_reference import padded_batch, save_tiny
 
 import aft_jax
-from aft_jax.model.llama import decode_cache, grow_decode_cache
-from hf_reference import padded_batch, save_tiny
+from aft_jax.sampling.decode import decode_cache, decode_step, grow_decode_cache, unstack_layers
 
 
 @pytest.mark.parametrize("name", ["gqa_tied", "llama3_rope"])
@@ -58,12 +58,12 @@ def test_shared_prompt_decode_equals_full_forward(tmp_path, name):
 
     _, cache = model.prefill(prompt_ids, prompt_mask)
     cache = decode_cache(cache, rows_per_prompt, 2)
-    layers = model.unstacked_layers()
+    layers = unstack_layers(model)
     decoded = []
     for j in range(steps):
         if j == 2:  # the own caches grow (as the sampler's do) from 2 to `steps` slots
             cache = grow_decode_cache(cache, steps)
-        logits, cache = model.decode_step(layers, jnp.asarray(continuation[:, j]), cache)
+        logits, cache = decode_step(model, layers, jnp.asarray(continuation[:, j]), cache)
         decoded.append(np.asarray(logits))
     decoded = np.stack(decoded, axis=1)
 

@@ -9,12 +9,12 @@ import subprocess
 
 import jax
 import numpy as np
+from conftest import tiny_cli
+from train_helpers import write_arithmetic_groups
 
 import aft_jax
 from aft_jax.data.groups import read_groups
 from aft_jax.io.metrics import read_metrics
-from conftest import tiny_cli
-from train_helpers import write_arithmetic_groups
 
 
 def _env(devices, **extra):

@@ -1,10 +1,10 @@
 """`aft-jax plan`: memory from an ahead-of-time compilation grows with batch and sequence length."""
 
 import pytest
-
-from aft_jax.stages.plan import plan_memory, recommend
-from aft_jax.config.load import load_config
 from conftest import REPO
+
+from aft_jax.config.load import load_config
+from aft_jax.stages.plan import plan_memory, recommend
 
 
 @pytest.fixture(scope="module")

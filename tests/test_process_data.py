@@ -4,12 +4,11 @@ import dataclasses
 import threading
 
 import numpy as np
+from train_helpers import write_arithmetic_groups
 from transformers import AutoTokenizer
 
 from aft_jax.data.batches import GroupBatcher, GroupEncoder
-
 from aft_jax.data.groups import read_groups
-from train_helpers import write_arithmetic_groups
 
 
 class RecordingEncoder(GroupEncoder):

@@ -11,14 +11,14 @@ import pytest
 from flax import nnx
 from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
-
-import aft_jax
-from aft_jax.io import paths
-from aft_jax.stages.sample import sample_candidates
-from aft_jax.data.groups import read_groups
-from aft_jax.io.metrics import MetricsWriter, read_metrics
 from hf_reference import save_tiny
 from test_candidates import tiny_setup  # noqa: F401  (fixture)
+
+import aft_jax
+from aft_jax.data.groups import read_groups
+from aft_jax.io import paths
+from aft_jax.io.metrics import MetricsWriter, read_metrics
+from aft_jax.stages.sample import sample_candidates
 
 
 @pytest.fixture(scope="module")

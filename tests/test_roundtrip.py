@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
+from hf_reference import hf_logits, padded_batch, save_tiny
 from safetensors.numpy import load_file
 
 import aft_jax
 from aft_jax import cli
-from hf_reference import hf_logits, padded_batch, save_tiny
 
 
 def _hf_tensors(directory):

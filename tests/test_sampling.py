@@ -5,11 +5,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
+from train_helpers import tiny_model
 
 import aft_jax
-from aft_jax.sampling.sampler import SamplingParams, filter_logits, left_pad, own_cache_sizes, sample_token_ids
 from aft_jax.data.tasks import format_prompt
-from train_helpers import tiny_model
+from aft_jax.sampling.sampler import (
+    SamplingParams,
+    decode_completion,
+    filter_logits,
+    left_pad,
+    own_cache_sizes,
+    sample_token_ids,
+)
 
 
 def test_greedy_matches_transformers_generate(smollm2_dir, gsm8k_test_questions):
@@ -112,7 +119,7 @@ def test_left_padding_does_not_change_the_output():
 
 def test_seeded_sampling_is_reproducible(smollm2_dir):
     model, tokenizer = aft_jax.from_pretrained(smollm2_dir)
-    kwargs = dict(max_new_tokens=12, temperature=1.0, num_samples=3, batch_size=8)
+    kwargs = {"max_new_tokens": 12, "temperature": 1.0, "num_samples": 3, "batch_size": 8}
     a = aft_jax.generate(model, tokenizer, ["Tom has 3 apples.", "Count to five:"], seed=7, **kwargs)
     b = aft_jax.generate(model, tokenizer, ["Tom has 3 apples.", "Count to five:"], seed=7, **kwargs)
     c = aft_jax.generate(model, tokenizer, ["Tom has 3 apples.", "Count to five:"], seed=8, **kwargs)
@@ -137,3 +144,45 @@ def test_own_cache_grows_in_quarters_to_max_new_tokens():
     assert own_cache_sizes(100) == [32, 64, 96, 100]
     assert own_cache_sizes(40) == [32, 40]
     assert own_cache_sizes(12) == [12]
+
+
+def test_sampler_texts_equal_its_token_ids(smollm2_dir):
+    """`Sampler.sample` (texts, batched and padded here) and `Sampler.sample_ids` (ids given) agree greedily."""
+    model, tokenizer = aft_jax.from_pretrained(smollm2_dir)
+    sampler = aft_jax.Sampler(model, tokenizer, batch_size=4)
+    prompts = ["Tom has 3 apples.", "Count to five:", "The sky is"]
+    texts = sampler.sample(prompts, max_new_tokens=10)
+    params = sampler.params(10)
+    ids, mask = left_pad([tokenizer(p)["input_ids"] for p in prompts], 3, params.pad_id)
+    tokens, lengths = sampler.sample_ids(ids, mask, max_new_tokens=10)
+    assert texts == [[decode_completion(tokenizer, tokens[q], lengths[q], params.eos_ids)] for q in range(3)]
+    assert texts == aft_jax.generate(model, tokenizer, prompts, max_new_tokens=10, batch_size=4)
+
+
+class _RecordingSampler:
+    """A stand-in sampler: every completion is the example's reference solution."""
+
+    def __init__(self, targets: dict[str, str]):
+        self.targets, self.calls = targets, []
+
+    def sample(self, prompts, *, num_samples=1, **params):
+        self.calls.append((len(prompts), num_samples, params))
+        return [[self.targets[p]] * num_samples for p in prompts]
+
+
+def test_evaluation_generates_only_through_the_sampler_it_receives():
+    from types import SimpleNamespace
+
+    from aft_jax.data.tasks import get_task
+    from aft_jax.stages.evaluate import greedy_correct, validation_accuracy
+
+    task = get_task("synthetic", num_train=4, num_validation=3, num_test=3, seed=0)
+    config = SimpleNamespace(
+        task=SimpleNamespace(template="plain"), eval=SimpleNamespace(max_new_tokens=7, batch_size=2)
+    )
+    test, validation = task.load("test"), task.load("validation")
+    fake = _RecordingSampler({task.prompt(x, "plain"): x.target for x in test + validation})
+    texts, correct = greedy_correct(config, task, None, None, test, sampler=fake)  # no model: only the sampler
+    assert texts == [x.target for x in test] and all(correct)
+    assert validation_accuracy(config, task, None, None, validation, sampler=fake)["validation_accuracy"] == 1.0
+    assert fake.calls == [(3, 1, {"max_new_tokens": 7})] * 2

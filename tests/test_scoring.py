@@ -3,9 +3,9 @@
 import jax
 import numpy as np
 import pytest
+from train_helpers import VOCAB, tiny_model
 
 from aft_jax.method.scoring import sequence_scores
-from train_helpers import VOCAB, tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,10 @@
 
 import jax
 import numpy as np
+from hf_reference import padded_batch, save_tiny
 
 import aft_jax
 from aft_jax.parallel import sharding
-from hf_reference import padded_batch, save_tiny
 
 
 def test_sharded_forward_matches_single_device(tmp_path):

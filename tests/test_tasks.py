@@ -160,8 +160,8 @@ def test_ecqa_hub_layout_maps_to_the_same_example():
     task = get_task("ecqa")
     local = task.load("test", limit=1)[0]
     import json
-    from pathlib import Path
     import os
+    from pathlib import Path
 
     record = json.loads((Path(os.environ["AFT_DATA_DIR"]) / "ecqa" / "test.jsonl").read_text().splitlines()[0])
     hub = {

@@ -3,25 +3,24 @@
 import jax
 import numpy as np
 import pytest
-from flax import nnx
-
-from aft_jax.parallel import sharding
-from aft_jax.stages.train import build_optimizer, compile_step, init_state, make_train_step, shard_batch
-from aft_jax.config.defaults import default_config
 from train_helpers import loss_config, random_batch, tiny_model
+
+from aft_jax.config.defaults import default_config
+from aft_jax.parallel import sharding
+from aft_jax.stages.program import build_train_program
+from aft_jax.stages.train import shard_batch
 
 
 def _step(mesh, loss_cfg, grad_accum=1, steps=1, batch_seed=0):
     model = tiny_model(mesh)
-    tx, schedule = build_optimizer(default_config().optim, total_steps=10)
-    state = init_state(model, tx, seed=0, mesh=mesh)
+    program = build_train_program(model.config, mesh, loss_cfg, default_config().optim, 10, grad_accum)
+    state = program.init_state(model, seed=0)
     adam = state.opt_state[1][0]  # (clip, adamw = (scale_by_adam, ...))
     for moments in (adam.mu, adam.nu):  # Adam's moments are sharded exactly like the parameters
         assert jax.tree.map(lambda m: m.sharding.spec, moments) == jax.tree.map(lambda p: p.sharding.spec, state.params)
-    step = compile_step(make_train_step(nnx.graphdef(model), loss_cfg, tx, schedule, grad_accum), state, mesh)
     history = []
     for _ in range(steps):
-        state, metrics = step(state, shard_batch(random_batch(batch_seed), mesh))
+        state, metrics = program(state, shard_batch(random_batch(batch_seed), mesh))
         history.append({k: float(v) for k, v in metrics.items()})
     return jax.device_get(state.params), history
 
@@ -55,13 +54,12 @@ def test_overfitting_one_batch_drives_the_loss_down(method):
     optim.lr, optim.warmup_ratio = 1e-2, 0.0
     model = tiny_model()
     mesh = sharding.single_device_mesh()
-    tx, schedule = build_optimizer(optim, total_steps=1000)
-    state = init_state(model, tx, seed=0, mesh=mesh)
-    step = compile_step(make_train_step(nnx.graphdef(model), cfg, tx, schedule, 1), state, mesh)
+    program = build_train_program(model.config, mesh, cfg, optim, total_steps=1000, grad_accum=1)
+    state = program.init_state(model, seed=0)
     batch = shard_batch(random_batch(3), mesh)
     losses = []
     for _ in range(25):
-        state, metrics = step(state, batch)
+        state, metrics = program(state, batch)
         losses.append(float(metrics["loss"]))
     assert losses[-1] < 0.5 * losses[0], losses
     if method != "vft":

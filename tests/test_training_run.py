@@ -7,10 +7,10 @@ import subprocess
 import time
 
 import pytest
-
-from aft_jax.io.metrics import read_metrics
 from conftest import REPO, tiny_cli
 from train_helpers import write_arithmetic_groups
+
+from aft_jax.io.metrics import read_metrics
 
 
 def _command(run_dir, groups, *extra):
@@ -82,8 +82,8 @@ def test_malformed_groups_line_names_file_and_line(tmp_path):
 
 
 def test_paper_presets_load():
-    from aft_jax.config.presets import PAPER_MODELS, PAPER_TASKS
     from aft_jax.config.load import load_config
+    from aft_jax.config.presets import PAPER_MODELS, PAPER_TASKS
 
     for model in PAPER_MODELS:
         for task in PAPER_TASKS:

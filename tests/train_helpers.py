@@ -6,9 +6,9 @@ import numpy as np
 from ml_collections import ConfigDict
 
 import aft_jax
+from aft_jax.config.defaults import default_config
 from aft_jax.data.batches import EncodedGroup, collate
 from aft_jax.data.groups import Candidate
-from aft_jax.config.defaults import default_config
 
 VOCAB = 61
 

@@ -53,7 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 64
 
     c.pipeline = ml_collections.ConfigDict()
-    c.pipeline.methods = "aft_bc,aft_dc,rft"  # alignment runs after VFT; see aft_jax.pipeline.METHOD_PRESETS
+    c.pipeline.methods = "aft_bc,aft_dc,rft"  # alignment runs after VFT; see aft_jax.method.registry.PRESETS
     c.pipeline.init_from = "base"  # base | vft: where each alignment run starts
     c.pipeline.vft_epochs = 3
     c.pipeline.align_epochs = 3
@@ -73,7 +73,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.shuffle = True
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.method = "aft"  # vft | rft | aft | rrhf | pro | dpo
+    c.loss.method = "aft"  # aft_jax.method.registry.METHODS: vft | aft | rft | rrhf | pro | dpo
     c.loss.constraint = "boundary"  # none | detach | boundary
     c.loss.beta = 0.1  # boundary margin
     c.loss.beta_dpo = 0.1

@@ -12,10 +12,17 @@ from pathlib import Path
 
 import ml_collections
 
+from aft_jax.config.spec import RunConfig, RunConfigError, check_command, parse_config
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> ml_collections.ConfigDict:
-    """Loads `get_config()` (or `get_config(arg)` for `file.py:arg`) from a preset file, locks it and
-    applies `a.b=value` overrides."""
+
+class UnknownKeyError(RunConfigError, KeyError):
+    """An override or preset names a key the config does not have."""
+
+
+def load_config(path: str | Path, overrides: list[str] = (), command: str | None = None) -> RunConfig:
+    """Loads `get_config()` (or `get_config(arg)` for `file.py:arg`) from a preset file, locks it, applies
+    `a.b=value` overrides and returns it parsed and checked (`spec.parse_config`, and the rules of
+    `command`; `vft` sets `loss.method = "vft"`)."""
     path, _, arg = str(path).partition(".py:")
     path = Path(path if not arg else path + ".py")
     if not path.is_file():
@@ -24,27 +31,31 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> ml_collections.C
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
-        raise ValueError(f"{path}: a config file must define get_config()")
+        raise RunConfigError(f"{path}: a config file must define get_config()")
     config = module.get_config(arg) if arg else module.get_config()
     config.lock()
     for override in overrides:
         apply_override(config, override)
-    return config
+    if command == "vft":
+        config.loss.method = "vft"
+    run = parse_config(config)
+    check_command(run, command)
+    return run
 
 
 def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     """Sets `a.b=value`, parsing value as the existing field's type."""
     if "=" not in override:
-        raise ValueError(f"override {override!r} must look like key.sub=value")
+        raise RunConfigError(f"override {override!r} must look like key.sub=value")
     dotted, raw = override.split("=", 1)
     *parents, leaf = dotted.split(".")
     node = config
     for depth, key in enumerate(parents):
         if key not in node or not isinstance(node[key], ml_collections.ConfigDict):
-            raise KeyError(_unknown(dotted, ".".join(parents[:depth]), node))
+            raise UnknownKeyError(_unknown(dotted, ".".join(parents[:depth]), node))
         node = node[key]
     if leaf not in node:
-        raise KeyError(_unknown(dotted, ".".join(parents), node))
+        raise UnknownKeyError(_unknown(dotted, ".".join(parents), node))
     current = node[leaf]
     with node.unlocked():
         node[leaf] = _parse(raw, current, dotted)
@@ -57,10 +68,10 @@ def _unknown(dotted: str, where: str, node) -> str:
 def _parse(raw: str, current, dotted: str):
     if isinstance(current, bool):
         if raw.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"{dotted}: expected true or false, got {raw!r}")
+            raise RunConfigError(f"{dotted}: expected true or false, got {raw!r}")
         return raw.lower() in ("true", "1")
     if isinstance(current, ml_collections.ConfigDict):
-        raise ValueError(f"{dotted} is a section; set one of its keys: {', '.join(sorted(current))}")
+        raise RunConfigError(f"{dotted} is a section; set one of its keys: {', '.join(sorted(current))}")
     try:
         if isinstance(current, int):
             return int(raw)
@@ -69,5 +80,5 @@ def _parse(raw: str, current, dotted: str):
         if isinstance(current, (tuple, list)):
             return type(current)(ast.literal_eval(raw))
     except (ValueError, SyntaxError) as err:
-        raise ValueError(f"{dotted}: cannot parse {raw!r} as {type(current).__name__}") from err
+        raise RunConfigError(f"{dotted}: cannot parse {raw!r} as {type(current).__name__}") from err
     return raw

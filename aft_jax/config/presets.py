@@ -4,6 +4,7 @@ of `config.defaults.default_config`, AFT_METHOD section 7) and a memory layout f
 from __future__ import annotations
 
 from aft_jax.config.defaults import default_config
+from aft_jax.config.spec import RunConfigError
 
 PAPER_MODELS = {  # hub name, gradient accumulation for 128 questions per step
     "llama_7b": ("huggyllama/llama-7b", 4),
@@ -26,7 +27,7 @@ PAPER_TASKS = {
 def paper_config(model: str, task: str):
     """`model` in PAPER_MODELS, `task` in PAPER_TASKS."""
     if model not in PAPER_MODELS or task not in PAPER_TASKS:
-        raise ValueError(
+        raise RunConfigError(
             f"unknown paper preset {model}-{task}; models: {sorted(PAPER_MODELS)}, tasks: {sorted(PAPER_TASKS)}"
         )
     path, grad_accum = PAPER_MODELS[model]

@@ -13,6 +13,17 @@ from aft_jax.data.groups import Candidate, Group
 
 log = logging.getLogger(__name__)
 TRUNCATION = ("completion", "drop")
+BATCH_SCHEMA = {  # name -> ("token": [B, K, T] or "candidate": [B, K], dtype); collate and the plan read it
+    "input_ids": ("token", np.int32),
+    "attention_mask": ("token", np.int32),
+    "completion_mask": ("token", np.int32),
+    "valid": ("candidate", np.bool_),
+    "is_pos": ("candidate", np.bool_),
+    "is_neg": ("candidate", np.bool_),
+    "is_reference": ("candidate", np.bool_),
+    "levels": ("candidate", np.int32),
+    "ref_logp_sum": ("candidate", np.float32),
+}
 
 
 @dataclasses.dataclass
@@ -87,16 +98,10 @@ def collate(groups: list[EncodedGroup], group_size: int, length: int, pad_id: in
     """Right-padded arrays: token arrays `[B, K, T]`, per-candidate arrays `[B, K]`."""
     b = len(groups)
     out = {
-        "input_ids": np.full((b, group_size, length), pad_id, np.int32),
-        "attention_mask": np.zeros((b, group_size, length), np.int32),
-        "completion_mask": np.zeros((b, group_size, length), np.int32),
-        "valid": np.zeros((b, group_size), bool),
-        "is_pos": np.zeros((b, group_size), bool),
-        "is_neg": np.zeros((b, group_size), bool),
-        "is_reference": np.zeros((b, group_size), bool),
-        "levels": np.zeros((b, group_size), np.int32),
-        "ref_logp_sum": np.zeros((b, group_size), np.float32),
+        name: np.zeros((b, group_size, length) if per == "token" else (b, group_size), dtype)
+        for name, (per, dtype) in BATCH_SCHEMA.items()
     }
+    out["input_ids"][:] = pad_id
     for g, group in enumerate(groups):
         for k, (tokens, prompt_len, cand) in enumerate(zip(group.tokens, group.prompt_lengths, group.candidates)):
             n = len(tokens)

@@ -17,9 +17,11 @@ import dataclasses
 import json
 from typing import Iterator
 
+from aft_jax.errors import UserError
 from aft_jax.io.paths import Path
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """A malformed data line; the message starts with `file:line:`."""
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from aft_jax.io.paths import Path, staged_dir
 
-
 SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
 
@@ -37,12 +36,3 @@ def train_task_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int 
     with staged_dir(out_dir) as local:
         wrapped.save_pretrained(local)
     return wrapped
-
-
-def train_for_config(config, out_dir: str | Path):
-    """`train_task_tokenizer` on the prompt and target of every training question of `config`'s task."""
-    from aft_jax.stages.sample import load_examples, task_from_config
-
-    task = task_from_config(config)
-    texts = [task.prompt(e, config.task.template) + e.target for e in load_examples(config, config.task.train_split)]
-    return train_task_tokenizer(texts, out_dir)

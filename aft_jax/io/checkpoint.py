@@ -14,10 +14,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from aft_jax.io import paths
-
-from aft_jax.parallel import sharding
 from aft_jax.model.config import LlamaConfig
 from aft_jax.model.llama import Llama, abstract_model
+from aft_jax.parallel import sharding
 
 
 def is_params_dir(path: str | os.PathLike) -> bool:

@@ -21,12 +21,11 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from aft_jax.io import paths
-
-from aft_jax.parallel import sharding
-from aft_jax.model.config import LlamaConfig
 from aft_jax.io.hf_files import CheckpointError, TensorReader, read_config, resolve_checkpoint_dir
+from aft_jax.model.config import LlamaConfig
 from aft_jax.model.hf_weights import IGNORED_SUFFIXES, WeightSpec, hf_names, weight_specs
 from aft_jax.model.llama import Llama, abstract_model
+from aft_jax.parallel import sharding
 
 log = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")

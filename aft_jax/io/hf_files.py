@@ -14,12 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from aft_jax.errors import UserError
 from aft_jax.model.config import ConfigError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint folder or tensor that cannot be loaded; the message names the file or tensor."""
 
 
@@ -79,7 +80,10 @@ class TensorReader(contextlib.AbstractContextManager):
         from safetensors import safe_open
 
         for file in files:
-            handle = safe_open(str(file), framework="numpy")
+            try:
+                handle = safe_open(str(file), framework="numpy")
+            except Exception as err:  # safetensors' own error type varies by version
+                raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from err
             self._handles[file] = handle
             for name in handle.keys():
                 self._files[name] = file
@@ -107,7 +111,10 @@ class TensorReader(contextlib.AbstractContextManager):
     def read(self, name: str) -> np.ndarray:
         if name in self._pickled:
             return self._pickled[name]
-        return self._handles[self._files[name]].get_tensor(name)
+        try:
+            return self._handles[self._files[name]].get_tensor(name)
+        except Exception as err:
+            raise CheckpointError(f"{self._files[name]}: cannot read tensor {name!r} ({err})") from err
 
     def __exit__(self, *exc) -> None:
         self._handles.clear()

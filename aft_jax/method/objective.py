@@ -11,14 +11,13 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from aft_jax.method import losses
+from aft_jax.method.registry import get_method
 from aft_jax.method.scoring import completion_logprobs
-
-METHODS = ("vft", "rft", "aft", "rrhf", "pro", "dpo")
 
 
 def vft_rows(batch, loss_cfg):
     """Which candidates the NLL term trains on: the reference, or every positive (RFT)."""
-    if loss_cfg.method == "rft" or loss_cfg.vft_targets == "positives":
+    if (get_method(loss_cfg.method).vft_rows or loss_cfg.vft_targets) == "positives":
         return batch["is_pos"] & batch["valid"]
     return batch["is_reference"] & batch["valid"]
 
@@ -36,36 +35,16 @@ def normalisers(batch, loss_cfg) -> dict:
 
 def vft_weight(loss_cfg) -> float:
     """`loss.vft_weight`, where a negative value means the method's default (0 for DPO, else 1)."""
-    if loss_cfg.vft_weight >= 0:
-        return float(loss_cfg.vft_weight)
-    return 0.0 if loss_cfg.method == "dpo" else 1.0
+    return float(loss_cfg.vft_weight) if loss_cfg.vft_weight >= 0 else get_method(loss_cfg.method).vft_weight
 
 
 def alignment_terms(scores_bk, sum_logp_bk, batch, loss_cfg):
-    """The method's per-group alignment loss `[B]` (zeros for VFT and RFT)."""
-    method, constraint, beta = loss_cfg.method, loss_cfg.constraint, loss_cfg.beta
-    valid_bk = batch["valid"]
-    levels_bk = batch["levels"] if loss_cfg.use_levels else batch["is_pos"].astype(jnp.int32)
-    if method in ("vft", "rft"):
+    """The method's per-group alignment loss `[B]` (zeros for the NLL-only methods, VFT and RFT)."""
+    align = get_method(loss_cfg.method).align
+    if align is None:
         return jnp.zeros(scores_bk.shape[:1], jnp.float32)
-    if method == "aft":
-        return losses.ranking_loss(scores_bk, levels_bk, valid_bk, constraint=constraint, beta=beta)
-    if method == "rrhf":
-        return losses.rrhf_loss(scores_bk, levels_bk, valid_bk, constraint=constraint, beta=beta)
-    if method == "pro":
-        return losses.pro_loss(scores_bk, levels_bk, valid_bk, constraint=constraint, beta=beta)
-    if method == "dpo":
-        return losses.dpo_loss(
-            sum_logp_bk,
-            batch["ref_logp_sum"],
-            levels_bk,
-            valid_bk,
-            beta_dpo=loss_cfg.beta_dpo,
-            constraint=constraint,
-            scores_bk=scores_bk,
-            beta=beta,
-        )
-    raise ValueError(f"loss.method={method!r}; expected one of {METHODS}")
+    levels_bk = batch["levels"] if loss_cfg.use_levels else batch["is_pos"].astype(jnp.int32)
+    return align(scores_bk, sum_logp_bk, levels_bk, batch, loss_cfg)
 
 
 def objective(model, batch, norm, loss_cfg):

@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from aft_jax.errors import UserError
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A Hugging Face config that aft_jax cannot represent."""
 
 

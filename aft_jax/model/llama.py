@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from aft_jax.parallel import sharding
 from aft_jax.model.config import LlamaConfig
 from aft_jax.model.layers import Block, RMSNorm, make_param
 from aft_jax.model.rope import inverse_frequencies, rope_tables
+from aft_jax.parallel import sharding
 
 _REMAT = {
     "full": None,
@@ -48,54 +48,6 @@ def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype=None
     )
 
 
-class DecodeCache(NamedTuple):
-    """Decode state of B rows that share Q prompts (rows `q * m ... (q + 1) * m - 1` continue prompt q):
-    per layer, the prompt keys `[Q, Hkv, Dh, S]` and values `[Q, Hkv, S, Dh]` with `prompt_mask_qs`, and
-    each row's own generated keys `[B, Hkv, Dh, N]` and values `[B, Hkv, N, Dh]` with `valid_bn`;
-    `positions_b` is the position of each row's next token and `step` the number of own slots written."""
-
-    prompt_keys: tuple
-    prompt_values: tuple
-    prompt_mask_qs: jnp.ndarray
-    keys: tuple
-    values: tuple
-    valid_bn: jnp.ndarray
-    positions_b: jnp.ndarray
-    step: jnp.ndarray
-
-
-def decode_cache(prompt_cache: KVCache, rows_per_prompt: int, max_new_tokens: int) -> DecodeCache:
-    """The decode state after a prefill into `prompt_cache` (`[L, Q, S, Hkv, Dh]`), for `rows_per_prompt`
-    rows per prompt with room for `max_new_tokens` tokens each."""
-    n_layers, q, _, groups, head_dim = prompt_cache.keys.shape
-    b = q * rows_per_prompt
-    own_keys = jnp.zeros((b, groups, head_dim, max_new_tokens), prompt_cache.keys.dtype)
-    own_values = jnp.zeros((b, groups, max_new_tokens, head_dim), prompt_cache.values.dtype)
-    return DecodeCache(
-        tuple(prompt_cache.keys[i].transpose(0, 2, 3, 1) for i in range(n_layers)),
-        tuple(prompt_cache.values[i].transpose(0, 2, 1, 3) for i in range(n_layers)),
-        prompt_cache.valid_bs,
-        (own_keys,) * n_layers,
-        (own_values,) * n_layers,
-        jnp.zeros((b, max_new_tokens), bool),
-        jnp.repeat(jnp.sum(prompt_cache.valid_bs, axis=-1, dtype=jnp.int32), rows_per_prompt),
-        jnp.zeros((), jnp.int32),
-    )
-
-
-def grow_decode_cache(cache: DecodeCache, max_new_tokens: int) -> DecodeCache:
-    """`cache` with room for `max_new_tokens` own slots per row, the added ones empty."""
-    extra = max_new_tokens - cache.valid_bn.shape[1]
-
-    def pad(x, axis):
-        return jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
-
-    return cache._replace(
-        keys=tuple(pad(k, 3) for k in cache.keys), values=tuple(pad(v, 2) for v in cache.values),
-        valid_bn=pad(cache.valid_bn, 1),
-    )  # fmt: skip
-
-
 class Llama(nnx.Module):
     """Token embedding, `num_layers` scanned decoder blocks, final RMSNorm, (tied or untied) LM head."""
 
@@ -121,36 +73,9 @@ class Llama(nnx.Module):
             )
         return jnp.einsum("...d,dv->...v", hidden_btd, self.lm_head[...].astype(dt), preferred_element_type=jnp.float32)
 
-    def unstacked_layers(self, layer_states=None) -> list[Block]:
-        """The decoder layers as separate modules, each with its own weight arrays (a copy): a decode
-        loop reads them in place, where slicing the stacked weights would copy them on every step.
-        `layer_states` (`nnx.state` of each layer of an earlier call) reuses that copy."""
-        block_def, block_state = nnx.split(self.layers)
-        if layer_states is None:
-            layer_states = [jax.tree.map(lambda w, i=i: w[i], block_state) for i in range(self.config.num_layers)]
-        return [nnx.merge(block_def, state) for state in layer_states]
-
-    def decode_step(self, layers: list[Block], token_b: jnp.ndarray, cache: DecodeCache):
-        """float32 logits `[B, V]` of one new token per row, and the cache with its keys/values stored;
-        `layers` is `unstacked_layers()`."""
-        cos_b1d, sin_b1d = rope_tables(cache.positions_b[:, None], inverse_frequencies(self.config))
-        x_b1d = jnp.take(self.embed[...], token_b[:, None], axis=0).astype(self.config.dtype)
-        valid_bn = jax.lax.dynamic_update_slice(cache.valid_bn, jnp.ones((token_b.shape[0], 1), bool), (0, cache.step))
-        keys, values = [], []
-        for i, block in enumerate(layers):
-            prompt_kv = (cache.prompt_keys[i], cache.prompt_values[i])
-            x_b1d, (k, v) = block.decode(
-                x_b1d, cos_b1d, sin_b1d, prompt_kv, (cache.keys[i], cache.values[i]), cache.prompt_mask_qs,
-                valid_bn, cache.step,
-            )  # fmt: skip
-            keys.append(k)
-            values.append(v)
-        logits_bv = self.logits(self.final_norm(x_b1d)[:, 0])
-        new_cache = cache._replace(
-            keys=tuple(keys), values=tuple(values), valid_bn=valid_bn, positions_b=cache.positions_b + 1,
-            step=cache.step + 1,
-        )  # fmt: skip
-        return logits_bv, new_cache
+    def embed_tokens(self, input_ids_bt) -> jnp.ndarray:
+        """Token embeddings `[B, T, D]` in the compute dtype."""
+        return jnp.take(self.embed[...], input_ids_bt, axis=0).astype(self.config.dtype)
 
     def hidden_states(self, input_ids_bt, attention_mask_bt=None, positions_bt=None, cache=None):
         """Final-norm hidden states `[B, T, D]` in the compute dtype, and the updated cache (or None)."""
@@ -191,7 +116,7 @@ class Llama(nnx.Module):
             positions_bt = jnp.maximum(offset_b[:, None] + jnp.cumsum(mask_bt, axis=-1) - 1, 0)
         cos_btd, sin_btd = rope_tables(positions_bt, inverse_frequencies(cfg))
 
-        x_btd = jnp.take(self.embed[...], input_ids_bt, axis=0).astype(cfg.dtype)
+        x_btd = self.embed_tokens(input_ids_bt)
         x_btd = sharding.constrain(x_btd, ("activation_batch", "activation_length", "activation_embed"))
         block_def, block_state = nnx.split(self.layers)
 

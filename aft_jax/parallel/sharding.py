@@ -105,16 +105,29 @@ def put_global(x, target: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
 
 
+def parse_mesh_shape(spec: Sequence[int] | str) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) sizes from a preset name (`MESH_PRESETS`), "data,fsdp,tensor" sizes, or a shape;
+    at most one size is -1 (all remaining devices)."""
+    if isinstance(spec, str) and "," not in spec:
+        if spec not in MESH_PRESETS:
+            raise ValueError(
+                f"unknown mesh preset {spec!r}; expected one of {sorted(MESH_PRESETS)} or data,fsdp,tensor"
+            )
+        return MESH_PRESETS[spec]
+    try:
+        shape = tuple(int(x) for x in spec.split(",")) if isinstance(spec, str) else tuple(spec)
+    except ValueError:
+        raise ValueError(f"mesh {spec!r}: expected a preset name or three integers data,fsdp,tensor") from None
+    if len(shape) != 3 or shape.count(-1) > 1 or any(s < 1 and s != -1 for s in shape):
+        raise ValueError(f"mesh shape {list(shape)} must have 3 sizes (data, fsdp, tensor) >= 1, at most one -1")
+    return shape
+
+
 def make_mesh(shape: Sequence[int] | str = "fsdp", devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh with Auto axis types from a preset name or a shape with at most one -1."""
+    """A (data, fsdp, tensor) mesh with Auto axis types over `devices` (default: every device of every
+    process), shaped as `parse_mesh_shape` reads `shape`."""
     devices = list(devices if devices is not None else jax.devices())
-    if isinstance(shape, str):
-        if shape not in MESH_PRESETS:
-            raise ValueError(f"unknown mesh preset {shape!r}; expected one of {sorted(MESH_PRESETS)}")
-        shape = MESH_PRESETS[shape]
-    shape = list(shape)
-    if len(shape) != 3 or shape.count(-1) > 1:
-        raise ValueError(f"mesh shape {shape} must have 3 entries (data, fsdp, tensor) with at most one -1")
+    shape = list(parse_mesh_shape(shape))
     if -1 in shape:
         known = math.prod(s for s in shape if s != -1)
         if len(devices) % known:
@@ -164,24 +177,6 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=None):
         return variable.replace(NamedSharding(mesh, logical_to_spec(axes, value.shape, mesh, rules)))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def shardings_like_params(tree, params, mesh: Mesh):
-    """A sharding for every leaf of `tree` (e.g. optimizer state): that of the parameter whose key path
-    ends the leaf's key path and whose shape it has (Adam's moments), else replicated (step counts)."""
-    by_path = {
-        jax.tree_util.keystr(path): (leaf.shape, leaf.sharding)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-    }
-
-    def pick(path, leaf):
-        key = jax.tree_util.keystr(path)
-        for param_path, (shape, param_sharding) in by_path.items():
-            if key.endswith(param_path) and tuple(leaf.shape) == tuple(shape):
-                return param_sharding
-        return replicated(mesh)
-
-    return jax.tree_util.tree_map_with_path(pick, tree)
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -4,7 +4,10 @@ Each row stops on its own at any EOS id (later positions are `pad_id`); the loop
 row has stopped. Each row's own keys/values live in a cache that grows in up to four steps
 (`own_cache_sizes`), so that early steps do not read the empty end of it. Prompts are left-padded;
 positions come from the attention mask, so padding does not change what a row generates. `filter_logits`
-and `sample_next` are pure and tested on their own.
+and `sample_next` are pure and tested on their own; the decode step is `aft_jax.sampling.decode`.
+
+`Sampler(model, tokenizer)` is what the stages receive: `sample` (texts in, texts out) and `sample_ids`
+(prompt ids and mask in, tokens and lengths out); `generate` is the one-call form of `Sampler.sample`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from aft_jax.parallel import sharding
-from aft_jax.model.llama import decode_cache, grow_decode_cache
+from aft_jax.sampling.decode import decode_cache, decode_step, grow_decode_cache, unstack_layers
 
 
 class SamplingParams(NamedTuple):
@@ -75,7 +78,7 @@ def _decode(
     last_logits = jnp.repeat(model.logits(hidden_qtd[:, -1]), num_samples, axis=0)
     sizes = own_cache_sizes(n)
     cache = decode_cache(cache, num_samples, sizes[0])
-    layers = model.unstacked_layers(layer_states)
+    layers = unstack_layers(model, layer_states)
     eos = jnp.asarray(params.eos_ids or (-1,), jnp.int32)
 
     def cond(carry, size):
@@ -88,7 +91,7 @@ def _decode(
         token_b = jnp.where(done_b, params.pad_id, sample_next(last_logits, key, params))
         tokens_bn = jax.lax.dynamic_update_slice(tokens_bn, token_b[:, None], (0, step))
         done_b = done_b | jnp.isin(token_b, eos)
-        logits_bv, cache = model.decode_step(layers, token_b, cache)
+        logits_bv, cache = decode_step(model, layers, token_b, cache)
         return step + 1, cache, logits_bv, tokens_bn, done_b, rng
 
     tokens = jnp.full((b, n), params.pad_id, jnp.int32)
@@ -118,11 +121,11 @@ def _compiled_decode(graphdef, params: SamplingParams, num_samples: int):
 
 @functools.lru_cache(maxsize=8)
 def _compiled_unstack(graphdef):
-    return jax.jit(lambda state: [nnx.state(layer) for layer in nnx.merge(graphdef, state).unstacked_layers()])
+    return jax.jit(lambda state: [nnx.state(layer) for layer in unstack_layers(nnx.merge(graphdef, state))])
 
 
 def decode_layers(model) -> list:
-    """A copy of the decoder weights one array per layer (`Llama.unstacked_layers`), for `sample_token_ids`:
+    """A copy of the decoder weights one array per layer (`decode.unstack_layers`), for `sample_token_ids`:
     made once and passed to every batch, where each call would otherwise copy them again."""
     graphdef, state = nnx.split(model)
     return _compiled_unstack(graphdef)(state)
@@ -142,6 +145,70 @@ def sample_token_ids(
     return np.asarray(tokens), np.asarray(lengths)
 
 
+class Sampler:
+    """Samples completions from `model`, made once per model and tokenizer and passed to what samples
+    (`aft_jax.stages.sample`, `aft_jax.stages.evaluate`). Stops at the model's and the tokenizer's EOS ids and
+    pads with the tokenizer's pad id (else the first EOS id). Texts are decoded `batch_size // num_samples`
+    prompts (at least one) at a time, left-padded to a multiple of `pad_multiple`; the samples of a prompt
+    share one prefill. Each call copies the decoder weights once (`decode_layers`), so the model may change
+    between calls."""
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 32, pad_multiple: int = 64):
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size, self.pad_multiple = batch_size, pad_multiple
+
+    def params(self, max_new_tokens: int, temperature=0.0, top_k=0, top_p=1.0) -> SamplingParams:
+        """The `SamplingParams` of these settings with this sampler's EOS and pad ids."""
+        return sampling_params(self.model, self.tokenizer, max_new_tokens, temperature, top_k, top_p)
+
+    def sample(
+        self,
+        prompts: list[str],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        num_samples: int = 1,
+        seed: int = 0,
+    ) -> list[list[str]]:
+        """`num_samples` completions per prompt (text after the prompt, without the EOS), seeded; prompts are
+        tokenised as the tokenizer does by default (BOS included where it adds one)."""
+        encoded = [self.tokenizer(p)["input_ids"] for p in prompts]
+        params = self.params(max_new_tokens, temperature, top_k, top_p)
+        per_batch = max(1, self.batch_size // num_samples)
+        rng = jax.random.key(seed)
+        layers = decode_layers(self.model)
+        results: list[list[str]] = []
+        for start in range(0, len(prompts), per_batch):
+            chunk = encoded[start : start + per_batch]
+            ids, mask = left_pad(chunk, per_batch, params.pad_id, self.pad_multiple)
+            key = jax.random.fold_in(rng, start)
+            tokens, lengths = sample_token_ids(self.model, ids, mask, params, key, num_samples, layers)
+            for q in range(len(chunk)):
+                rows = range(q * num_samples, (q + 1) * num_samples)
+                texts = [decode_completion(self.tokenizer, tokens[r], lengths[r], params.eos_ids) for r in rows]
+                results.append(texts)
+        return results
+
+    def sample_ids(
+        self,
+        prompt_ids_qt,
+        prompt_mask_qt,
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        num_samples: int = 1,
+        seed: int = 0,
+    ):
+        """`sample_token_ids` on left-padded prompts as one batch, with this sampler's EOS and pad ids and the
+        key `jax.random.key(seed)`: NumPy `(tokens [Q * num_samples, N], lengths [Q * num_samples])`."""
+        params = self.params(max_new_tokens, temperature, top_k, top_p)
+        return sample_token_ids(self.model, prompt_ids_qt, prompt_mask_qt, params, jax.random.key(seed), num_samples)
+
+
 def generate(
     model,
     tokenizer,
@@ -156,27 +223,12 @@ def generate(
     batch_size: int = 32,
     pad_multiple: int = 64,
 ) -> list[list[str]]:
-    """`num_samples` completions per prompt (text after the prompt, without the EOS), seeded.
-
-    Prompts are tokenised as the tokenizer does by default (BOS included where it adds one), left-padded
-    to a multiple of `pad_multiple`, and decoded `batch_size // num_samples` prompts (at least one) at a
-    time; the samples of a prompt share one prefill.
-    """
-    encoded = [tokenizer(p)["input_ids"] for p in prompts]
-    params = sampling_params(model, tokenizer, max_new_tokens, temperature, top_k, top_p)
-    per_batch = max(1, batch_size // num_samples)
-    rng = jax.random.key(seed)
-    layers = decode_layers(model)
-    results: list[list[str]] = []
-    for start in range(0, len(prompts), per_batch):
-        chunk = encoded[start : start + per_batch]
-        ids, mask = left_pad(chunk, per_batch, params.pad_id, pad_multiple)
-        key = jax.random.fold_in(rng, start)
-        tokens, lengths = sample_token_ids(model, ids, mask, params, key, num_samples, layers)
-        for q in range(len(chunk)):
-            rows = range(q * num_samples, (q + 1) * num_samples)
-            results.append([decode_completion(tokenizer, tokens[r], lengths[r], params.eos_ids) for r in rows])
-    return results
+    """`num_samples` completions per prompt, seeded: `Sampler(model, tokenizer, ...).sample(prompts, ...)`."""
+    sampler = Sampler(model, tokenizer, batch_size=batch_size, pad_multiple=pad_multiple)
+    return sampler.sample(
+        prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        num_samples=num_samples, seed=seed,
+    )  # fmt: skip
 
 
 def sampling_params(model, tokenizer, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0) -> SamplingParams:

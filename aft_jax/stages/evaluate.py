@@ -13,12 +13,12 @@ from collections import Counter
 
 import numpy as np
 
-from aft_jax.method import losses
-from aft_jax.stages.sample import score_groups
 from aft_jax.data.groups import Group
-from aft_jax.io.paths import Path
-from aft_jax.sampling.sampler import generate
 from aft_jax.data.tasks import Example, Task
+from aft_jax.io.paths import Path
+from aft_jax.method import losses
+from aft_jax.sampling.sampler import Sampler
+from aft_jax.stages.sample import score_groups
 
 
 def majority_vote(answers: list[str | None]) -> str | None:
@@ -50,32 +50,43 @@ def group_assessment(groups: list[Group]) -> dict:
     }
 
 
-def greedy_correct(config, task: Task, model, tokenizer, examples: list[Example]) -> tuple[list[str], list[bool]]:
-    """Greedy completions of `examples` and whether each one's answer is right."""
+def greedy_correct(
+    config, task: Task, model, tokenizer, examples: list[Example], *, sampler: Sampler | None = None
+) -> tuple[list[str], list[bool]]:
+    """Greedy completions of `examples` and whether each one's answer is right; `sampler` generates them
+    (by default `Sampler(model, tokenizer, batch_size=eval.batch_size)`)."""
     prompts = [task.prompt(x, config.task.template, tokenizer) for x in examples]
     e = config.eval
-    greedy = generate(model, tokenizer, prompts, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+    sampler = Sampler(model, tokenizer, batch_size=e.batch_size) if sampler is None else sampler
+    greedy = sampler.sample(prompts, max_new_tokens=e.max_new_tokens)
     texts = [out[0] for out in greedy]
     return texts, [task.is_correct(t, x.answer) for t, x in zip(texts, examples)]
 
 
 def evaluate_model(
-    config, task: Task, model, tokenizer, examples: list[Example], groups: list[Group], validation=()
+    config,
+    task: Task,
+    model,
+    tokenizer,
+    examples: list[Example],
+    groups: list[Group],
+    validation=(),
+    *,
+    sampler: Sampler | None = None,
 ) -> dict:
     """Every metric of section 6 on `examples` (test) and `groups` (held-out); with `validation`
-    questions, also their greedy accuracy (`validation_accuracy`), the number to make choices on."""
+    questions, also their greedy accuracy (`validation_accuracy`), the number to make choices on.
+    `sampler` generates every completion (by default `Sampler(model, tokenizer, batch_size=eval.batch_size)`)."""
     e = config.eval
+    sampler = Sampler(model, tokenizer, batch_size=e.batch_size) if sampler is None else sampler
     prompts = [task.prompt(x, config.task.template, tokenizer) for x in examples]
-    greedy, correct = greedy_correct(config, task, model, tokenizer, examples)
-    sampled = generate(
-        model,
-        tokenizer,
+    greedy, correct = greedy_correct(config, task, model, tokenizer, examples, sampler=sampler)
+    sampled = sampler.sample(
         prompts,
         max_new_tokens=e.max_new_tokens,
         temperature=e.sc_temperature,
         num_samples=e.sc_k,
         seed=config.seed + 1,
-        batch_size=e.batch_size,
     )
     votes = [majority_vote([task.extract_for(t, x) for t in outs]) for outs, x in zip(sampled, examples)]
     consistent = [v is not None and task.answers_match(v, x.answer) for v, x in zip(votes, examples)]
@@ -102,15 +113,17 @@ def evaluate_model(
             "correct": [bool(c) for c in correct],
             "self_consistent": [bool(c) for c in consistent],
         },
-        **validation_accuracy(config, task, model, tokenizer, list(validation)),
+        **validation_accuracy(config, task, model, tokenizer, list(validation), sampler=sampler),
     }
 
 
-def validation_accuracy(config, task: Task, model, tokenizer, validation: list[Example]) -> dict:
+def validation_accuracy(
+    config, task: Task, model, tokenizer, validation: list[Example], *, sampler: Sampler | None = None
+) -> dict:
     """`validation_accuracy` and `validation_questions`, or nothing without validation questions."""
     if not validation:
         return {}
-    _, correct = greedy_correct(config, task, model, tokenizer, validation)
+    _, correct = greedy_correct(config, task, model, tokenizer, validation, sampler=sampler)
     return {"validation_accuracy": float(np.mean(correct)), "validation_questions": len(validation)}
 
 

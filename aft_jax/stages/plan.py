@@ -49,8 +49,8 @@ def request_host_devices(count: int) -> None:
 
 def model_config(config) -> LlamaConfig:
     """The model's shape from a known hub id, an HF/aft_jax folder's config.json, or `model.random`."""
-    from aft_jax.io.hf_files import read_config
     from aft_jax.build import resolve_model_path
+    from aft_jax.io.hf_files import read_config
 
     m = config.model
     common = dict(param_dtype=m.dtype, dtype=m.compute_dtype, remat_policy=m.remat_policy)
@@ -64,7 +64,7 @@ def model_config(config) -> LlamaConfig:
     from aft_jax.build import load_tokenizer
 
     vocab = 384 if m.tokenizer == "build" else len(load_tokenizer(m.tokenizer))  # task_tokenizer's default
-    return LlamaConfig(vocab_size=vocab, **dict(m.random), tie_word_embeddings=True, **common)
+    return LlamaConfig(vocab_size=vocab, **dataclasses.asdict(m.random), tie_word_embeddings=True, **common)
 
 
 @dataclasses.dataclass
@@ -78,81 +78,39 @@ class MemoryPlan:
     compile_s: float
 
 
+def planned_program(config, batch_size: int | None = None, seq_len: int | None = None):
+    """`(program, lowered)`: the training program of `config` (`stages.program`, as training builds it) and
+    its step lowered for abstract state and batch (`batch_size` groups of `seq_len` tokens; defaults from
+    `config`; the learning-rate schedule spans `train.max_steps`, or 1,000 steps when that is not set)."""
+    from aft_jax.method.registry import get_method
+    from aft_jax.parallel import sharding
+    from aft_jax.stages.program import batch_spec, build_train_program, check_batch
+
+    mesh = sharding.make_mesh(config.train.mesh)
+    b = batch_size or config.train.batch_size
+    check_batch(b, config.train.grad_accum, mesh)
+    total_steps = config.train.max_steps if config.train.max_steps > 0 else 1000
+    program = build_train_program(
+        model_config(config), mesh, config.loss, config.optim, total_steps, grad_accum=config.train.grad_accum
+    )
+    k = config.data.group_size if get_method(config.loss.method).needs_groups else 1
+    batch = batch_spec(mesh, b, k, seq_len or config.data.max_length)
+    return program, program.lower(program.abstract_state, batch)
+
+
 def plan_memory(config, batch_size: int | None = None, seq_len: int | None = None) -> MemoryPlan:
     """Compiles the train step for `config` on its mesh with abstract inputs and reads per-device memory."""
     import time
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
 
     from aft_jax.parallel import sharding
-    from aft_jax.model.llama import abstract_model
-    from aft_jax.build import mesh_from_config
-    from aft_jax.stages.train import TrainState, build_optimizer, make_train_step
 
-    mesh = mesh_from_config(config.train.mesh)
-    b = batch_size or config.train.batch_size
-    data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    if b % (config.train.grad_accum * data_ways):
-        raise ValueError(
-            f"batch {b} must be a multiple of grad_accum x data x fsdp = "
-            f"{config.train.grad_accum} x {data_ways}: every device needs whole groups"
-        )
-    cfg = model_config(config)
-    graphdef, abstract_state = nnx.split(abstract_model(cfg))
-    param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_state, mesh))
-    params = jax.tree.map(
-        lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-        nnx.to_pure_dict(abstract_state),
-        param_shardings,
-    )
-    tx, schedule = build_optimizer(config.optim, total_steps=1000)
-    replicated = sharding.replicated(mesh)
-    abstract_opt = jax.eval_shape(tx.init, params)
-    opt_state = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        abstract_opt,
-        sharding.shardings_like_params(abstract_opt, params, mesh),
-    )
-    state = TrainState(
-        jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-        params,
-        opt_state,
-        jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),
-    )
-    k = 1 if config.loss.method == "vft" else config.data.group_size
-    t = seq_len or config.data.max_length
-    batch_shapes = {
-        "input_ids": ((b, k, t), jnp.int32),
-        "attention_mask": ((b, k, t), jnp.int32),
-        "completion_mask": ((b, k, t), jnp.int32),
-        "valid": ((b, k), bool),
-        "is_pos": ((b, k), bool),
-        "is_neg": ((b, k), bool),
-        "is_reference": ((b, k), bool),
-        "levels": ((b, k), jnp.int32),
-        "ref_logp_sum": ((b, k), jnp.float32),
-    }
-    batch = {
-        name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
-        for name, (shape, dtype) in batch_shapes.items()
-    }
-    step = make_train_step(graphdef, config.loss, tx, schedule, config.train.grad_accum)
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
     began = time.perf_counter()
-    with sharding.use_mesh(mesh):
-        compiled = (
-            jax.jit(
-                step,
-                in_shardings=(state_shardings, sharding.batch_sharding(mesh, 1)),
-                out_shardings=(state_shardings, replicated),
-                donate_argnums=(0,),
-            )
-            .lower(state, batch)
-            .compile()
-        )
+    program, lowered = planned_program(config, batch_size, seq_len)
+    compiled = lowered.compile()
+    mesh = program.mesh
     seconds = time.perf_counter() - began
     analysis = compiled.memory_analysis()
 
@@ -162,7 +120,7 @@ def plan_memory(config, batch_size: int | None = None, seq_len: int | None = Non
         )
 
     gb = 1024**3
-    params_b, opt_b = per_device(params), per_device(opt_state)
+    params_b, opt_b = per_device(program.abstract_state.params), per_device(program.abstract_state.opt_state)
     temp_b = float(getattr(analysis, "temp_size_in_bytes", 0))
     return MemoryPlan(
         devices=mesh.devices.size,

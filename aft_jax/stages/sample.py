@@ -19,32 +19,14 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from aft_jax.build import load_examples, task_from_config
 from aft_jax.data.batches import GroupEncoder
-
 from aft_jax.data.groups import Candidate, Group, read_groups
+from aft_jax.data.tasks import Example, Task
 from aft_jax.io.paths import Path, write_atomically
-from aft_jax.sampling.sampler import generate
 from aft_jax.method.scoring import sequence_scores
 from aft_jax.parallel.sharding import is_main_process, sync
-from aft_jax.data.tasks import Example, Task, get_task
-
-
-def task_from_config(config) -> Task:
-    if config.task.name == "synthetic":
-        t = config.task
-        return get_task(
-            "synthetic",
-            num_train=t.synthetic_train,
-            num_validation=t.synthetic_validation,
-            num_test=t.synthetic_test,
-            seed=config.seed,
-        )
-    return get_task(config.task.name)
-
-
-def load_examples(config, split: str) -> list[Example]:
-    limit = config.task.limit if config.task.limit > 0 and split == config.task.train_split else None
-    return task_from_config(config).load(split, data_dir=config.task.data_dir or None, limit=limit)
+from aft_jax.sampling.sampler import Sampler
 
 
 def normalise(text: str) -> str:
@@ -122,20 +104,25 @@ def sample_candidates(
     model,
     tokenizer,
     *,
+    task: Task | None = None,
     examples: list[Example] | None = None,
     out_dir: str | Path | None = None,
     stop_after_shards: int | None = None,
+    sampler: Sampler | None = None,
 ) -> Path:
     """Writes `<out_dir>/shard-NNNNN.jsonl` (with a `.meta.json` of its counts and timing) for every shard
-    not yet complete, then `stats.json`. Questions: `examples`, by default the task's training split.
+    not yet complete, then `stats.json`. Questions: `examples` of `task` (by default the config's), by
+    default the task's training split.
     `stop_after_shards` ends the run early (as an interruption would) after that many new shards.
+    `sampler` generates the candidates (by default `Sampler(model, tokenizer, batch_size=sample.batch_size)`).
     With several processes each samples its share of the shards (`model` is its own, on local devices)
     and process 0 writes `stats.json` once every shard is there."""
-    task = task_from_config(config)
+    task = task or task_from_config(config)
     examples = examples if examples is not None else load_examples(config, config.task.train_split)
     out_dir = Path(out_dir or config.sample.out_dir or Path(config.run_dir) / "groups")
     out_dir.mkdir(parents=True, exist_ok=True)
     s = config.sample
+    sampler = Sampler(model, tokenizer, batch_size=s.batch_size) if sampler is None else sampler
     shard_count = -(-len(examples) // s.shard_size)
     written = 0
     mine = range(jax.process_index(), shard_count, jax.process_count())
@@ -150,9 +137,7 @@ def sample_candidates(
         chunk = examples[shard * s.shard_size : (shard + 1) * s.shard_size]
         prompts = [task.prompt(e, config.task.template, tokenizer) for e in chunk]
         began = time.perf_counter()
-        samples = generate(
-            model,
-            tokenizer,
+        samples = sampler.sample(
             prompts,
             max_new_tokens=s.max_new_tokens,
             temperature=s.temperature,
@@ -160,7 +145,6 @@ def sample_candidates(
             top_p=s.top_p,
             num_samples=s.k,
             seed=config.seed * 1_000_003 + shard,
-            batch_size=s.batch_size,
         )
         seconds = time.perf_counter() - began
         tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for row in samples for t in row)

@@ -1,5 +1,5 @@
-"""VFT and AFT training: one pure `train_step(state, batch) -> (state, metrics)` under one `jax.jit`
-with explicit shardings and a donated state, and the loop around it (data, logging, checkpoints)."""
+"""VFT and AFT training: the loop around the training program (`program.py`): data, logging, checkpoints,
+resumption and the export of the final model."""
 
 from __future__ import annotations
 
@@ -8,115 +8,20 @@ import time
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from tqdm import tqdm
 
-from aft_jax.parallel import sharding
+from aft_jax.build import model_from_config
+from aft_jax.config.spec import check_command
 from aft_jax.data.batches import GroupBatcher, GroupEncoder
 from aft_jax.data.groups import Candidate, DataError, Group, read_training_file
-from aft_jax.method.objective import finalize_metrics, normalisers, objective
 from aft_jax.io.paths import Path
-from aft_jax.build import mesh_from_config, model_from_config
+from aft_jax.method.registry import get_method
+from aft_jax.parallel import sharding
+from aft_jax.stages.program import TrainProgram, TrainState, build_train_program, check_batch
 
 log = logging.getLogger(__name__)
-
-
-class TrainState(NamedTuple):
-    step: jax.Array  # int32 scalar
-    params: dict  # nnx.to_pure_dict of the model's parameters
-    opt_state: Any
-    rng: jax.Array  # uint32 [2], raw key data
-
-
-def build_optimizer(optim_cfg, total_steps: int):
-    """AdamW with linear warmup and cosine decay, after global-norm gradient clipping; no decay on norms."""
-    warmup = max(1, int(round(optim_cfg.warmup_ratio * total_steps))) if optim_cfg.warmup_ratio > 0 else 0
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if warmup else optim_cfg.lr,
-        peak_value=optim_cfg.lr,
-        warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1),
-        end_value=optim_cfg.lr * optim_cfg.min_lr_ratio,
-    )
-
-    def decay_mask(params):
-        return jax.tree.map_with_path(lambda path, _: not any(getattr(k, "key", None) == "scale" for k in path), params)
-
-    tx = optax.chain(
-        optax.clip_by_global_norm(optim_cfg.clip_norm),
-        optax.adamw(
-            schedule,
-            b1=optim_cfg.b1,
-            b2=optim_cfg.b2,
-            eps=optim_cfg.eps,
-            weight_decay=optim_cfg.weight_decay,
-            mask=decay_mask,
-        ),
-    )
-    return tx, schedule
-
-
-def make_train_step(graphdef, loss_cfg, tx, schedule, grad_accum: int):
-    """The pure step: gradients summed over `grad_accum` micro-batches (each normalised by the global
-    batch's totals, so the sum is the full-batch gradient), then one optimizer update."""
-
-    def loss_fn(params, micro, norm):
-        return objective(nnx.merge(graphdef, params), micro, norm, loss_cfg)
-
-    def gradients(params, batch, norm):
-        """Summed statistics and gradients, accumulated over micro-batches when grad_accum > 1."""
-        if grad_accum == 1:
-            (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, norm)
-            return grads, sums
-        micro = jax.tree.map(
-            lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch
-        )
-
-        def accumulate(carry, micro_batch):
-            (_, micro_sums), micro_grads = jax.value_and_grad(loss_fn, has_aux=True)(params, micro_batch, norm)
-            return jax.tree.map(jnp.add, carry, (micro_grads, micro_sums)), None
-
-        zero_sums = jax.eval_shape(lambda: loss_fn(params, jax.tree.map(lambda x: x[0], micro), norm)[1])
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (params, zero_sums))
-        return jax.lax.scan(accumulate, zeros, micro)[0]
-
-    def train_step(state: TrainState, batch: dict):
-        grads, sums = gradients(state.params, batch, normalisers(batch, loss_cfg))
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = finalize_metrics(sums) | {"grad_norm": global_norm(grads), "lr": schedule(state.step)}
-        return TrainState(state.step + 1, params, opt_state, state.rng), metrics
-
-    return train_step
-
-
-def global_norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
-
-
-def init_state(model, tx, seed: int, mesh) -> TrainState:
-    """Step 0: the model's parameters, optimizer state sharded like them, step and RNG replicated."""
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    opt_shardings = sharding.shardings_like_params(jax.eval_shape(tx.init, params), params, mesh)
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-    step, rng = jnp.zeros((), jnp.int32), jax.random.key_data(jax.random.key(seed))
-    step, rng = (sharding.put_global(x, sharding.replicated(mesh)) for x in (step, rng))
-    return TrainState(step, params, opt_state, rng)
-
-
-def compile_step(train_step, state: TrainState, mesh):
-    """`jax.jit` with the state's own shardings in and out, the batch over (data, fsdp), state donated."""
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    batch_sharding = sharding.batch_sharding(mesh, 1)  # prefix: leading axis of every batch array
-    return jax.jit(
-        train_step,
-        in_shardings=(state_shardings, batch_sharding),
-        out_shardings=(state_shardings, sharding.replicated(mesh)),
-        donate_argnums=(0,),
-    )
 
 
 def matmul_params(c) -> int:
@@ -142,6 +47,33 @@ def shard_batch(batch: dict, mesh, global_rows: int | None = None) -> dict:
     return {k: sharding.put_process_local(v, sharding.batch_sharding(mesh, v.ndim), rows) for k, v in batch.items()}
 
 
+class PreparedRun(NamedTuple):
+    mesh: Any
+    model_config: Any
+    tokenizer: Any
+    batcher: GroupBatcher
+    total_steps: int
+    program: TrainProgram
+    state: TrainState  # step 0
+
+
+def prepare_training(config) -> PreparedRun:
+    """The mesh, the starting model, the batches and the training program of `config`, before any step."""
+    mesh = sharding.make_mesh(config.train.mesh)
+    check_batch(config.train.batch_size, config.train.grad_accum, mesh)
+    model, tokenizer = model_from_config(config.model, mesh, seed=config.seed)
+    batcher = make_batcher(config, tokenizer, mesh)
+    total_steps = (
+        config.train.max_steps if config.train.max_steps > 0 else config.train.num_epochs * batcher.steps_per_epoch
+    )
+    program = build_train_program(
+        model.config, mesh, config.loss, config.optim, total_steps=total_steps, grad_accum=config.train.grad_accum
+    )
+    return PreparedRun(
+        mesh, model.config, tokenizer, batcher, total_steps, program, program.init_state(model, config.seed)
+    )
+
+
 def run_training(config) -> Path:
     """Trains as `config` says; resumes from the run directory's latest checkpoint. Returns the folder
     of the exported final model (config.json, tokenizer, Orbax params)."""
@@ -152,23 +84,10 @@ def run_training(config) -> Path:
     main = sharding.is_main_process()
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-    mesh = mesh_from_config(config.train.mesh)
-    data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    if config.train.batch_size % (config.train.grad_accum * data_ways):
-        raise ValueError(
-            f"train.batch_size={config.train.batch_size} must be a multiple of grad_accum x data x fsdp "
-            f"= {config.train.grad_accum} x {data_ways}"
-        )
-    model, tokenizer = model_from_config(config.model, mesh, seed=config.seed)
-    graphdef, model_config = nnx.graphdef(model), model.config
-    batcher = make_batcher(config, tokenizer, mesh)
-    total_steps = (
-        config.train.max_steps if config.train.max_steps > 0 else config.train.num_epochs * batcher.steps_per_epoch
-    )
-    tx, schedule = build_optimizer(config.optim, total_steps)
-    state = init_state(model, tx, config.seed, mesh)
-    del model
+        (run_dir / "config.json").write_text(config.to_json(indent=2) + "\n")
+    run = prepare_training(config)
+    mesh, program, state, batcher, total_steps = run.mesh, run.program, run.state, run.batcher, run.total_steps
+    model_config = run.model_config
     checkpointer = TrainCheckpointer(
         run_dir / "checkpoints",
         save_every=config.checkpoint.save_every,
@@ -181,7 +100,6 @@ def run_training(config) -> Path:
         state = TrainState(*restored)
         batcher.restore(data_state)
         log.info("resumed from step %d", start)
-    step_fn = compile_step(make_train_step(graphdef, config.loss, tx, schedule, config.train.grad_accum), state, mesh)
     writer = MetricsWriter(run_dir, resume_step=start, tensorboard=config.train.tensorboard, enabled=main)
     devices = mesh.devices.size
     bar = tqdm(
@@ -195,7 +113,7 @@ def run_training(config) -> Path:
         for step in range(start + 1, total_steps + 1):
             batch = shard_batch(batcher.next_batch(), mesh, config.train.batch_size)
             began = time.perf_counter()
-            state, metrics = step_fn(state, batch)
+            state, metrics = program(state, batch)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             seconds = time.perf_counter() - began
             metrics |= {
@@ -213,19 +131,15 @@ def run_training(config) -> Path:
         bar.close()
         writer.close()
         checkpointer.close()
-    return export_final(state, graphdef, tokenizer, run_dir, config)
+    return export_final(state, program.graphdef, run.tokenizer, run_dir, config)
 
 
 def training_groups(config, tokenizer) -> list[Group]:
     """`data.train_file` if set; for VFT without one, the task's training split as (prompt, reference)."""
     if config.data.train_file:
         return read_training_file(config.data.train_file)
-    if config.loss.method != "vft":
-        raise ValueError(
-            f"loss.method={config.loss.method!r} trains on candidate groups: set data.train_file to the "
-            "output of `aft-jax sample`"
-        )
-    from aft_jax.stages.sample import load_examples, task_from_config
+    check_command(config, "aft")  # only VFT trains without a groups file
+    from aft_jax.build import load_examples, task_from_config
 
     task = task_from_config(config)
     return [
@@ -241,14 +155,16 @@ def training_groups(config, tokenizer) -> list[Group]:
 
 def make_batcher(config, tokenizer, mesh) -> GroupBatcher:
     groups = training_groups(config, tokenizer)
-    if config.loss.method == "dpo":
+    method = get_method(config.loss.method)
+    if method.needs_reference_logps:
         missing = [g.id for g in groups for c in g.candidates if c.logp_sum is None]
         if missing:
             raise DataError(
-                f"{config.data.train_file}: DPO needs each candidate's reference log-prob (logp_sum); "
+                f"{config.data.train_file}: loss.method={method.name} needs each candidate's reference log-prob "
+                "(logp_sum); "
                 f"missing in groups {missing[:5]}"
             )
-    only_reference = config.loss.method == "vft"
+    only_reference = not method.needs_groups
     group_size = 1 if only_reference else config.data.group_size
     encoder = GroupEncoder(tokenizer, config.data.max_length, group_size, config.data.truncation, only_reference)
     batcher = GroupBatcher(

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from aft_jax.io.paths import Path
+from aft_jax.stages.evaluate import plot_scores
 from aft_jax.study.claims import MISALIGNED_BELOW
 from aft_jax.study.claims import __doc__ as VERDICT_RULE
-from aft_jax.stages.evaluate import plot_scores
-from aft_jax.io.paths import Path
 
 PERCENT = ("accuracy", "self_consistency", "assess_macro", "assess_micro", "validation_accuracy")
 TITLES = {

@@ -21,10 +21,11 @@ import math
 
 import numpy as np
 
-from aft_jax.parallel import sharding
-from aft_jax.study.claims import MISALIGNED_BELOW, paper_claims, verdict
 from aft_jax.io.paths import Path, write_atomically
-from aft_jax.pipeline import align_lr, log, method_settings, run_pipeline, sub_config
+from aft_jax.method.registry import method_settings
+from aft_jax.parallel import sharding
+from aft_jax.pipeline import align_lr, log, run_pipeline
+from aft_jax.study.claims import MISALIGNED_BELOW, paper_claims, verdict
 from aft_jax.study.stats import paired_bootstrap, paired_t, t_interval
 
 METRICS = ("accuracy", "self_consistency", "assess_macro", "assess_micro", "ppl_pos", "ppl_neg", "validation_accuracy")
@@ -58,7 +59,7 @@ def study_plan(config) -> tuple[list[int], list[str], dict[str, dict[float, str]
         ("beta", config.loss.beta, "a boundary margin"),
         ("lr", align_lr(config), "a learning rate"),
     ):
-        setting, text = f"study.{key}s", config.study[f"{key}s"]
+        setting, text = f"study.{key}s", getattr(config.study, f"{key}s")
         sweeps[key] = {}
         for value in _numbers(text, setting):
             if value <= 0:
@@ -75,8 +76,8 @@ def run_study(config) -> dict:
     results = {}
     for i, seed in enumerate(seeds):
         log(f"study: seed {seed} ({i + 1} of {len(seeds)})")
-        seed_config = sub_config(
-            config, seed=seed, run_dir=str(run_dir / f"seed-{seed}"), pipeline={"methods": ",".join(methods)}
+        seed_config = config.replace(
+            seed=seed, run_dir=str(run_dir / f"seed-{seed}"), pipeline={"methods": ",".join(methods)}
         )
         results[seed] = run_pipeline(seed_config)  # every model's evaluation, as in <seed dir>/eval/
     models = ["vft", *methods]

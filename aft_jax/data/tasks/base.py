@@ -12,13 +12,15 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
+from aft_jax.errors import UserError
+
 TEMPLATES = ("alpaca", "plain", "chat")
 ALPACA_HEADER = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
 )
 
 
-class TaskDataError(ValueError):
+class TaskDataError(UserError, ValueError):
     """A data file that does not have the expected layout; the message names file and line."""
 
 

@@ -1,0 +1,78 @@
+"""The run config is parsed once at load into frozen typed sections and checked there; the command line
+turns every user error into one line on stderr and exit status 2."""
+
+import dataclasses
+import subprocess
+
+import pytest
+from conftest import REPO, tiny_cli
+
+from aft_jax.config.load import load_config
+from aft_jax.config.spec import RunConfigError
+
+TINY = REPO / "configs" / "tiny.py"
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("loss.method=aftt", r"loss\.method='aftt': expected one of vft, aft, rft, rrhf, pro, dpo"),
+        ("loss.constraint=bondary", r"loss\.constraint='bondary': expected one of none, detach, boundary"),
+        ("task.name=gsm9k", r"task\.name='gsm9k': expected one of gsm8k, .*synthetic"),
+        ("task.template=alpacca", r"task\.template='alpacca': expected one of alpaca, plain, chat"),
+        ("model.remat_policy=some", r"model\.remat_policy='some': expected one of none, full"),
+        ("model.dtype=float8", r"model\.dtype='float8': expected one of float32, bfloat16"),
+        ("data.truncation=cut", r"data\.truncation='cut': expected one of completion, drop"),
+        ("pipeline.init_from=sft", r"pipeline\.init_from='sft': expected one of base, vft"),
+        ("train.mesh=fsdpp", r"train\.mesh='fsdpp': unknown mesh preset"),
+        ("sample.mesh=1,2", r"sample\.mesh='1,2': mesh shape \[1, 2\] must have 3 sizes"),
+        ("loss.beta=-0.1", r"loss\.beta=-0\.1: expected a number >= 0"),
+        ("sample.top_p=1.5", r"sample\.top_p=1\.5: expected a number in \(0, 1\]"),
+        ("train.grad_accum=3", r"train\.batch_size=8 must be a multiple of train\.grad_accum=3"),
+        ("data.group_size=1", r"data\.group_size=1: alignment methods compare candidates"),
+        ("model.tokenizer=", r"model\.path is empty"),
+        ("pipeline.methods=aft_bc,aft_xx", r"pipeline\.methods: unknown 'aft_xx'; known: aft_bc"),
+    ],
+)
+def test_a_config_mistake_fails_at_load_naming_key_value_and_choices(override, message):
+    with pytest.raises(RunConfigError, match=message):
+        load_config(TINY, [override])
+
+
+def test_sections_are_frozen_and_typed_and_replace_checks_again():
+    config = load_config(TINY, ["optim.lr=1"])
+    assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.loss.beta = 0.5
+    changed = config.replace(loss={"beta": 0.5}, run_dir="elsewhere")
+    assert (changed.loss.beta, changed.run_dir, config.loss.beta) == (0.5, "elsewhere", 0.1)
+    with pytest.raises(RunConfigError, match=r"loss\.method='nope'"):
+        config.replace(loss={"method": "nope"})
+    with pytest.raises(RunConfigError, match=r"loss\.beta='high': expected float, got str"):
+        config.replace(loss={"beta": "high"})
+    assert load_config(TINY, command="vft").loss.method == "vft"
+    with pytest.raises(RunConfigError, match=r"set data\.train_file to the output of `aft-jax sample`"):
+        load_config(TINY, command="aft")
+
+
+def _one_line_error(argv):
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if " INFO " not in line and " WARNING " not in line]
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_command_line_errors_are_one_line_with_exit_status_2(tmp_path):
+    line = _one_line_error(tiny_cli("vft", tmp_path / "run", "loss.constraint=bondary"))
+    assert line.startswith("aft-jax vft: loss.constraint='bondary': expected one of")
+    line = _one_line_error(tiny_cli("vft", tmp_path / "run", "loss.betta=1"))
+    assert "unknown config key 'loss.betta'" in line
+    bad = tmp_path / "groups.jsonl"
+    bad.write_text('{"id": 1, "prompt": "p", "candidates": [{"text": "t", "correct": "yes"}]}\n')
+    line = _one_line_error(tiny_cli("aft", tmp_path / "run", f"data.train_file={bad}"))
+    assert f"{bad}:1: candidates[0]: field 'correct' should be bool" in line
+    missing = tmp_path / "absent"
+    line = _one_line_error(tiny_cli("sample", tmp_path / "run", f"model.path={missing}", "model.tokenizer="))
+    assert str(missing) in line
