@@ -76,6 +76,7 @@ def _model_done(folder: Path) -> bool:
 def run_pipeline(config) -> dict:
     """Runs every stage not yet complete; returns the evaluation results per model."""
     from aft_jax.build import load_examples, model_from_config, sampling_mesh, task_from_config
+    from aft_jax.config.spec import RunConfigError
     from aft_jax.data.groups import read_groups
     from aft_jax.io.checkpoint import save_model_folder
     from aft_jax.io.hf import from_pretrained
@@ -88,12 +89,10 @@ def run_pipeline(config) -> dict:
     manifest = Manifest(run_dir, config)
     methods = [m.strip() for m in config.pipeline.methods.split(",") if m.strip()]
     method_sections = {name: method_settings(name) for name in methods}
-    if config.pipeline.init_from not in ("base", "vft"):
-        raise ValueError(f"pipeline.init_from={config.pipeline.init_from!r}; expected 'base' or 'vft'")
     mesh = sharding.make_mesh(config.train.mesh)
     task = task_from_config(config)
     if config.eval.validation_limit > 0 and config.task.validation_split not in task.splits:
-        raise ValueError(
+        raise RunConfigError(
             f"eval.validation_limit={config.eval.validation_limit}: task {task.name} has no split "
             f"task.validation_split={config.task.validation_split!r}; splits: {sorted(task.splits)}"
         )
