@@ -76,3 +76,9 @@ def test_command_line_errors_are_one_line_with_exit_status_2(tmp_path):
     missing = tmp_path / "absent"
     line = _one_line_error(tiny_cli("sample", tmp_path / "run", f"model.path={missing}", "model.tokenizer="))
     assert str(missing) in line
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    argv = tiny_cli("vft", tmp_path / "run", "loss.constraint=bondary")
+    result = subprocess.run([*argv[:3], "--debug", *argv[3:]], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" in result.stderr and "RunConfigError" in result.stderr
