@@ -217,9 +217,10 @@ def use_mesh(mesh: Mesh, rules=None) -> Iterator[Mesh]:
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-    """`with_sharding_constraint` by logical axis names inside `use_mesh`; the identity outside it."""
+    """`with_sharding_constraint` by logical axis names inside `use_mesh`; the identity outside it and on a
+    one-device mesh."""
     active = _ACTIVE.get()
-    if active is None:
+    if active is None or active[0].size == 1:
         return x
     mesh, rules = active
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)))
