@@ -24,7 +24,7 @@ import jax
 
 from aft_jax.io.metrics import read_metrics
 from aft_jax.io.paths import Path, write_atomically
-from aft_jax.method.registry import method_settings
+from aft_jax.method.registry import method_names, method_settings
 from aft_jax.parallel import sharding
 
 
@@ -87,7 +87,7 @@ def run_pipeline(config) -> dict:
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(run_dir, config)
-    methods = [m.strip() for m in config.pipeline.methods.split(",") if m.strip()]
+    methods = method_names(config.pipeline.methods)
     method_sections = {name: method_settings(name) for name in methods}
     mesh = sharding.make_mesh(config.train.mesh)
     task = task_from_config(config)

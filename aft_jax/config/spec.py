@@ -18,7 +18,7 @@ from aft_jax.config.defaults import default_config
 from aft_jax.data.batches import TRUNCATION
 from aft_jax.data.tasks import TASKS, TEMPLATES
 from aft_jax.errors import UserError
-from aft_jax.method.registry import CONSTRAINTS, METHODS, get_method, method_settings
+from aft_jax.method.registry import CONSTRAINTS, METHODS, get_method, method_names, method_settings
 from aft_jax.model.config import REMAT_POLICIES
 from aft_jax.parallel.sharding import parse_mesh_shape
 
@@ -150,7 +150,7 @@ def check(config) -> None:
         for key, value in dataclasses.asdict(m.random).items():
             if value <= 0:
                 raise RunConfigError(f"model.random.{key}={value}: a random model needs every dimension > 0")
-    methods = [name.strip() for name in config.pipeline.methods.split(",") if name.strip()]
+    methods = method_names(config.pipeline.methods)
     for name in methods:
         try:
             method_settings(name)

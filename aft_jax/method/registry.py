@@ -107,6 +107,11 @@ def method_settings(name: str) -> dict:
     return settings
 
 
+def method_names(text: str) -> list[str]:
+    """The names of a comma-separated `pipeline.methods`."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"loss.method={name!r}; expected one of {', '.join(METHODS)}")

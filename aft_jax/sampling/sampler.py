@@ -140,7 +140,7 @@ def sample_token_ids(
     graphdef, state = nnx.split(model)
     mesh = sharding.mesh_of(state)
     ids, mask = (sharding.shard_rows(np.asarray(x, np.int32), mesh) for x in (prompt_ids_qt, prompt_mask_qt))
-    layers = _compiled_unstack(graphdef)(state) if layers is None else layers  # as `decode_layers` does
+    layers = decode_layers(model) if layers is None else layers
     tokens, lengths = _compiled_decode(graphdef, params, num_samples)(state, layers, ids, mask, rng)
     return np.asarray(tokens), np.asarray(lengths)
 
@@ -225,10 +225,8 @@ def generate(
 ) -> list[list[str]]:
     """`num_samples` completions per prompt, seeded: `Sampler(model, tokenizer, ...).sample(prompts, ...)`."""
     sampler = Sampler(model, tokenizer, batch_size=batch_size, pad_multiple=pad_multiple)
-    return sampler.sample(
-        prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        num_samples=num_samples, seed=seed,
-    )  # fmt: skip
+    settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    return sampler.sample(prompts, num_samples=num_samples, seed=seed, **settings)
 
 
 def sampling_params(model, tokenizer, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0) -> SamplingParams:

@@ -148,12 +148,11 @@ def build_train_program(model_config, mesh, loss_cfg, optim_cfg, total_steps: in
     )
     tx, schedule = build_optimizer(optim_cfg, total_steps)
     replicated = sharding.replicated(mesh)
+    opt_shapes = jax.eval_shape(tx.init, params)
     opt_shardings = optax.tree_map_params(
-        tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_shardings, transform_non_params=lambda _: replicated
+        tx, lambda _, s: s, opt_shapes, param_shardings, transform_non_params=lambda _: replicated
     )
-    opt_state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), jax.eval_shape(tx.init, params), opt_shardings
-    )
+    opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt_shapes, opt_shardings)
     state = TrainState(
         jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
         params,

@@ -22,7 +22,7 @@ import math
 import numpy as np
 
 from aft_jax.io.paths import Path, write_atomically
-from aft_jax.method.registry import method_settings
+from aft_jax.method.registry import method_names
 from aft_jax.parallel import sharding
 from aft_jax.pipeline import align_lr, log, run_pipeline
 from aft_jax.study.claims import MISALIGNED_BELOW, paper_claims, verdict
@@ -51,9 +51,7 @@ def study_plan(config) -> tuple[list[int], list[str], dict[str, dict[float, str]
     seeds = _numbers(config.study.seeds, "study.seeds", int)
     if not seeds:
         raise ValueError(f"study.seeds={config.study.seeds!r}: expected distinct integers, e.g. 0,1,2")
-    methods = [m.strip() for m in config.pipeline.methods.split(",") if m.strip()]
-    for name in methods:
-        method_settings(name)
+    methods = method_names(config.pipeline.methods)  # each checked at load (`config.spec`)
     sweeps = {}
     for key, own, what in (
         ("beta", config.loss.beta, "a boundary margin"),
