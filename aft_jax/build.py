@@ -37,20 +37,21 @@ def load_tokenizer(name: str):
         return AutoTokenizer.from_pretrained(local)
 
 
-def with_built_tokenizer(config):
+def with_built_tokenizer(config, task: Task):
     """`config` itself, or, when `model.tokenizer = "build"`, a copy that names `<run_dir>/tokenizer`: a
-    tokenizer trained on the task's training text, by process 0 when that folder has none yet."""
+    tokenizer trained on `task`'s training text, by process 0 when that folder has none yet."""
     if config.model.tokenizer != "build":
         return config
     folder = Path(config.run_dir) / "tokenizer"
     if sharding.is_main_process() and not (folder / "tokenizer.json").exists():
-        train_for_config(config, folder)
+        train_tokenizer_on_task(task, config.task, folder)
     sharding.sync("tokenizer")
     return config.replace(model={"tokenizer": str(folder)})
 
 
 def task_from_config(config) -> Task:
-    """The task of `task.name`, the synthetic one generated with its configured sizes and the run's seed."""
+    """The task of `task.name`, the synthetic one generated with its configured sizes and the run's seed.
+    Called once, at an entry point (command, pipeline, study); the stages receive the Task."""
     if config.task.name == "synthetic":
         t = config.task
         return get_task(
@@ -63,18 +64,19 @@ def task_from_config(config) -> Task:
     return get_task(config.task.name)
 
 
-def load_examples(config, split: str) -> list[Example]:
-    """A split of the task (the training split cut to `task.limit` questions when that is positive)."""
-    limit = config.task.limit if config.task.limit > 0 and split == config.task.train_split else None
-    return task_from_config(config).load(split, data_dir=config.task.data_dir or None, limit=limit)
+def load_examples(task: Task, task_cfg, split: str) -> list[Example]:
+    """A split of `task`, read from `task_cfg.data_dir` (the `task` section); the training split is cut to
+    `task_cfg.limit` questions when that is positive."""
+    limit = task_cfg.limit if task_cfg.limit > 0 and split == task_cfg.train_split else None
+    return task.load(split, data_dir=task_cfg.data_dir or None, limit=limit)
 
 
-def train_for_config(config, out_dir: str | Path):
-    """`train_task_tokenizer` on the prompt and target of every training question of `config`'s task."""
+def train_tokenizer_on_task(task: Task, task_cfg, out_dir: str | Path):
+    """`train_task_tokenizer` on the prompt (`task_cfg.template`) and target of every training question."""
     from aft_jax.data.task_tokenizer import train_task_tokenizer
 
-    task = task_from_config(config)
-    texts = [task.prompt(e, config.task.template) + e.target for e in load_examples(config, config.task.train_split)]
+    examples = load_examples(task, task_cfg, task_cfg.train_split)
+    texts = [task.prompt(e, task_cfg.template) + e.target for e in examples]
     return train_task_tokenizer(texts, out_dir)
 
 

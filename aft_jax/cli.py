@@ -30,20 +30,37 @@ def _load(args):
 
 
 def _train(args) -> None:
-    from aft_jax.build import with_built_tokenizer
+    from aft_jax.build import task_from_config, with_built_tokenizer
+    from aft_jax.parallel.sharding import make_mesh
     from aft_jax.stages.train import run_training
 
-    config = with_built_tokenizer(_load(args))
-    print(f"exported the final model to {run_training(config)}")
+    config = _load(args)
+    task = task_from_config(config)
+    config = with_built_tokenizer(config, task)
+    print(f"exported the final model to {run_training(config, mesh=make_mesh(config.train.mesh), task=task)}")
 
 
 def _sample(args) -> None:
-    from aft_jax.build import model_from_config, sampling_mesh, with_built_tokenizer
+    from aft_jax.build import load_examples, model_from_config, sampling_mesh, task_from_config, with_built_tokenizer
+    from aft_jax.io import paths
+    from aft_jax.sampling.sampler import Sampler
     from aft_jax.stages.sample import sample_candidates
 
-    config = with_built_tokenizer(_load(args))
+    config = _load(args)
+    task = task_from_config(config)
+    config = with_built_tokenizer(config, task)
     model, tokenizer = model_from_config(config.model, sampling_mesh(config), seed=config.seed)
-    print(f"groups written to {sample_candidates(config, model, tokenizer)}")
+    out_dir = sample_candidates(
+        Sampler(model, tokenizer, batch_size=config.sample.batch_size),
+        task,
+        load_examples(task, config.task, config.task.train_split),
+        config.sample.out_dir or paths.Path(config.run_dir) / "groups",
+        settings=config.sample,
+        template=config.task.template,
+        data=config.data,
+        seed=config.seed,
+    )
+    print(f"groups written to {out_dir}")
 
 
 def _pipeline(args) -> None:

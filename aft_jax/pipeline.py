@@ -80,6 +80,7 @@ def run_pipeline(config) -> dict:
     from aft_jax.data.groups import read_groups
     from aft_jax.io.checkpoint import save_model_folder
     from aft_jax.io.hf import from_pretrained
+    from aft_jax.sampling.sampler import Sampler
     from aft_jax.stages.evaluate import comparison_table, evaluate_model, write_report
     from aft_jax.stages.sample import sample_candidates
     from aft_jax.stages.train import run_training
@@ -89,7 +90,8 @@ def run_pipeline(config) -> dict:
     manifest = Manifest(run_dir, config)
     methods = method_names(config.pipeline.methods)
     method_sections = {name: method_settings(name) for name in methods}
-    mesh = sharding.make_mesh(config.train.mesh)
+    mesh = sharding.make_mesh(config.train.mesh)  # training runs'
+    local_mesh = sampling_mesh(config)  # this process's sampling and evaluation
     task = task_from_config(config)
     if config.eval.validation_limit > 0 and config.task.validation_split not in task.splits:
         raise RunConfigError(
@@ -98,11 +100,15 @@ def run_pipeline(config) -> dict:
         )
 
     if config.model.tokenizer == "build":
-        from aft_jax.build import train_for_config
+        from aft_jax.build import train_tokenizer_on_task
 
         folder = run_dir / "tokenizer"
         done = (folder / "tokenizer.json").exists()
-        manifest.stage("tokenizer", done, lambda: sharding.is_main_process() and train_for_config(config, folder))
+        manifest.stage(
+            "tokenizer",
+            done,
+            lambda: sharding.is_main_process() and train_tokenizer_on_task(task, config.task, folder),
+        )
         config = config.replace(model={"tokenizer": str(folder)})
 
     base = config.model.path
@@ -124,28 +130,32 @@ def run_pipeline(config) -> dict:
         data={"train_file": ""},
         train={"num_epochs": config.pipeline.vft_epochs},
     )
-    manifest.stage("vft", _model_done(vft_dir), lambda: run_training(vft_config))
+    manifest.stage("vft", _model_done(vft_dir), lambda: run_training(vft_config, mesh=mesh, task=task))
     vft_model_dir = str(vft_dir / "model")
 
-    sampler_config = config.replace(model={"path": vft_model_dir, "tokenizer": ""})
     groups_train, groups_eval = run_dir / "groups" / "train", run_dir / "groups" / "eval"
     loaded: dict = {}
 
-    def vft_model():
+    def vft_sampler() -> Sampler:
+        """The VFT model's one sampler for both sampling stages, loaded when the first one runs."""
         if "vft" not in loaded:
-            loaded["vft"] = from_pretrained(vft_model_dir, mesh=sampling_mesh(config))
+            model, tokenizer = from_pretrained(vft_model_dir, mesh=local_mesh)
+            loaded["vft"] = Sampler(model, tokenizer, batch_size=config.sample.batch_size)
         return loaded["vft"]
 
+    sampling = dict(settings=config.sample, template=config.task.template, data=config.data, seed=config.seed)
     manifest.stage(
         "sample_train",
         (groups_train / "stats.json").exists(),
-        lambda: sample_candidates(sampler_config, *vft_model(), task=task, out_dir=groups_train),
+        lambda: sample_candidates(
+            vft_sampler(), task, load_examples(task, config.task, config.task.train_split), groups_train, **sampling
+        ),
     )
-    held_out = load_examples(config, config.task.eval_split)[: max(config.eval.group_questions, 0)]
+    held_out = load_examples(task, config.task, config.task.eval_split)[: max(config.eval.group_questions, 0)]
     manifest.stage(
         "sample_eval",
         (groups_eval / "stats.json").exists(),
-        lambda: sample_candidates(sampler_config, *vft_model(), task=task, examples=held_out, out_dir=groups_eval),
+        lambda: sample_candidates(vft_sampler(), task, held_out, groups_eval, **sampling),
     )
     loaded.clear()
 
@@ -159,7 +169,7 @@ def run_pipeline(config) -> dict:
             train={"num_epochs": config.pipeline.align_epochs},
             optim={"lr": method_sections[name].get("optim", {}).get("lr", align_lr(config))},
         )
-        manifest.stage(name, _model_done(run_dir / name), lambda c=method_config: run_training(c))
+        manifest.stage(name, _model_done(run_dir / name), lambda c=method_config: run_training(c, mesh=mesh))
 
     limit = config.eval.limit if config.eval.limit > 0 else None
     examples = task.load(config.task.eval_split, data_dir=config.task.data_dir or None, limit=limit)
@@ -177,9 +187,19 @@ def run_pipeline(config) -> dict:
         """Each process evaluates every P-th pending model on its own devices; all of them load every
         pending model, since each Orbax restore waits for all processes."""
         for i, name in enumerate(pending):
-            model, tokenizer = from_pretrained(run_dir / name / "model", mesh=sampling_mesh(config))
+            model, tokenizer = from_pretrained(run_dir / name / "model", mesh=local_mesh)
             if i % jax.process_count() == jax.process_index():
-                result = evaluate_model(config, task, model, tokenizer, examples, eval_groups, validation)
+                result = evaluate_model(
+                    Sampler(model, tokenizer, batch_size=config.eval.batch_size),
+                    task,
+                    examples,
+                    eval_groups,
+                    validation,
+                    settings=config.eval,
+                    template=config.task.template,
+                    data=config.data,
+                    seed=config.seed,
+                )
                 outputs[name].parent.mkdir(exist_ok=True)
                 write_atomically(outputs[name], json.dumps(result) + "\n")  # marks the model evaluated
 

@@ -51,6 +51,7 @@ def make_batch(k: int, length: int, vocab: int, seed: int = 0) -> dict:
         "is_reference": np.eye(1, k, dtype=bool),
         "levels": is_pos.astype(np.int32),
         "ref_logp_sum": np.zeros((1, k), np.float32),
+        "completion_tokens": completion.sum(-1).astype(np.int32),
     }
 
 

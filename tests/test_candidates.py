@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from aft_jax.build import model_from_config, with_built_tokenizer
+from aft_jax.build import load_examples, model_from_config, task_from_config, with_built_tokenizer
 from aft_jax.config.load import load_config
 from aft_jax.data.groups import read_groups
 from aft_jax.data.tasks import get_task
 from aft_jax.parallel import sharding
+from aft_jax.sampling.sampler import Sampler
 from aft_jax.stages.sample import label_group, sample_candidates
 
 
@@ -30,9 +31,25 @@ def tiny_setup(tmp_path_factory):
             "data.max_length=96",
         ],
     )
-    config = with_built_tokenizer(config)
+    config = with_built_tokenizer(config, task_from_config(config))
     model, tokenizer = model_from_config(config.model, sharding.make_mesh("fsdp"), seed=0)
     return config, model, tokenizer
+
+
+def sample(config, model, tokenizer, out_dir=None, **options):
+    """`sample_candidates` as `aft-jax sample` calls it (`out_dir` by default `sample.out_dir`)."""
+    task = task_from_config(config)
+    return sample_candidates(
+        Sampler(model, tokenizer, batch_size=config.sample.batch_size),
+        task,
+        load_examples(task, config.task, config.task.train_split),
+        out_dir or config.sample.out_dir,
+        settings=config.sample,
+        template=config.task.template,
+        data=config.data,
+        seed=config.seed,
+        **options,
+    )
 
 
 def _files(directory):
@@ -42,12 +59,12 @@ def _files(directory):
 def test_interrupted_sampling_gives_the_same_groups(tmp_path, tiny_setup):
     config, model, tokenizer = tiny_setup
     config = config.replace(sample={"out_dir": str(tmp_path / "straight")})
-    straight = sample_candidates(config, model, tokenizer)
+    straight = sample(config, model, tokenizer)
     config = config.replace(sample={"out_dir": str(tmp_path / "interrupted")})
-    sample_candidates(config, model, tokenizer, stop_after_shards=1)
+    sample(config, model, tokenizer, stop_after_shards=1)
     assert len(_files(tmp_path / "interrupted")) == 1 and not (tmp_path / "interrupted" / "stats.json").exists()
     (tmp_path / "interrupted" / "shard-00001.jsonl.tmp").write_text("half a line")  # as a kill mid-write leaves
-    resumed = sample_candidates(config, model, tokenizer)
+    resumed = sample(config, model, tokenizer)
     assert _files(resumed) == _files(straight) and len(_files(straight)) == 3
 
     groups = read_groups(straight)
@@ -69,7 +86,7 @@ def test_scores_in_groups_match_sequence_scores(tmp_path, tiny_setup):
 
     config, model, tokenizer = tiny_setup
     config = config.replace(sample={"out_dir": str(tmp_path / "g")})
-    group = read_groups(sample_candidates(config, model, tokenizer))[0]
+    group = read_groups(sample(config, model, tokenizer))[0]
     cand = group.candidates[0]
     prompt = tokenizer(group.prompt)["input_ids"]
     tokens = prompt + tokenizer(cand.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -78,6 +95,22 @@ def test_scores_in_groups_match_sequence_scores(tmp_path, tiny_setup):
     completion[0, len(prompt) :] = 1
     mean, total = aft_jax.sequence_scores(model, ids, np.ones_like(ids), completion)
     np.testing.assert_allclose([cand.logp_mean, cand.logp_sum], [float(mean[0]), float(total[0])], rtol=1e-4)
+
+
+def test_packed_scores_of_groups_equal_padded(tmp_path, tiny_setup):
+    """`score_groups` from packed rows (small enough that groups split and share rows) equals the padded
+    sequences', for every candidate (what sampling stores and evaluation rescores)."""
+    from aft_jax.stages.score import score_groups
+
+    config, model, tokenizer = tiny_setup
+    groups = read_groups(sample(config, model, tokenizer, out_dir=tmp_path / "g"))
+    options = dict(max_length=config.data.max_length, batch_size=4)
+    padded = score_groups(model, tokenizer, groups, layout="padded", **options)
+    packed = score_groups(model, tokenizer, groups, layout="packed", tokens_per_row=config.data.max_length, **options)
+    want = [(c.logp_sum, c.logp_mean) for g in padded for c in g.candidates]
+    got = [(c.logp_sum, c.logp_mean) for g in packed for c in g.candidates]
+    assert len(want) > len(groups) and all(total < 0 for total, _ in want)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_labelling_dedupes_and_keeps_the_reference():

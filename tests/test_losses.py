@@ -131,9 +131,12 @@ def test_dpo_matches_numpy(constraint):
 
 def test_vft_loss_and_assessment_accuracy_match_numpy():
     rng = np.random.default_rng(2)
-    logp = -rng.random((4, 9)).astype(np.float32)
-    mask = rng.random((4, 9)) < 0.5
-    np.testing.assert_allclose(losses.vft_loss(logp, mask), -logp[mask].mean(), rtol=1e-6)
+    logp = -rng.random((2, 3, 9)).astype(np.float32)  # token log-probs of [B, K] candidates
+    completion = rng.random((2, 3, 9)) < 0.7
+    target = np.array([[True, False, True], [False, True, False]])
+    tokens = completion & target[..., None]
+    got = losses.vft_loss(np.where(completion, logp, 0).sum(-1), target, tokens.sum())
+    np.testing.assert_allclose(got, -logp[tokens].mean(), rtol=1e-6)
 
     s, lv, valid = random_groups(3)
     is_pos, is_neg = valid & (lv == 1), valid & (lv == 0)

@@ -25,3 +25,15 @@ def test_memory_grows_with_batch_and_sequence(config):
     assert small.optimizer_gb == pytest.approx(2 * small.params_gb, rel=0.01)
     assert recommend(small, 80.0, config).startswith("fits")
     assert recommend(small, small.total_gb / 2, config).startswith("does not fit")
+
+
+def test_the_packed_plan_counts_each_prompt_once(config):
+    """K = 4 candidates of 128 tokens, 64 of them the prompt: a packed group is 63 + 4 x 65 = 323 tokens; each of
+    the 4 batch shards packs its 2 groups into one row of 646 tokens, rounded up to a multiple of pad_multiple."""
+    assert config.data.group_size == 4 and config.data.tokens_per_row >= 646
+    padded = plan_memory(config.replace(data={"layout": "padded"}), batch_size=8, seq_len=128, prompt_len=64)
+    packed = plan_memory(config, batch_size=8, seq_len=128, prompt_len=64)
+    assert padded.computed_tokens == 8 * 4 * 128
+    multiple = config.data.pad_multiple
+    assert packed.layout == "packed" and packed.computed_tokens == 4 * (-(-646 // multiple) * multiple)
+    assert packed.temporaries_gb > 0  # (more than padded here: this tiny model's attention outweighs the rest)

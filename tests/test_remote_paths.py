@@ -12,13 +12,12 @@ from flax import nnx
 from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
 from hf_reference import save_tiny
-from test_candidates import tiny_setup  # noqa: F401  (fixture)
+from test_candidates import sample, tiny_setup  # noqa: F401  (fixture)
 
 import aft_jax
 from aft_jax.data.groups import read_groups
 from aft_jax.io import paths
 from aft_jax.io.metrics import MetricsWriter, read_metrics
-from aft_jax.stages.sample import sample_candidates
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +58,8 @@ def test_metrics_in_a_bucket_resume_like_local_ones(bucket):
 
 def test_sampling_into_a_bucket_writes_the_same_groups(tmp_path, bucket, tiny_setup):  # noqa: F811
     config, model, tokenizer = tiny_setup
-    local = sample_candidates(config, model, tokenizer, out_dir=tmp_path / "local")
-    remote = sample_candidates(config, model, tokenizer, out_dir="gs://bucket/groups")
+    local = sample(config, model, tokenizer, out_dir=tmp_path / "local")
+    remote = sample(config, model, tokenizer, out_dir="gs://bucket/groups")
     assert str(remote) == "gs://bucket/groups"
     assert sorted(p.name for p in (bucket / "groups").iterdir()) == sorted(p.name for p in local.iterdir())
     assert [g.to_json() for g in read_groups(remote)] == [g.to_json() for g in read_groups(local)]

@@ -162,6 +162,8 @@ def test_sampler_texts_equal_its_token_ids(smollm2_dir):
 class _RecordingSampler:
     """A stand-in sampler: every completion is the example's reference solution."""
 
+    model = tokenizer = None
+
     def __init__(self, targets: dict[str, str]):
         self.targets, self.calls = targets, []
 
@@ -182,7 +184,8 @@ def test_evaluation_generates_only_through_the_sampler_it_receives():
     )
     test, validation = task.load("test"), task.load("validation")
     fake = _RecordingSampler({task.prompt(x, "plain"): x.target for x in test + validation})
-    texts, correct = greedy_correct(config, task, None, None, test, sampler=fake)  # no model: only the sampler
+    options = dict(template=config.task.template, max_new_tokens=config.eval.max_new_tokens)
+    texts, correct = greedy_correct(fake, task, test, **options)  # no model: only the sampler
     assert texts == [x.target for x in test] and all(correct)
-    assert validation_accuracy(config, task, None, None, validation, sampler=fake)["validation_accuracy"] == 1.0
+    assert validation_accuracy(fake, task, validation, **options)["validation_accuracy"] == 1.0
     assert fake.calls == [(3, 1, {"max_new_tokens": 7})] * 2

@@ -70,6 +70,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.group_size = 8  # K: candidate slots per group (6 samples + reference + room)
     c.data.truncation = "completion"  # completion | drop
     c.data.pad_multiple = 64
+    c.data.layout = "packed"  # packed: each prompt once, groups in rows of tokens_per_row | padded: [B, K, T]
+    c.data.tokens_per_row = 1024  # packed rows' token budget (>= max_length); a longer group is split over rows
     c.data.shuffle = True
 
     c.loss = ml_collections.ConfigDict()

@@ -15,7 +15,7 @@ import json
 import ml_collections
 
 from aft_jax.config.defaults import default_config
-from aft_jax.data.batches import TRUNCATION
+from aft_jax.data.batches import LAYOUTS, TRUNCATION
 from aft_jax.data.tasks import TASKS, TEMPLATES
 from aft_jax.errors import UserError
 from aft_jax.method.registry import CONSTRAINTS, METHODS, get_method, method_names, method_settings
@@ -30,6 +30,7 @@ CHOICES = {
     "task.name": tuple(TASKS),
     "task.template": TEMPLATES,
     "data.truncation": TRUNCATION,
+    "data.layout": LAYOUTS,
     "loss.method": tuple(METHODS),
     "loss.constraint": CONSTRAINTS,
     "loss.vft_targets": ("reference", "positives"),
@@ -139,6 +140,11 @@ def check(config) -> None:
     if train.batch_size % train.grad_accum:
         raise RunConfigError(
             f"train.batch_size={train.batch_size} must be a multiple of train.grad_accum={train.grad_accum}"
+        )
+    if config.data.tokens_per_row < config.data.max_length:
+        raise RunConfigError(
+            f"data.tokens_per_row={config.data.tokens_per_row} must be at least data.max_length="
+            f"{config.data.max_length}: a packed row holds at least one whole sequence"
         )
     m = config.model
     if not m.path and not (m.tokenizer and m.random.num_layers > 0):

@@ -1,5 +1,9 @@
-"""Training batches: tokenisation of candidate groups with a logged truncation policy, right-padded
-`[B, K, T]` arrays, and a resumable, seeded iterator over them."""
+"""Training batches: tokenisation of candidate groups with a logged truncation policy, their arrays in one of
+two layouts, and a resumable, seeded iterator over them.
+
+Both layouts have per-candidate arrays `[B, K]` (`CANDIDATE_SCHEMA`). Their tokens are either packed rows
+`[R, L]` (`aft_jax.data.packing`: each prompt once, no padding to the longest candidate; the default) or
+right-padded `[B, K, T]` arrays (`PADDED_SCHEMA`: every candidate a whole sequence; the reference layout)."""
 
 from __future__ import annotations
 
@@ -9,21 +13,22 @@ from collections import Counter
 
 import numpy as np
 
+from aft_jax.data import packing
 from aft_jax.data.groups import Candidate, Group
 
 log = logging.getLogger(__name__)
 TRUNCATION = ("completion", "drop")
-BATCH_SCHEMA = {  # name -> ("token": [B, K, T] or "candidate": [B, K], dtype); collate and the plan read it
-    "input_ids": ("token", np.int32),
-    "attention_mask": ("token", np.int32),
-    "completion_mask": ("token", np.int32),
-    "valid": ("candidate", np.bool_),
-    "is_pos": ("candidate", np.bool_),
-    "is_neg": ("candidate", np.bool_),
-    "is_reference": ("candidate", np.bool_),
-    "levels": ("candidate", np.int32),
-    "ref_logp_sum": ("candidate", np.float32),
+LAYOUTS = ("packed", "padded")
+CANDIDATE_SCHEMA = {  # [B, K]; collate and the plan read these tables
+    "valid": np.bool_,
+    "is_pos": np.bool_,
+    "is_neg": np.bool_,
+    "is_reference": np.bool_,
+    "levels": np.int32,
+    "ref_logp_sum": np.float32,
+    "completion_tokens": np.int32,
 }
+PADDED_SCHEMA = {"input_ids": np.int32, "attention_mask": np.int32, "completion_mask": np.int32}  # [B, K, T]
 
 
 @dataclasses.dataclass
@@ -94,27 +99,65 @@ class GroupEncoder:
         return encoded
 
 
-def collate(groups: list[EncodedGroup], group_size: int, length: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Right-padded arrays: token arrays `[B, K, T]`, per-candidate arrays `[B, K]`."""
-    b = len(groups)
-    out = {
-        name: np.zeros((b, group_size, length) if per == "token" else (b, group_size), dtype)
-        for name, (per, dtype) in BATCH_SCHEMA.items()
-    }
-    out["input_ids"][:] = pad_id
+def candidate_arrays(groups: list[EncodedGroup], group_size: int) -> dict[str, np.ndarray]:
+    """The `[B, K]` arrays of `CANDIDATE_SCHEMA`; slots past a group's candidates are not `valid`."""
+    out = {name: np.zeros((len(groups), group_size), dtype) for name, dtype in CANDIDATE_SCHEMA.items()}
     for g, group in enumerate(groups):
         for k, (tokens, prompt_len, cand) in enumerate(zip(group.tokens, group.prompt_lengths, group.candidates)):
-            n = len(tokens)
-            out["input_ids"][g, k, :n] = tokens
-            out["attention_mask"][g, k, :n] = 1
-            out["completion_mask"][g, k, prompt_len:n] = 1
             out["valid"][g, k] = True
             out["is_pos"][g, k] = cand.correct
             out["is_neg"][g, k] = not cand.correct
             out["is_reference"][g, k] = cand.reference
             out["levels"][g, k] = cand.level
             out["ref_logp_sum"][g, k] = cand.logp_sum if cand.logp_sum is not None else 0.0
+            out["completion_tokens"][g, k] = len(tokens) - prompt_len
     return out
+
+
+def collate(groups: list[EncodedGroup], group_size: int, length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """The padded layout: right-padded token arrays `[B, K, T]` and the per-candidate arrays `[B, K]`."""
+    b = len(groups)
+    out = {name: np.zeros((b, group_size, length), dtype) for name, dtype in PADDED_SCHEMA.items()}
+    out["input_ids"][:] = pad_id
+    for g, group in enumerate(groups):
+        for k, (tokens, prompt_len) in enumerate(zip(group.tokens, group.prompt_lengths)):
+            n = len(tokens)
+            out["input_ids"][g, k, :n] = tokens
+            out["attention_mask"][g, k, :n] = 1
+            out["completion_mask"][g, k, prompt_len:n] = 1
+    return out | candidate_arrays(groups, group_size)
+
+
+def collate_packed(
+    groups: list[EncodedGroup],
+    group_size: int,
+    *,
+    first_group: int,
+    shards: int,
+    micro_batches: int,
+    rows_per_unit: int,
+    tokens_per_row: int,
+    length: int,
+    pad_id: int,
+) -> dict[str, np.ndarray]:
+    """The packed layout of `shards` whole shards of a batch, starting at group `first_group` of it: token
+    arrays `[shards * M * rows_per_unit, length]` (`packing.pack_units`) and the per-candidate arrays."""
+    units = packing.batch_units(len(groups), shards, micro_batches)
+    pieces = [
+        [
+            piece
+            for i in unit
+            for piece in packing.group_pieces(
+                groups[i].tokens,
+                groups[i].prompt_lengths[0],
+                tokens_per_row,
+                slot_base=(first_group + i) // micro_batches * group_size,
+            )
+        ]
+        for unit in units
+    ]
+    tokens = packing.pack_units(pieces, rows_per_unit, micro_batches, tokens_per_row, length, pad_id)
+    return tokens | candidate_arrays(groups, group_size)
 
 
 class GroupBatcher:
@@ -141,23 +184,47 @@ class GroupBatcher:
         process_index: int = 0,
         process_count: int = 1,
         combine=lambda x: x,
+        layout: str = "packed",
+        tokens_per_row: int = 1024,
+        shards: int = 1,
+        micro_batches: int = 1,
     ):
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout={layout!r}; expected one of {LAYOUTS}")
+        held = len(range(batch_size)[rows])
+        if batch_size % (shards * micro_batches) or held * shards % batch_size:
+            raise ValueError(
+                f"a batch of {batch_size} groups in {shards} shards x {micro_batches} micro-batches, this process "
+                f"holding {held} of them: every shard needs whole micro-batches and every process whole shards"
+            )
         self.groups, self.encoder, self.batch_size, self.group_size = groups, encoder, batch_size, group_size
         self.max_length, self.pad_id, self.seed = max_length, pad_id, seed
         self.pad_multiple, self.shuffle, self.rows = pad_multiple, shuffle, rows
+        self.layout, self.tokens_per_row, self.shards, self.micro_batches = (
+            layout,
+            tokens_per_row,
+            shards,
+            micro_batches,
+        )
         self._encoded: dict[int, EncodedGroup] = {}
-        survey = np.zeros((2, len(groups)), np.int64)  # longest sequence (0: unusable), tokens
+        # per group: longest sequence (0: unusable), tokens, then its packed pieces' lengths (0: none)
+        survey = np.zeros((2 + group_size, len(groups)), np.int64)
         for i in range(process_index, len(groups), process_count):
             encoded = encoder.encode(groups[i])
             if encoded is not None:
                 self._encoded[i] = encoded
-                survey[:, i] = max(map(len, encoded.tokens)), sum(map(len, encoded.tokens))
-        self.longest, self.tokens = combine(survey)
+                survey[:2, i] = max(map(len, encoded.tokens)), sum(map(len, encoded.tokens))
+                if layout == "packed":
+                    pieces = packing.group_pieces(encoded.tokens, encoded.prompt_lengths[0], tokens_per_row)
+                    survey[2 : 2 + len(pieces), i] = [p.length for p in pieces]
+        survey = combine(survey)
+        self.longest, self.tokens, self.piece_lengths = survey[0], survey[1], survey[2:]
+        self.split_groups = int(np.sum(self.piece_lengths[1:].any(axis=0)))  # packed groups over one row
         self.usable = np.flatnonzero(self.longest > 0)
         if len(self.usable) < batch_size:
             raise ValueError(f"{len(self.usable)} usable groups is fewer than one batch of {batch_size}")
         self.epoch, self.index = 0, 0
-        self.global_tokens = 0  # real tokens in the last global batch
+        self.global_tokens = 0  # real tokens in the last global batch (its candidates' unpacked sequences)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -182,13 +249,30 @@ class GroupBatcher:
         return self._encoded[i]
 
     def next_batch(self) -> dict[str, np.ndarray]:
-        """This process's rows of the next global batch, padded to the global batch's length."""
+        """This process's rows of the next global batch: padded to the global batch's longest sequence, or
+        packed into as many rows per (shard, micro-batch) unit as the fullest unit of the batch needs."""
         if self.index >= self.steps_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
         order = self._order(self.epoch)[self.index * self.batch_size : (self.index + 1) * self.batch_size]
         chosen = self.usable[order]
         self.index += 1
         self.global_tokens = int(self.tokens[chosen].sum())
+        mine = [self._encode(i) for i in chosen[self.rows]]
+        if self.layout == "packed":
+            units = packing.batch_units(self.batch_size, self.shards, self.micro_batches)
+            lengths = [[int(n) for b in unit for n in self.piece_lengths[:, chosen[b]] if n] for unit in units]
+            rows_per_unit, length = packing.unit_rows(lengths, self.tokens_per_row, self.pad_multiple)
+            return collate_packed(
+                mine,
+                self.group_size,
+                first_group=self.rows.start or 0,
+                shards=self.shards * len(mine) // self.batch_size,
+                micro_batches=self.micro_batches,
+                rows_per_unit=rows_per_unit,
+                tokens_per_row=self.tokens_per_row,
+                length=length,
+                pad_id=self.pad_id,
+            )
         longest = int(self.longest[chosen].max())
         length = min(self.max_length, -(-longest // self.pad_multiple) * self.pad_multiple)
-        return collate([self._encode(i) for i in chosen[self.rows]], self.group_size, length, self.pad_id)
+        return collate(mine, self.group_size, length, self.pad_id)

@@ -133,12 +133,10 @@ def dpo_loss(
     return loss_b
 
 
-def vft_loss(token_logp_nt, target_mask_nt, num_tokens=None):
-    """Token-mean negative log-likelihood over the masked completion tokens (0 when there are none).
-    `num_tokens` overrides the denominator (the global batch's count, for micro-batches)."""
-    mask = target_mask_nt.astype(bool)
-    count = jnp.maximum(jnp.sum(mask), 1) if num_tokens is None else num_tokens
-    return -jnp.sum(jnp.where(mask, token_logp_nt, 0.0)) / count
+def vft_loss(sum_logp_bk, target_bk, num_tokens):
+    """Token-mean negative log-likelihood of the target candidates: `-sum_{target} sum_logp / num_tokens`,
+    `num_tokens` being their completion tokens (the global batch's count, for micro-batches)."""
+    return -jnp.sum(jnp.where(target_bk, sum_logp_bk, 0.0)) / num_tokens
 
 
 def assessment_counts(scores_bk, is_pos_bk, is_neg_bk):

@@ -1,7 +1,8 @@
 """The training objective `L = w_vft * L_VFT + lambda * L_align` over a batch of candidate groups.
 
-One forward pass over all `B * K` candidates gives the token log-probs; the VFT loss reads the target
-rows' tokens and the alignment loss the per-candidate scores. Losses are sums divided by normalisers
+One forward pass over all `B * K` candidates (padded or packed, `aft_jax.data.batches`) gives each one's
+summed completion log-prob; the VFT loss is the target candidates' sum over their token count and the
+alignment loss reads the per-candidate scores. Losses are sums divided by normalisers
 of the *global* batch (`normalisers`), so gradients accumulated over micro-batches equal the
 full-batch gradient exactly.
 """
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 
 from aft_jax.method import losses
 from aft_jax.method.registry import get_method
-from aft_jax.method.scoring import completion_logprobs
+from aft_jax.method.scoring import candidate_logp_sums
 
 
 def vft_rows(batch, loss_cfg):
@@ -24,8 +25,7 @@ def vft_rows(batch, loss_cfg):
 
 def normalisers(batch, loss_cfg) -> dict:
     """Global-batch denominators: VFT target tokens and real groups."""
-    rows_bk = vft_rows(batch, loss_cfg)
-    tokens = jnp.sum(batch["completion_mask"].astype(bool) & rows_bk[..., None])
+    tokens = jnp.sum(jnp.where(vft_rows(batch, loss_cfg), batch["completion_tokens"], 0))
     groups = jnp.sum(jnp.any(batch["valid"], axis=-1))
     return {
         "vft_tokens": jnp.maximum(tokens, 1).astype(jnp.float32),
@@ -49,21 +49,10 @@ def alignment_terms(scores_bk, sum_logp_bk, batch, loss_cfg):
 
 def objective(model, batch, norm, loss_cfg):
     """Returns `(loss, sums)`: the scalar loss of this (micro-)batch and additive statistics for metrics."""
-    b, k, t = batch["input_ids"].shape
-    completion_nt = batch["completion_mask"].reshape(b * k, t)
-    logp_nt = completion_logprobs(
-        model,
-        batch["input_ids"].reshape(b * k, t),
-        batch["attention_mask"].reshape(b * k, t),
-        completion_nt,
-        chunk_size=loss_cfg.logit_chunk,
-    )
-    sum_logp_bk = jnp.sum(logp_nt, axis=-1).reshape(b, k)
-    count_bk = jnp.sum(completion_nt.astype(bool), axis=-1).reshape(b, k)
-    scores_bk = sum_logp_bk / jnp.maximum(count_bk, 1)
+    sum_logp_bk = candidate_logp_sums(model, batch, chunk_size=loss_cfg.logit_chunk)
+    scores_bk = sum_logp_bk / jnp.maximum(batch["completion_tokens"], 1)
 
-    rows_bk = vft_rows(batch, loss_cfg)
-    vft_nll = losses.vft_loss(logp_nt, completion_nt.astype(bool) & rows_bk.reshape(-1)[:, None], norm["vft_tokens"])
+    vft_nll = losses.vft_loss(sum_logp_bk, vft_rows(batch, loss_cfg), norm["vft_tokens"])
     align = jnp.sum(alignment_terms(scores_bk, sum_logp_bk, batch, loss_cfg)) / norm["groups"]
     loss = vft_weight(loss_cfg) * vft_nll + loss_cfg.lam * align
 

@@ -1,7 +1,7 @@
 """The Llama decoder block in Flax NNX: RMSNorm, grouped-query attention over an optional KV cache, SwiGLU.
 
 The pieces are public for decoders that compose them (as `aft_jax.sampling.decode` does): `Attention.project`
-(q/k/v with RoPE), `grouped_attention`, `Attention.output`, the norms, the MLP.
+(q/k/v with RoPE), `Attention.output`, the norms, the MLP.
 
 Every weight is an `nnx.Param` carrying logical axis names in its `axes` metadata; `aft_jax.parallel.sharding`
 maps them to mesh axes. A module built with `stack=L` holds L layers' weights with a leading `layers`
@@ -14,10 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from aft_jax.model.attention import grouped_attention
 from aft_jax.model.config import LlamaConfig
 from aft_jax.model.rope import apply_rope
-
-MASKED = float(jnp.finfo(jnp.float32).min)  # the logit of a masked-out key
 
 
 def make_param(
@@ -90,29 +89,6 @@ class Attention(nnx.Module):
     def output(self, out_bthk):
         """The output projection of per-head attention outputs `[B, T, H, Dh]`: `[B, T, D]`."""
         return jnp.einsum("bthk,hkd->btd", out_bthk, self.o_proj[...].astype(self.dtype))
-
-
-def grouped_attention(q_bthk, blocks):
-    """softmax(q k^T / sqrt(head_dim) + mask) v over the keys of every `(k_bsgk, v_bsgk, mask_bts)` block
-    jointly, the softmax in float32; each key/value head serves a group of query heads."""
-    b, t, h, hd = q_bthk.shape
-    groups = blocks[0][0].shape[2]
-    q_btgrk = q_bthk.reshape(b, t, groups, h // groups, hd)
-    logits = [
-        jnp.where(
-            mask[:, None, None],
-            jnp.einsum("btgrk,bsgk->bgrts", q_btgrk, k, preferred_element_type=jnp.float32) * (hd**-0.5),
-            MASKED,
-        )
-        for k, _, mask in blocks
-    ]
-    probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1)
-    out, offset = 0.0, 0
-    for k, v, _ in blocks:
-        part = probs[..., offset : offset + k.shape[1]].astype(v.dtype)
-        out = out + jnp.einsum("bgrts,bsgk->btgrk", part, v)
-        offset += k.shape[1]
-    return out.reshape(b, t, h, hd)
 
 
 class MLP(nnx.Module):

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from aft_jax.model.attention import causal_mask, packed_mask
 from aft_jax.model.config import LlamaConfig
 from aft_jax.model.layers import Block, RMSNorm, make_param
 from aft_jax.model.rope import inverse_frequencies, rope_tables
@@ -81,15 +82,16 @@ class Llama(nnx.Module):
         """Final-norm hidden states `[B, T, D]` in the compute dtype, and the updated cache (or None)."""
         b, t = input_ids_bt.shape
         mask_bt = jnp.ones((b, t), bool) if attention_mask_bt is None else attention_mask_bt.astype(bool)
+        offset_b = jnp.zeros((b,), jnp.int32) if cache is None else jnp.sum(cache.valid_bs, axis=-1, dtype=jnp.int32)
+        if positions_bt is None:
+            positions_bt = jnp.maximum(offset_b[:, None] + jnp.cumsum(mask_bt, axis=-1) - 1, 0)
         if cache is None:
-            hidden_btd, _ = self._forward(input_ids_bt, mask_bt, positions_bt, jnp.zeros((b,), jnp.int32))
-            return hidden_btd, None
-        offset_b = jnp.sum(cache.valid_bs, axis=-1, dtype=jnp.int32)
+            return self._forward(input_ids_bt, causal_mask(mask_bt), positions_bt)[0], None
         # The cache is read layer by layer; only this call's new slots come out of the scan, and are
         # written into the cache with one update (in place inside a decode loop).
         kv, cache_mask_bts = (cache.keys, cache.values), cache.valid_bs[:, None, :]
         hidden_btd, new_kv = self._forward(
-            input_ids_bt, mask_bt, positions_bt, offset_b, kv, cache_mask_bts, keep_new_kv=True
+            input_ids_bt, causal_mask(mask_bt), positions_bt, kv, cache_mask_bts, keep_new_kv=True
         )
         start = (0, 0, cache.end, 0, 0)
         keys = jax.lax.dynamic_update_slice(cache.keys, new_kv[0].astype(cache.keys.dtype), start)
@@ -97,23 +99,25 @@ class Llama(nnx.Module):
         valid_bs = jax.lax.dynamic_update_slice(cache.valid_bs, mask_bt, (0, cache.end))
         return hidden_btd, KVCache(keys, values, valid_bs, cache.end + t)
 
+    def packed_hidden_states(self, input_ids_rt, positions_rt, segment_ids_rt, branch_ids_rt):
+        """Final-norm hidden states `[R, T, D]` of packed rows (`aft_jax.data.packing`) under `packed_mask`,
+        each token at its position in its own unpacked sequence."""
+        return self._forward(input_ids_rt, packed_mask(segment_ids_rt, branch_ids_rt), positions_rt)[0]
+
     def prefill(self, input_ids_bt, attention_mask_bt):
         """Hidden states `[B, T, D]` of prompts and a cache of exactly their T slots: what `hidden_states`
         gives with an empty `init_cache(config, B, T)`, without attending to the empty slots."""
         mask_bt = attention_mask_bt.astype(bool)
-        zeros_b = jnp.zeros((input_ids_bt.shape[0],), jnp.int32)
-        hidden_btd, new_kv = self._forward(input_ids_bt, mask_bt, None, zeros_b, keep_new_kv=True)
+        positions_bt = jnp.maximum(jnp.cumsum(mask_bt, axis=-1) - 1, 0)
+        hidden_btd, new_kv = self._forward(input_ids_bt, causal_mask(mask_bt), positions_bt, keep_new_kv=True)
         return hidden_btd, KVCache(new_kv[0], new_kv[1], mask_bt, jnp.asarray(mask_bt.shape[1], jnp.int32))
 
-    def _forward(self, input_ids_bt, mask_bt, positions_bt, offset_b, kv=None, cache_mask_bts=None, keep_new_kv=False):
-        """The scanned layers over `T` new tokens that follow `offset_b` earlier ones (whose keys/values
-        `kv`, `[L, B, S, Hkv, Dh]` each, are read under `cache_mask_bts`): final-norm hidden states and, with
-        `keep_new_kv`, the new tokens' keys/values `[L, B, T, Hkv, Dh]` (else None)."""
+    def _forward(self, input_ids_bt, mask_btt, positions_bt, kv=None, cache_mask_bts=None, keep_new_kv=False):
+        """The scanned layers over `T` new tokens at `positions_bt`, attending to each other under `mask_btt`
+        and to earlier tokens' keys/values `kv` (`[L, B, S, Hkv, Dh]` each) under `cache_mask_bts`:
+        final-norm hidden states and, with `keep_new_kv`, the new tokens' keys/values `[L, B, T, Hkv, Dh]`
+        (else None)."""
         cfg = self.config
-        t = input_ids_bt.shape[1]
-        mask_btt = jnp.tril(jnp.ones((t, t), bool))[None] & mask_bt[:, None, :]
-        if positions_bt is None:
-            positions_bt = jnp.maximum(offset_b[:, None] + jnp.cumsum(mask_bt, axis=-1) - 1, 0)
         cos_btd, sin_btd = rope_tables(positions_bt, inverse_frequencies(cfg))
 
         x_btd = self.embed_tokens(input_ids_bt)

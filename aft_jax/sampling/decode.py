@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from aft_jax.model.layers import MASKED, Block
+from aft_jax.model.attention import MASKED
+from aft_jax.model.layers import Block
 from aft_jax.model.llama import KVCache, Llama
 from aft_jax.model.rope import inverse_frequencies, rope_tables
 

@@ -18,7 +18,7 @@ from aft_jax.data.tasks import Example, Task
 from aft_jax.io.paths import Path
 from aft_jax.method import losses
 from aft_jax.sampling.sampler import Sampler
-from aft_jax.stages.sample import score_groups
+from aft_jax.stages.score import score_groups
 
 
 def majority_vote(answers: list[str | None]) -> str | None:
@@ -51,46 +51,54 @@ def group_assessment(groups: list[Group]) -> dict:
 
 
 def greedy_correct(
-    config, task: Task, model, tokenizer, examples: list[Example], *, sampler: Sampler | None = None
+    sampler: Sampler, task: Task, examples: list[Example], *, template: str, max_new_tokens: int
 ) -> tuple[list[str], list[bool]]:
-    """Greedy completions of `examples` and whether each one's answer is right; `sampler` generates them
-    (by default `Sampler(model, tokenizer, batch_size=eval.batch_size)`)."""
-    prompts = [task.prompt(x, config.task.template, tokenizer) for x in examples]
-    e = config.eval
-    sampler = Sampler(model, tokenizer, batch_size=e.batch_size) if sampler is None else sampler
-    greedy = sampler.sample(prompts, max_new_tokens=e.max_new_tokens)
+    """Greedy completions of `examples` (prompts in `template`, at most `max_new_tokens`) by `sampler`, and
+    whether each one's answer is right."""
+    prompts = [task.prompt(x, template, sampler.tokenizer) for x in examples]
+    greedy = sampler.sample(prompts, max_new_tokens=max_new_tokens)
     texts = [out[0] for out in greedy]
     return texts, [task.is_correct(t, x.answer) for t, x in zip(texts, examples)]
 
 
 def evaluate_model(
-    config,
+    sampler: Sampler,
     task: Task,
-    model,
-    tokenizer,
     examples: list[Example],
     groups: list[Group],
     validation=(),
     *,
-    sampler: Sampler | None = None,
+    settings,
+    template: str,
+    data,
+    seed: int,
 ) -> dict:
-    """Every metric of section 6 on `examples` (test) and `groups` (held-out); with `validation`
-    questions, also their greedy accuracy (`validation_accuracy`), the number to make choices on.
-    `sampler` generates every completion (by default `Sampler(model, tokenizer, batch_size=eval.batch_size)`)."""
-    e = config.eval
-    sampler = Sampler(model, tokenizer, batch_size=e.batch_size) if sampler is None else sampler
-    prompts = [task.prompt(x, config.task.template, tokenizer) for x in examples]
-    greedy, correct = greedy_correct(config, task, model, tokenizer, examples, sampler=sampler)
+    """Every metric of section 6 of `sampler`'s model on `examples` (test) and `groups` (held-out, rescored
+    in batches of `settings.batch_size` as the `data` section says: max_length, layout, tokens_per_row); with `validation` questions, also their
+    greedy accuracy (`validation_accuracy`), the number to make choices on. `settings` is the `eval` section
+    (max_new_tokens, sc_k, sc_temperature, batch_size); self-consistency samples with seed `seed + 1`.
+    `sampler` generates every completion."""
+    e = settings
+    prompts = [task.prompt(x, template, sampler.tokenizer) for x in examples]
+    greedy, correct = greedy_correct(sampler, task, examples, template=template, max_new_tokens=e.max_new_tokens)
     sampled = sampler.sample(
         prompts,
         max_new_tokens=e.max_new_tokens,
         temperature=e.sc_temperature,
         num_samples=e.sc_k,
-        seed=config.seed + 1,
+        seed=seed + 1,
     )
     votes = [majority_vote([task.extract_for(t, x) for t in outs]) for outs, x in zip(sampled, examples)]
     consistent = [v is not None and task.answers_match(v, x.answer) for v, x in zip(votes, examples)]
-    rescored = score_groups(model, tokenizer, groups, max_length=config.data.max_length, batch_size=e.batch_size)
+    rescored = score_groups(
+        sampler.model,
+        sampler.tokenizer,
+        groups,
+        max_length=data.max_length,
+        batch_size=e.batch_size,
+        layout=data.layout,
+        tokens_per_row=data.tokens_per_row,
+    )
     per_task = {}
     for name in sorted({x.meta.get("task") for x in examples} - {None}):
         rows = [i for i, x in enumerate(examples) if x.meta.get("task") == name]
@@ -113,17 +121,18 @@ def evaluate_model(
             "correct": [bool(c) for c in correct],
             "self_consistent": [bool(c) for c in consistent],
         },
-        **validation_accuracy(config, task, model, tokenizer, list(validation), sampler=sampler),
+        **validation_accuracy(sampler, task, list(validation), template=template, max_new_tokens=e.max_new_tokens),
     }
 
 
 def validation_accuracy(
-    config, task: Task, model, tokenizer, validation: list[Example], *, sampler: Sampler | None = None
+    sampler: Sampler, task: Task, validation: list[Example], *, template: str, max_new_tokens: int
 ) -> dict:
-    """`validation_accuracy` and `validation_questions`, or nothing without validation questions."""
+    """`validation_accuracy` and `validation_questions` (greedy, by `sampler`), or nothing without
+    validation questions."""
     if not validation:
         return {}
-    _, correct = greedy_correct(config, task, model, tokenizer, validation, sampler=sampler)
+    _, correct = greedy_correct(sampler, task, validation, template=template, max_new_tokens=max_new_tokens)
     return {"validation_accuracy": float(np.mean(correct)), "validation_questions": len(validation)}
 
 

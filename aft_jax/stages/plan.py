@@ -69,6 +69,8 @@ def model_config(config) -> LlamaConfig:
 
 @dataclasses.dataclass
 class MemoryPlan:
+    layout: str
+    computed_tokens: int  # tokens of the step's token arrays, padding and filler included
     devices: int
     mesh: str
     params_gb: float
@@ -78,13 +80,35 @@ class MemoryPlan:
     compile_s: float
 
 
-def planned_program(config, batch_size: int | None = None, seq_len: int | None = None):
-    """`(program, lowered)`: the training program of `config` (`stages.program`, as training builds it) and
-    its step lowered for abstract state and batch (`batch_size` groups of `seq_len` tokens; defaults from
-    `config`; the learning-rate schedule spans `train.max_steps`, or 1,000 steps when that is not set)."""
+def planned_batch(config, mesh, batch_size: int, seq_len: int, prompt_len: int) -> dict:
+    """Abstract batch of `batch_size` groups of K candidates of `seq_len` tokens each (`prompt_len` of them the
+    shared prompt), in `data.layout`: padded `[B, K, seq_len]`, or packed rows as the batcher packs them."""
+    from aft_jax.data import packing
     from aft_jax.method.registry import get_method
+    from aft_jax.stages.program import batch_spec
+
+    k = config.data.group_size if get_method(config.loss.method).needs_groups else 1
+    if config.data.layout == "padded":
+        return batch_spec(mesh, batch_size, k, seq_len)
+    if not 0 < prompt_len < seq_len:
+        raise ValueError(f"prompt length {prompt_len} must be in (0, {seq_len}), the sequence length")
+    budget, accum = config.data.tokens_per_row, config.train.grad_accum
+    pieces = packing.group_pieces([[0] * seq_len] * k, prompt_len, budget)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    lengths = [[p.length for _ in unit for p in pieces] for unit in packing.batch_units(batch_size, shards, accum)]
+    rows_per_unit, length = packing.unit_rows(lengths, budget, config.data.pad_multiple)
+    return batch_spec(mesh, batch_size, k, length, rows=shards * accum * rows_per_unit)
+
+
+def planned_program(
+    config, batch_size: int | None = None, seq_len: int | None = None, prompt_len: int | None = None, batch=None
+):
+    """`(program, lowered)`: the training program of `config` (`stages.program`, as training builds it) and
+    its step lowered for an abstract state and `batch`, by default `planned_batch` (`train.batch_size`
+    groups, `data.max_length` tokens per candidate, half of them the prompt). The learning-rate schedule
+    spans `train.max_steps`, or 1,000 steps when that is not set."""
     from aft_jax.parallel import sharding
-    from aft_jax.stages.program import batch_spec, build_train_program, check_batch
+    from aft_jax.stages.program import build_train_program, check_batch
 
     mesh = sharding.make_mesh(config.train.mesh)
     b = batch_size or config.train.batch_size
@@ -93,13 +117,16 @@ def planned_program(config, batch_size: int | None = None, seq_len: int | None =
     program = build_train_program(
         model_config(config), mesh, config.loss, config.optim, total_steps, grad_accum=config.train.grad_accum
     )
-    k = config.data.group_size if get_method(config.loss.method).needs_groups else 1
-    batch = batch_spec(mesh, b, k, seq_len or config.data.max_length)
+    length = seq_len or config.data.max_length
+    batch = batch or planned_batch(config, mesh, b, length, prompt_len or length // 2)
     return program, program.lower(program.abstract_state, batch)
 
 
-def plan_memory(config, batch_size: int | None = None, seq_len: int | None = None) -> MemoryPlan:
-    """Compiles the train step for `config` on its mesh with abstract inputs and reads per-device memory."""
+def plan_memory(
+    config, batch_size: int | None = None, seq_len: int | None = None, prompt_len: int | None = None
+) -> MemoryPlan:
+    """Compiles the train step for `config` on its mesh with abstract inputs (`planned_program`) and reads
+    per-device memory."""
     import time
 
     import jax
@@ -108,7 +135,7 @@ def plan_memory(config, batch_size: int | None = None, seq_len: int | None = Non
     from aft_jax.parallel import sharding
 
     began = time.perf_counter()
-    program, lowered = planned_program(config, batch_size, seq_len)
+    program, lowered = planned_program(config, batch_size, seq_len, prompt_len)
     compiled = lowered.compile()
     mesh = program.mesh
     seconds = time.perf_counter() - began
@@ -122,7 +149,10 @@ def plan_memory(config, batch_size: int | None = None, seq_len: int | None = Non
     gb = 1024**3
     params_b, opt_b = per_device(program.abstract_state.params), per_device(program.abstract_state.opt_state)
     temp_b = float(getattr(analysis, "temp_size_in_bytes", 0))
+    token_arrays = lowered.args_info[0][1]["input_ids"].shape  # (rows, length) packed, (B, K, T) padded
     return MemoryPlan(
+        layout=config.data.layout,
+        computed_tokens=math.prod(token_arrays),
         devices=mesh.devices.size,
         mesh=sharding.describe(mesh),
         params_gb=params_b / gb,

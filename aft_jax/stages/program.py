@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from aft_jax.data.batches import BATCH_SCHEMA
+from aft_jax.data.batches import CANDIDATE_SCHEMA, PADDED_SCHEMA
+from aft_jax.data.packing import TOKEN_SCHEMA
 from aft_jax.method.objective import finalize_metrics, normalisers, objective
 from aft_jax.model.llama import abstract_model
 from aft_jax.parallel import sharding
@@ -98,13 +99,18 @@ def check_batch(batch_size: int, grad_accum: int, mesh) -> None:
         )
 
 
-def batch_spec(mesh, batch_size: int, group_size: int, length: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """Abstract `[B, K, T]` / `[B, K]` arrays of `BATCH_SCHEMA`, split over (data, fsdp) like real batches."""
-    spec = {}
-    for name, (per, dtype) in BATCH_SCHEMA.items():
-        shape = (batch_size, group_size, length) if per == "token" else (batch_size, group_size)
-        spec[name] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
-    return spec
+def batch_spec(mesh, batch_size: int, group_size: int, length: int, rows: int = 0) -> dict[str, jax.ShapeDtypeStruct]:
+    """Abstract arrays like real batches, split over (data, fsdp): `[B, K]` per-candidate arrays, and packed
+    `[rows, length]` token arrays (with `rows`) or padded `[B, K, length]` ones."""
+    token_shape, token_schema = (rows, length), TOKEN_SCHEMA
+    if not rows:
+        token_shape, token_schema = (batch_size, group_size, length), PADDED_SCHEMA
+    shapes = {name: (token_shape, dtype) for name, dtype in token_schema.items()}
+    shapes |= {name: ((batch_size, group_size), dtype) for name, dtype in CANDIDATE_SCHEMA.items()}
+    return {
+        name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+        for name, (shape, dtype) in shapes.items()
+    }
 
 
 @dataclasses.dataclass(frozen=True)

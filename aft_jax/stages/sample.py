@@ -10,23 +10,19 @@ the shared output folder; the groups file is the shards read in order, the same 
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 
 import jax
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
-from aft_jax.build import load_examples, task_from_config
-from aft_jax.data.batches import GroupEncoder
 from aft_jax.data.groups import Candidate, Group, read_groups
 from aft_jax.data.tasks import Example, Task
 from aft_jax.io.paths import Path, write_atomically
-from aft_jax.method.scoring import sequence_scores
 from aft_jax.parallel.sharding import is_main_process, sync
 from aft_jax.sampling.sampler import Sampler
+from aft_jax.stages.score import score_groups
 
 
 def normalise(text: str) -> str:
@@ -51,40 +47,6 @@ def label_group(task: Task, example: Example, prompt: str, samples: list[str]) -
     return Group(example.id, prompt, example.answer, tuple(candidates)), duplicates
 
 
-@functools.lru_cache(maxsize=8)
-def _compiled_scores(graphdef):
-    """`sequence_scores` jitted once per model architecture, the weights an argument (not constants)."""
-    return jax.jit(lambda state, ids, att, comp: sequence_scores(nnx.merge(graphdef, state), ids, att, comp))
-
-
-def score_groups(model, tokenizer, groups: list[Group], *, max_length: int, batch_size: int) -> list[Group]:
-    """Adds each candidate's mean and summed completion log-prob under `model` (float32)."""
-    encoder = GroupEncoder(tokenizer, max_length, group_size=10**6)
-    rows = []  # (group index, candidate index, tokens, prompt length)
-    for g, group in enumerate(groups):
-        encoded = encoder.encode(group)
-        for c, (tokens, prompt_len) in enumerate(zip(encoded.tokens, encoded.prompt_lengths)):
-            rows.append((g, c, tokens, prompt_len))
-    graphdef, state = nnx.split(model)
-    score = functools.partial(_compiled_scores(graphdef), state)
-    means, sums = np.zeros(len(rows), np.float32), np.zeros(len(rows), np.float32)
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        length = -(-max(len(r[2]) for r in chunk) // 64) * 64
-        ids = np.zeros((batch_size, length), np.int32)
-        att, comp = np.zeros_like(ids), np.zeros_like(ids)
-        for i, (_, _, tokens, prompt_len) in enumerate(chunk):
-            ids[i, : len(tokens)], att[i, : len(tokens)], comp[i, prompt_len : len(tokens)] = tokens, 1, 1
-        mean, total = score(ids, att, comp)
-        means[start : start + len(chunk)] = np.asarray(mean)[: len(chunk)]
-        sums[start : start + len(chunk)] = np.asarray(total)[: len(chunk)]
-    candidates = [list(g.candidates) for g in groups]
-    for (g, c, _, _), mean, total in zip(rows, means, sums):
-        cand = candidates[g][c]
-        candidates[g][c] = Candidate(cand.text, cand.correct, cand.level, cand.reference, float(total), float(mean))
-    return [Group(g.id, g.prompt, g.answer, tuple(c)) for g, c in zip(groups, candidates)]
-
-
 def group_statistics(groups: list[Group], duplicates: int, samples: int) -> dict:
     positives = [sum(c.correct for c in g.candidates) for g in groups]
     negatives = [sum(not c.correct for c in g.candidates) for g in groups]
@@ -100,29 +62,28 @@ def group_statistics(groups: list[Group], duplicates: int, samples: int) -> dict
 
 
 def sample_candidates(
-    config,
-    model,
-    tokenizer,
+    sampler: Sampler,
+    task: Task,
+    examples: list[Example],
+    out_dir: str | Path,
     *,
-    task: Task | None = None,
-    examples: list[Example] | None = None,
-    out_dir: str | Path | None = None,
+    settings,
+    template: str,
+    data,
+    seed: int,
     stop_after_shards: int | None = None,
-    sampler: Sampler | None = None,
 ) -> Path:
     """Writes `<out_dir>/shard-NNNNN.jsonl` (with a `.meta.json` of its counts and timing) for every shard
-    not yet complete, then `stats.json`. Questions: `examples` of `task` (by default the config's), by
-    default the task's training split.
+    of `examples` (questions of `task`) not yet complete, then `stats.json`; returns `out_dir`.
+    `sampler` generates the candidates and its model and tokenizer score them; `settings` is the `sample`
+    section (k, temperature, top_k, top_p, max_new_tokens, batch_size, shard_size); prompts use `template`,
+    scoring (`stages.score`) follows the `data` section (max_length, layout, tokens_per_row), and shard `i` is sampled with seed `seed * 1_000_003 + i`.
     `stop_after_shards` ends the run early (as an interruption would) after that many new shards.
-    `sampler` generates the candidates (by default `Sampler(model, tokenizer, batch_size=sample.batch_size)`).
-    With several processes each samples its share of the shards (`model` is its own, on local devices)
+    With several processes each samples its share of the shards (`sampler` is its own, on local devices)
     and process 0 writes `stats.json` once every shard is there."""
-    task = task or task_from_config(config)
-    examples = examples if examples is not None else load_examples(config, config.task.train_split)
-    out_dir = Path(out_dir or config.sample.out_dir or Path(config.run_dir) / "groups")
+    model, tokenizer, s = sampler.model, sampler.tokenizer, settings
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    s = config.sample
-    sampler = Sampler(model, tokenizer, batch_size=s.batch_size) if sampler is None else sampler
     shard_count = -(-len(examples) // s.shard_size)
     written = 0
     mine = range(jax.process_index(), shard_count, jax.process_count())
@@ -135,7 +96,7 @@ def sample_candidates(
         if stop_after_shards is not None and written >= stop_after_shards:
             break
         chunk = examples[shard * s.shard_size : (shard + 1) * s.shard_size]
-        prompts = [task.prompt(e, config.task.template, tokenizer) for e in chunk]
+        prompts = [task.prompt(e, template, tokenizer) for e in chunk]
         began = time.perf_counter()
         samples = sampler.sample(
             prompts,
@@ -144,13 +105,19 @@ def sample_candidates(
             top_k=s.top_k,
             top_p=s.top_p,
             num_samples=s.k,
-            seed=config.seed * 1_000_003 + shard,
+            seed=seed * 1_000_003 + shard,
         )
         seconds = time.perf_counter() - began
         tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for row in samples for t in row)
         labelled = [label_group(task, e, p, row) for e, p, row in zip(chunk, prompts, samples)]
         groups = score_groups(
-            model, tokenizer, [g for g, _ in labelled], max_length=config.data.max_length, batch_size=s.batch_size
+            model,
+            tokenizer,
+            [g for g, _ in labelled],
+            max_length=data.max_length,
+            batch_size=s.batch_size,
+            layout=data.layout,
+            tokens_per_row=data.tokens_per_row,
         )
         meta = {
             "duplicates": sum(d for _, d in labelled),

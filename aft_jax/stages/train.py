@@ -12,10 +12,11 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from aft_jax.build import model_from_config
+from aft_jax.build import load_examples, model_from_config
 from aft_jax.config.spec import check_command
 from aft_jax.data.batches import GroupBatcher, GroupEncoder
 from aft_jax.data.groups import Candidate, DataError, Group, read_training_file
+from aft_jax.data.tasks import Task
 from aft_jax.io.paths import Path
 from aft_jax.method.registry import get_method
 from aft_jax.parallel import sharding
@@ -40,11 +41,15 @@ def train_flops(model_config, batch: dict) -> float:
     return float(n_seq * length * (6 * matmul_params(c) + attention))
 
 
-def shard_batch(batch: dict, mesh, global_rows: int | None = None) -> dict:
-    """Global arrays split over (data, fsdp) from this process's rows of the batch (`process_rows`); with
-    `global_rows=None`, `batch` is the whole batch (one process)."""
-    rows = global_rows or len(batch["input_ids"])
-    return {k: sharding.put_process_local(v, sharding.batch_sharding(mesh, v.ndim), rows) for k, v in batch.items()}
+def shard_batch(batch: dict, mesh, global_groups: int | None = None) -> dict:
+    """Global arrays split over (data, fsdp) from this process's share of each array of the batch (its
+    `process_rows` of the `global_groups` groups, and as large a share of packed rows); with
+    `global_groups=None`, `batch` is the whole batch (one process)."""
+    share = (global_groups or len(batch["valid"])) // len(batch["valid"])
+    return {
+        k: sharding.put_process_local(v, sharding.batch_sharding(mesh, v.ndim), share * len(v))
+        for k, v in batch.items()
+    }
 
 
 class PreparedRun(NamedTuple):
@@ -57,12 +62,12 @@ class PreparedRun(NamedTuple):
     state: TrainState  # step 0
 
 
-def prepare_training(config) -> PreparedRun:
-    """The mesh, the starting model, the batches and the training program of `config`, before any step."""
-    mesh = sharding.make_mesh(config.train.mesh)
+def prepare_training(config, *, mesh, task: Task | None = None) -> PreparedRun:
+    """The starting model, the batches and the training program of `config` on `mesh` (the caller's, of
+    `train.mesh`), before any step. `task` is needed only by VFT without `data.train_file`."""
     check_batch(config.train.batch_size, config.train.grad_accum, mesh)
     model, tokenizer = model_from_config(config.model, mesh, seed=config.seed)
-    batcher = make_batcher(config, tokenizer, mesh)
+    batcher = make_batcher(config, tokenizer, mesh, task)
     total_steps = (
         config.train.max_steps if config.train.max_steps > 0 else config.train.num_epochs * batcher.steps_per_epoch
     )
@@ -74,9 +79,11 @@ def prepare_training(config) -> PreparedRun:
     )
 
 
-def run_training(config) -> Path:
-    """Trains as `config` says; resumes from the run directory's latest checkpoint. Returns the folder
-    of the exported final model (config.json, tokenizer, Orbax params)."""
+def run_training(config, *, mesh, task: Task | None = None) -> Path:
+    """Trains as `config` (this run's own config, written to `<run_dir>/config.json`) says, on `mesh`;
+    resumes from the run directory's latest checkpoint. `task` is needed only by VFT without
+    `data.train_file` (it trains on the task's training split). Returns the folder of the exported final
+    model (config.json, tokenizer, Orbax params)."""
     from aft_jax.io.checkpoint import TrainCheckpointer
     from aft_jax.io.metrics import MetricsWriter
 
@@ -85,8 +92,8 @@ def run_training(config) -> Path:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(config.to_json(indent=2) + "\n")
-    run = prepare_training(config)
-    mesh, program, state, batcher, total_steps = run.mesh, run.program, run.state, run.batcher, run.total_steps
+    run = prepare_training(config, mesh=mesh, task=task)
+    program, state, batcher, total_steps = run.program, run.state, run.batcher, run.total_steps
     model_config = run.model_config
     checkpointer = TrainCheckpointer(
         run_dir / "checkpoints",
@@ -134,14 +141,16 @@ def run_training(config) -> Path:
     return export_final(state, program.graphdef, run.tokenizer, run_dir, config)
 
 
-def training_groups(config, tokenizer) -> list[Group]:
-    """`data.train_file` if set; for VFT without one, the task's training split as (prompt, reference)."""
+def training_groups(config, task: Task | None, tokenizer) -> list[Group]:
+    """`data.train_file` if set; for VFT without one, `task`'s training split as (prompt, reference)."""
     if config.data.train_file:
         return read_training_file(config.data.train_file)
     check_command(config, "aft")  # only VFT trains without a groups file
-    from aft_jax.build import load_examples, task_from_config
-
-    task = task_from_config(config)
+    if task is None:
+        raise ValueError(
+            f"loss.method={config.loss.method!r} without data.train_file trains on the task's training split: "
+            "pass the task"
+        )
     return [
         Group(
             e.id,
@@ -149,12 +158,12 @@ def training_groups(config, tokenizer) -> list[Group]:
             e.answer,
             (Candidate(e.target, correct=True, level=1, reference=True),),
         )
-        for e in load_examples(config, config.task.train_split)
+        for e in load_examples(task, config.task, config.task.train_split)
     ]
 
 
-def make_batcher(config, tokenizer, mesh) -> GroupBatcher:
-    groups = training_groups(config, tokenizer)
+def make_batcher(config, tokenizer, mesh, task: Task | None = None) -> GroupBatcher:
+    groups = training_groups(config, task, tokenizer)
     method = get_method(config.loss.method)
     if method.needs_reference_logps:
         missing = [g.id for g in groups for c in g.candidates if c.logp_sum is None]
@@ -181,10 +190,16 @@ def make_batcher(config, tokenizer, mesh) -> GroupBatcher:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         combine=sharding.sum_over_processes,
+        layout=config.data.layout,
+        tokens_per_row=config.data.tokens_per_row,
+        shards=mesh.shape["data"] * mesh.shape["fsdp"],
+        micro_batches=config.train.grad_accum,
     )
     counts = encoder.counts_array()
     counts = dict(zip(encoder.COUNTS, sharding.sum_over_processes(counts).tolist()))
-    log.info("data: %d of %d groups kept; %s", len(batcher.usable), len(groups), counts)
+    if config.data.layout == "packed":
+        counts["groups_split_over_rows"] = batcher.split_groups
+    log.info("data: %d of %d groups kept (%s layout); %s", len(batcher.usable), len(groups), config.data.layout, counts)
     return batcher
 
 

@@ -1,0 +1,214 @@
+"""The packed group layout against the padded one: scores, every loss and the objective's gradients on real
+GSM8K prompts (ragged K, a group that fills a row exactly, one split over rows), sharded and with
+micro-batches; and the mask: no candidate sees another."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from train_helpers import loss_config
+
+import aft_jax
+from aft_jax.data import packing
+from aft_jax.data.batches import GroupEncoder, collate, collate_packed
+from aft_jax.data.groups import Candidate, Group
+from aft_jax.data.tasks import get_task
+from aft_jax.method.objective import normalisers, objective
+from aft_jax.method.scoring import candidate_logp_sums
+from aft_jax.parallel import sharding
+
+K = 5
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+VOCAB = 509  # token ids are taken modulo this: real lengths and layout, a cheap vocabulary projection
+
+
+def tiny_model(mesh=None):
+    cfg = aft_jax.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        initializer_range=0.1,
+    )
+    return aft_jax.create_model(cfg, mesh=mesh, seed=3)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def encoded(tokenizer):
+    """8 GSM8K questions with the Alpaca prompt; 2 to K candidates each: the reference and other questions'
+    references (cut to different lengths), labelled at random."""
+    task = get_task("gsm8k")
+    examples = task.load("train", limit=40)
+    rng = np.random.default_rng(0)
+    encoder = GroupEncoder(tokenizer, max_length=384, group_size=K)
+    groups = []
+    for g, example in enumerate(examples[:8]):
+        others = [examples[8 + (3 * g + i) % 32].target for i in range(int(rng.integers(1, K)))]
+        others = [text[: int(rng.integers(20, len(text) + 1))] for text in others]
+        candidates = [Candidate(example.target, True, 1, True, logp_sum=-40.0)] + [
+            Candidate(text, bool(rng.random() < 0.4), int(rng.integers(0, 2)), logp_sum=float(-rng.random() * 80))
+            for text in others
+        ]
+        group = encoder.encode(Group(example.id, task.prompt(example, "alpaca"), example.answer, candidates))
+        groups.append(dataclasses.replace(group, tokens=[[t % VOCAB for t in seq] for seq in group.tokens]))
+    return groups
+
+
+def piece_lengths(group) -> int:
+    return packing.group_pieces(group.tokens, group.prompt_lengths[0], 10**6)[0].length
+
+
+def layouts(encoded, tokens_per_row, shards=1, micro_batches=1):
+    """`(padded, packed)` batches of the same groups, packed as `GroupBatcher` packs a global batch."""
+    b = len(encoded)
+    units = packing.batch_units(b, shards, micro_batches)
+    lengths = [
+        [
+            p.length
+            for i in u
+            for p in packing.group_pieces(encoded[i].tokens, encoded[i].prompt_lengths[0], tokens_per_row)
+        ]
+        for u in units
+    ]
+    rows_per_unit, length = packing.unit_rows(lengths, tokens_per_row, pad_multiple=16)
+    packed = collate_packed(
+        encoded,
+        K,
+        first_group=0,
+        shards=shards,
+        micro_batches=micro_batches,
+        rows_per_unit=rows_per_unit,
+        tokens_per_row=tokens_per_row,
+        length=length,
+        pad_id=0,
+    )
+    longest = max(len(t) for g in encoded for t in g.tokens)
+    return collate(encoded, K, longest, pad_id=0), packed
+
+
+def exact_fill(encoded) -> int:
+    """A row budget that one group's single piece fills exactly while a longer one must be split."""
+    return sorted(piece_lengths(g) for g in encoded)[len(encoded) // 2]
+
+
+def test_rows_hold_an_exact_fill_and_a_split_group(encoded):
+    budget = exact_fill(encoded)
+    _, packed = layouts(encoded, budget)
+    used = (packed["segment_ids"] > 0).sum(axis=1)
+    assert packed["input_ids"].shape[1] == budget and budget in used
+    pieces = [packing.group_pieces(g.tokens, g.prompt_lengths[0], budget) for g in encoded]
+    assert any(len(p) > 1 for p in pieces) and all(p.length <= budget for ps in pieces for p in ps)
+    # every completion token appears once, in its own candidate's slot
+    counts = np.bincount(packed["slot_ids"][packed["completion_mask"] > 0], minlength=len(encoded) * K)
+    np.testing.assert_array_equal(counts.reshape(-1, K), packed["completion_tokens"])
+    assert (packed["completion_tokens"] > 0).sum() == sum(len(g.tokens) for g in encoded)
+
+
+def test_packed_scores_equal_padded(model, encoded):
+    padded, packed = layouts(encoded, exact_fill(encoded))
+    want = candidate_logp_sums(model, padded, chunk_size=64)
+    got = candidate_logp_sums(model, packed, chunk_size=64)
+    assert np.all(np.asarray(want)[padded["valid"]] < 0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+METHODS = [("vft", "none"), ("rft", "none"), ("aft", "boundary"), ("aft", "detach"), ("aft", "none")]
+METHODS += [("rrhf", "none"), ("pro", "none"), ("dpo", "boundary")]
+
+
+def _loss_and_grads(model, batch, cfg):
+    graphdef, params = nnx.split(model)
+    norm = normalisers(batch, cfg)
+
+    def loss(params):
+        return objective(nnx.merge(graphdef, params), batch, norm, cfg)
+
+    return jax.value_and_grad(loss, has_aux=True)(params)
+
+
+@pytest.mark.parametrize("method,constraint", METHODS)
+def test_every_loss_and_its_gradients_equal_padded(model, encoded, method, constraint):
+    cfg = loss_config(method=method, constraint=constraint, logit_chunk=64)
+    padded, packed = layouts(encoded, exact_fill(encoded))
+    (want, want_sums), want_grads = _loss_and_grads(model, padded, cfg)
+    (got, got_sums), got_grads = _loss_and_grads(model, packed, cfg)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for key in want_sums:
+        np.testing.assert_allclose(got_sums[key], want_sums[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_sharded_and_accumulated_packed_steps_equal_padded(model, encoded):
+    """One train step: packed on 1 device, on 8 (batch split over them) and on 4 with 2 micro-batches,
+    against the padded batch on one device."""
+    from aft_jax.config.defaults import default_config
+    from aft_jax.stages.program import build_train_program
+
+    cfg = loss_config(method="aft", constraint="boundary", logit_chunk=64)
+    budget = exact_fill(encoded)
+
+    def step(batch, mesh, accum=1):
+        program = build_train_program(model.config, mesh, cfg, default_config().optim, 10, grad_accum=accum)
+        batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+        state, metrics = program(program.init_state(tiny_model(mesh), seed=0), batch)
+        return jax.device_get(metrics), jax.device_get(state.params)
+
+    padded, packed = layouts(encoded, budget)
+    want, want_params = step(padded, sharding.single_device_mesh())
+    for got, got_params in [
+        step(packed, sharding.single_device_mesh()),
+        step(layouts(encoded, budget, shards=8)[1], sharding.make_mesh((1, 8, 1))),
+        step(
+            layouts(encoded, budget, shards=4, micro_batches=2)[1], sharding.make_mesh((1, 4, 1), jax.devices()[:4]), 2
+        ),
+    ]:
+        for key in ("loss", "vft_loss", "align_loss", "grad_norm", "margin"):
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=key)
+        for a, b in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params)):
+            np.testing.assert_allclose(a, b, atol=2e-6, rtol=0)
+
+
+def test_no_candidate_sees_another(model, encoded):
+    """Changing one candidate's completion tokens leaves every other candidate's score bit-identical."""
+    _, packed = layouts(encoded, 2 * exact_fill(encoded))  # several groups per row
+    score = jax.jit(lambda batch: candidate_logp_sums(model, batch, chunk_size=64))
+    before = np.asarray(score(packed))
+    g, k = 1, 1
+    changed = dict(packed)
+    where = packed["completion_mask"].astype(bool) & (packed["slot_ids"] == g * K + k)
+    assert np.any(where) and np.any((packed["segment_ids"] > 0) & ~where & (packed["slot_ids"] != g * K + k))
+    ids = packed["input_ids"].copy()
+    ids[where] = (ids[where] + 7) % VOCAB
+    changed["input_ids"] = ids
+    after = np.asarray(score(changed))
+    assert after[g, k] != before[g, k]
+    others = np.ones_like(before, bool)
+    others[g, k] = False
+    np.testing.assert_array_equal(after[others], before[others])
+    # and the packed mask itself: a token of slot (g, k) is visible only to its own branch
+    mask = np.asarray(
+        aft_jax.model.attention.packed_mask(jnp.asarray(packed["segment_ids"]), jnp.asarray(packed["branch_ids"]))
+    )
+    row, col = np.nonzero(where)
+    seen_by = mask[row[0], :, col[0]]
+    assert np.all(packed["branch_ids"][row[0]][seen_by] == packed["branch_ids"][row[0], col[0]])
