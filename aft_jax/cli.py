@@ -95,12 +95,13 @@ def _plan(args) -> None:
             "explicit sizes, e.g. --config.train.mesh=1,16,1)"
         )
     request_host_devices(devices)
-    plan = plan_memory(config, args.batch_size, args.seq_len)
+    plan = plan_memory(config, args.batch_size, args.seq_len, args.prompt_len or None)
     hbm = args.hbm_gb or HBM_GB[args.chip]
     print(
         f"mesh {plan.mesh}; per device: parameters {plan.params_gb:.2f} GB, optimizer state "
         f"{plan.optimizer_gb:.2f} GB, activations and temporaries {plan.temporaries_gb:.2f} GB, total "
-        f"{plan.total_gb:.2f} GB (compiled in {plan.compile_s:.0f}s)"
+        f"{plan.total_gb:.2f} GB (compiled in {plan.compile_s:.0f}s); {plan.layout} layout, "
+        f"{plan.computed_tokens:,} tokens per step"
     )
     print(recommend(plan, hbm, config))
 
@@ -162,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--hbm-gb", type=float, default=0.0, help="HBM per device, overriding --chip")
     plan.add_argument("--batch-size", type=int, default=0, help="groups per step (default: train.batch_size)")
     plan.add_argument("--seq-len", type=int, default=0, help="tokens per sequence (default: data.max_length)")
+    plan.add_argument(
+        "--prompt-len", type=int, default=0, help="of them, the prompt's (packed layout; default: half of --seq-len)"
+    )
     plan.set_defaults(run=_plan)
     return parser
 

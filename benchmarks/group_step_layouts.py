@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from train_step_vs_torch import BETA, peak_rss_mb  # benchmarks/, beside this script
+from train_step_vs_torch import BETA, peak_rss_mb, torch_steps  # benchmarks/, beside this script
 
 K, MAX_LENGTH, PAD_MULTIPLE = 7, 512, 64
 
@@ -140,17 +140,7 @@ def run_torch(args, checkpoint: str) -> dict:
             align = align + torch.logsumexp(torch.cat(terms + [scores.new_zeros(1)]), 0)
         return vft + align / b
 
-    times, losses = [], []
-    for i in range(args.steps + 1):
-        began = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
-        if i:
-            times.append(time.perf_counter() - began)
+    times, losses = torch_steps(model, opt, loss_fn, args.steps, torch.device("cpu"))
     return {
         "step_s": float(np.median(times)),
         "losses": losses,

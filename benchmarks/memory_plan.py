@@ -1,6 +1,7 @@
-"""Per-device memory of the AFT train step (K = 7, 512 tokens, 128 questions per step) for Llama-2 7B and
-13B on v4-32, v5e-64 and v5p-64 meshes, from `aft-jax plan` (XLA's memory analysis of an ahead-of-time
-compilation on simulated CPU devices; a TPU compilation fuses differently, so treat it as an estimate).
+"""Per-device memory of the AFT train step (K = 7, 128 questions per step) for Llama-2 7B and 13B on v4-32,
+v5e-64 and v5p-64 meshes, padded (every candidate 512 tokens) and packed (GSM8K's mean lengths, `LENGTHS`),
+from `aft-jax plan` (XLA's memory analysis of an ahead-of-time compilation on simulated CPU devices; a TPU
+compilation fuses differently, so treat it as an estimate).
 
     .venv/bin/python benchmarks/memory_plan.py
 
@@ -21,13 +22,17 @@ import machine  # benchmarks/machine.py, beside this script
 REPO = Path(__file__).resolve().parents[1]
 CHIPS = {"v4-32": (16, "v4", 32), "v5e-64": (64, "v5e", 16), "v5p-64": (32, "v5p", 95)}
 MODELS = {"7B": "configs/llama2_7b_gsm8k.py", "13B": "configs/llama2_13b_gsm8k.py"}
+# padded: every candidate padded to the 512-token maximum; packed: GSM8K's mean lengths with the Alpaca
+# prompt (SmolLM2's tokenizer, 64 training questions: sequences 192 tokens, 95 of them the prompt)
+LENGTHS = {"padded": ["--seq-len", "512"], "packed": ["--seq-len", "192", "--prompt-len", "96"]}
+TOKENS = re.compile(r"([\d,]+) tokens per step")
 LINE = re.compile(
     r"parameters ([\d.]+) GB, optimizer state ([\d.]+) GB, activations and temporaries ([\d.]+) GB, "
     r"total ([\d.]+) GB"
 )
 
 
-def plan(config: str, devices: int, chip: str, grad_accum: int, remat: str) -> dict:
+def plan(config: str, devices: int, chip: str, grad_accum: int, remat: str, layout: str) -> dict:
     out = subprocess.run(
         [
             sys.executable,
@@ -42,6 +47,8 @@ def plan(config: str, devices: int, chip: str, grad_accum: int, remat: str) -> d
             "--config.data.group_size=7",
             f"--config.train.grad_accum={grad_accum}",
             f"--config.model.remat_policy={remat}",
+            f"--config.data.layout={layout}",
+            *LENGTHS[layout],
         ],
         check=True,
         capture_output=True,
@@ -54,6 +61,7 @@ def plan(config: str, devices: int, chip: str, grad_accum: int, remat: str) -> d
         "temporaries_gb": temp,
         "total_gb": total,
         "verdict": out.strip().splitlines()[-1],
+        "tokens_per_step": int(TOKENS.search(out).group(1).replace(",", "")),
     }
 
 
@@ -61,34 +69,41 @@ def main() -> None:
     rows = []
     for model, config in MODELS.items():
         for name, (devices, chip, hbm) in CHIPS.items():
-            # The first setting that fits, from the fastest: save matmul outputs, then recompute layers, then
-            # smaller micro-batches (every device needs at least one whole question group).
-            settings = [
-                (remat, ga) for remat in ("dots_no_batch", "full") for ga in (1, 2, 4, 8) if 128 % (ga * devices) == 0
-            ]
-            for remat, grad_accum in settings:
-                result = plan(config, devices, chip, grad_accum, remat)
-                if result["verdict"].startswith("fits"):
-                    break
-            rows.append(
-                {
-                    "model": model,
-                    "slice": name,
-                    "devices": devices,
-                    "hbm_gb": hbm,
-                    "remat": remat,
-                    "grad_accum": grad_accum,
-                    **result,
-                }
-            )
+            for layout in ("padded", "packed"):
+                # The first setting that fits, from the fastest: save matmul outputs, then recompute layers,
+                # then smaller micro-batches (every device needs at least one whole question group).
+                settings = [
+                    (remat, ga)
+                    for remat in ("dots_no_batch", "full")
+                    for ga in (1, 2, 4, 8)
+                    if 128 % (ga * devices) == 0
+                ]
+                for remat, grad_accum in settings:
+                    result = plan(config, devices, chip, grad_accum, remat, layout)
+                    if result["verdict"].startswith("fits"):
+                        break
+                rows.append(
+                    {
+                        "model": model,
+                        "slice": name,
+                        "devices": devices,
+                        "hbm_gb": hbm,
+                        "layout": layout,
+                        "remat": remat,
+                        "grad_accum": grad_accum,
+                        **result,
+                    }
+                )
     print(
-        "| model | slice (HBM/chip) | fsdp | remat | grad_accum | params | optimizer | activations + temps | total | |"
+        "| model | slice (HBM/chip) | fsdp | layout | tokens/step | remat | grad_accum | params | optimizer "
+        "| activations + temps | total | |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         fits = "fits" if r["verdict"].startswith("fits") else "does not fit"
         print(
-            f"| {r['model']} | {r['slice']} ({r['hbm_gb']} GB) | {r['devices']} | {r['remat']} | {r['grad_accum']} | "
+            f"| {r['model']} | {r['slice']} ({r['hbm_gb']} GB) | {r['devices']} | {r['layout']} | "
+            f"{r['tokens_per_step']:,} | {r['remat']} | {r['grad_accum']} | "
             f"{r['params_gb']:.2f} GB | {r['optimizer_gb']:.2f} GB | {r['temporaries_gb']:.2f} GB | "
             f"{r['total_gb']:.2f} GB | {fits} |"
         )

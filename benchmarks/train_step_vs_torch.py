@@ -103,6 +103,26 @@ def torch_device(name: str = "auto"):
     return torch.device(name)
 
 
+def torch_steps(model, opt, loss_fn, steps: int, device) -> tuple[list[float], list[float]]:
+    """`steps + 1` AdamW steps (clipped at norm 1) of `loss_fn()`: the times of all but the first, and every loss."""
+    import torch
+
+    times, losses = [], []
+    for i in range(steps + 1):
+        began = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        losses.append(float(loss.detach()))
+        if i:
+            times.append(time.perf_counter() - began)
+    return times, losses
+
+
 def run_torch(args, checkpoint: str) -> dict:
     import contextlib
 
@@ -143,19 +163,7 @@ def run_torch(args, checkpoint: str) -> dict:
         )
         return vft + torch.logsumexp(terms, 0)
 
-    times, losses = [], []
-    for i in range(args.steps + 1):
-        began = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        losses.append(float(loss.detach()))
-        if i:
-            times.append(time.perf_counter() - began)
+    times, losses = torch_steps(model, opt, loss_fn, args.steps, device)
     return {
         "impl": "torch",
         "step_s": float(np.median(times)),

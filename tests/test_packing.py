@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from train_helpers import loss_config
+from train_helpers import loss_config, tiny_model
 
 import aft_jax
 from aft_jax.data import packing
@@ -33,23 +33,9 @@ def tokenizer(smollm2_dir):
 VOCAB = 509  # token ids are taken modulo this: real lengths and layout, a cheap vocabulary projection
 
 
-def tiny_model(mesh=None):
-    cfg = aft_jax.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        initializer_range=0.1,
-    )
-    return aft_jax.create_model(cfg, mesh=mesh, seed=3)
-
-
 @pytest.fixture(scope="module")
 def model():
-    return tiny_model()
+    return tiny_model(seed=3, vocab=VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +156,7 @@ def test_sharded_and_accumulated_packed_steps_equal_padded(model, encoded):
     def step(batch, mesh, accum=1):
         program = build_train_program(model.config, mesh, cfg, default_config().optim, 10, grad_accum=accum)
         batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
-        state, metrics = program(program.init_state(tiny_model(mesh), seed=0), batch)
+        state, metrics = program(program.init_state(tiny_model(mesh, seed=3, vocab=VOCAB), seed=0), batch)
         return jax.device_get(metrics), jax.device_get(state.params)
 
     padded, packed = layouts(encoded, budget)

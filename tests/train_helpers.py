@@ -13,9 +13,9 @@ from aft_jax.data.groups import Candidate
 VOCAB = 61
 
 
-def tiny_model(mesh=None, seed=0):
+def tiny_model(mesh=None, seed=0, vocab=VOCAB):
     cfg = aft_jax.LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=32,
         intermediate_size=64,
         num_layers=2,
