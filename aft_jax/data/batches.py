@@ -166,7 +166,9 @@ class GroupBatcher:
     devices' share); which groups are usable and how long they are is surveyed once, each process
     encoding every `process_count`-th group, and combined with `combine` (an elementwise sum over
     processes; identity for one). Its position, `state()`, is saved with each checkpoint and
-    `restore(state)` continues exactly there."""
+    `restore(state)` continues exactly there. `layout="packed"` packs each batch into rows of
+    `tokens_per_row` per (shard, micro-batch) unit: `shards` is the mesh's data x fsdp size and
+    `micro_batches` the train step's gradient accumulation; each process holds whole shards."""
 
     def __init__(
         self,
