@@ -60,7 +60,7 @@ def encoded(tokenizer):
     return groups
 
 
-def piece_lengths(group) -> int:
+def unsplit_length(group) -> int:
     return packing.group_pieces(group.tokens, group.prompt_lengths[0], 10**6)[0].length
 
 
@@ -94,7 +94,7 @@ def layouts(encoded, tokens_per_row, shards=1, micro_batches=1):
 
 def exact_fill(encoded) -> int:
     """A row budget that one group's single piece fills exactly while a longer one must be split."""
-    return sorted(piece_lengths(g) for g in encoded)[len(encoded) // 2]
+    return sorted(unsplit_length(g) for g in encoded)[len(encoded) // 2]
 
 
 def test_rows_hold_an_exact_fill_and_a_split_group(encoded):
