@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from train_step_vs_torch import BETA, peak_rss_mb, torch_steps  # benchmarks/, beside this script
+from train_step_vs_torch import BETA, peak_rss_mb, run_side, torch_steps  # benchmarks/, beside this script
 
 K, MAX_LENGTH, PAD_MULTIPLE = 7, 512, 64
 
@@ -49,32 +47,19 @@ def encoded_groups(checkpoint: str, questions: int):
 
 
 def batches(checkpoint: str, questions: int, tokens_per_row: int) -> dict:
-    from aft_jax.data import packing
     from aft_jax.data.batches import collate, collate_packed
 
     groups, pad_id = encoded_groups(checkpoint, questions)
     longest = max(len(t) for g in groups for t in g.tokens)
     padded = collate(groups, K, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, pad_id)
-    lengths = [[p.length for g in groups for p in packing.group_pieces(g.tokens, g.prompt_lengths[0], tokens_per_row)]]
-    rows, length = packing.unit_rows(lengths, tokens_per_row, PAD_MULTIPLE)
-    packed = collate_packed(
-        groups,
-        K,
-        first_group=0,
-        shards=1,
-        micro_batches=1,
-        rows_per_unit=rows,
-        tokens_per_row=tokens_per_row,
-        length=length,
-        pad_id=pad_id,
-    )
+    packed = collate_packed(groups, K, tokens_per_row=tokens_per_row, pad_id=pad_id, pad_multiple=PAD_MULTIPLE)
     tokens = {
         "candidate_sequences": sum(len(t) for g in groups for t in g.tokens),
         "prompt_once": sum(g.prompt_lengths[0] + sum(len(t) - g.prompt_lengths[0] for t in g.tokens) for g in groups),
         "computed_padded": int(np.prod(padded["input_ids"].shape)),
         "computed_packed": int(np.prod(packed["input_ids"].shape)),
-        "packed_rows": int(rows),
-        "packed_row_length": int(length),
+        "packed_rows": int(packed["input_ids"].shape[0]),
+        "packed_row_length": int(packed["input_ids"].shape[1]),
         "padded_length": int(padded["input_ids"].shape[-1]),
     }
     return {"padded": padded, "packed": packed, "tokens": tokens}
@@ -159,12 +144,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="HF checkpoint folder (default: the real SmolLM2-135M-Instruct)")
     parser.add_argument("--impl", choices=["packed", "padded", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.checkpoint:
-        checkpoint = args.checkpoint
-    else:
-        from aft_jax.io.smollm2 import smollm2_checkpoint
+    from aft_jax.build import resolve_model_path
 
-        checkpoint = str(smollm2_checkpoint())
+    checkpoint = resolve_model_path(args.checkpoint or "smollm2")
     if args.impl:
         result = run_torch(args, checkpoint) if args.impl == "torch" else run_jax(args, checkpoint, args.impl)
         print("RESULT " + json.dumps(result))
@@ -174,8 +156,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--impl", impl, "--checkpoint", checkpoint, "--remat", args.remat]
         cmd += ["--questions", str(args.questions), "--steps", str(args.steps)]
         cmd += ["--tokens-per-row", str(args.tokens_per_row)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ)).stdout
-        results[impl] = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+        results[impl] = run_side(cmd)
         results[impl]["questions_per_s"] = args.questions / results[impl]["step_s"]
     import machine
 

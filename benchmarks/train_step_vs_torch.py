@@ -103,6 +103,12 @@ def torch_device(name: str = "auto"):
     return torch.device(name)
 
 
+def run_side(cmd: list[str]) -> dict:
+    """Runs one side of a benchmark in its own process (so its peak RSS is its own): its `RESULT {json}` line."""
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ)).stdout
+    return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+
+
 def torch_steps(model, opt, loss_fn, steps: int, device) -> tuple[list[float], list[float]]:
     """`steps + 1` AdamW steps (clipped at norm 1) of `loss_fn()`: the times of all but the first, and every loss."""
     import torch
@@ -192,12 +198,9 @@ def main() -> None:
     parser.add_argument("--impl", choices=["jax", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.checkpoint:
-        checkpoint = args.checkpoint
-    else:
-        from aft_jax.io.smollm2 import smollm2_checkpoint
+    from aft_jax.build import resolve_model_path
 
-        checkpoint = str(smollm2_checkpoint())
+    checkpoint = resolve_model_path(args.checkpoint or "smollm2")
     if args.impl:
         result = (run_jax if args.impl == "jax" else run_torch)(args, checkpoint)
         print("RESULT " + json.dumps(result))
@@ -224,8 +227,7 @@ def main() -> None:
             "--device",
             args.device,
         ]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ)).stdout
-        results[impl] = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
+        results[impl] = run_side(cmd)
     import machine
 
     from aft_jax.io.hf_files import read_config

@@ -66,27 +66,8 @@ def unsplit_length(group) -> int:
 
 def layouts(encoded, tokens_per_row, shards=1, micro_batches=1):
     """`(padded, packed)` batches of the same groups, packed as `GroupBatcher` packs a global batch."""
-    b = len(encoded)
-    units = packing.batch_units(b, shards, micro_batches)
-    lengths = [
-        [
-            p.length
-            for i in u
-            for p in packing.group_pieces(encoded[i].tokens, encoded[i].prompt_lengths[0], tokens_per_row)
-        ]
-        for u in units
-    ]
-    rows_per_unit, length = packing.unit_rows(lengths, tokens_per_row, pad_multiple=16)
     packed = collate_packed(
-        encoded,
-        K,
-        first_group=0,
-        shards=shards,
-        micro_batches=micro_batches,
-        rows_per_unit=rows_per_unit,
-        tokens_per_row=tokens_per_row,
-        length=length,
-        pad_id=0,
+        encoded, K, tokens_per_row=tokens_per_row, pad_id=0, shards=shards, micro_batches=micro_batches, pad_multiple=16
     )
     longest = max(len(t) for g in encoded for t in g.tokens)
     return collate(encoded, K, longest, pad_id=0), packed

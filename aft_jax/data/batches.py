@@ -132,16 +132,20 @@ def collate_packed(
     groups: list[EncodedGroup],
     group_size: int,
     *,
-    first_group: int,
-    shards: int,
-    micro_batches: int,
-    rows_per_unit: int,
     tokens_per_row: int,
-    length: int,
     pad_id: int,
+    shards: int = 1,
+    micro_batches: int = 1,
+    first_group: int = 0,
+    rows_per_unit: int | None = None,
+    length: int | None = None,
+    pad_multiple: int = 64,
 ) -> dict[str, np.ndarray]:
     """The packed layout of `shards` whole shards of a batch, starting at group `first_group` of it: token
-    arrays `[shards * M * rows_per_unit, length]` (`packing.pack_units`) and the per-candidate arrays."""
+    arrays `[shards * M * rows_per_unit, length]` (`packing.pack_units`) and the per-candidate arrays.
+    Without `rows_per_unit` and `length`, `groups` is the whole batch and they are planned from it
+    (`packing.unit_rows`, rows `pad_multiple` aligned); a process holding part of a batch passes the whole
+    batch's."""
     units = packing.batch_units(len(groups), shards, micro_batches)
     pieces = [
         [
@@ -156,6 +160,9 @@ def collate_packed(
         ]
         for unit in units
     ]
+    if rows_per_unit is None or length is None:
+        lengths = [[p.length for p in unit] for unit in pieces]
+        rows_per_unit, length = packing.unit_rows(lengths, tokens_per_row, pad_multiple)
     tokens = packing.pack_units(pieces, rows_per_unit, micro_batches, tokens_per_row, length, pad_id)
     return tokens | candidate_arrays(groups, group_size)
 
