@@ -51,7 +51,7 @@ def _sample(args) -> None:
     config = with_built_tokenizer(config, task)
     model, tokenizer = model_from_config(config.model, sampling_mesh(config), seed=config.seed)
     out_dir = sample_candidates(
-        Sampler(model, tokenizer, batch_size=config.sample.batch_size),
+        Sampler(model, tokenizer, batch_size=config.sample.batch_size, rows_per_prompt=config.sample.rows_per_prompt),
         task,
         load_examples(task, config.task, config.task.train_split),
         config.sample.out_dir or paths.Path(config.run_dir) / "groups",

@@ -140,7 +140,9 @@ def run_pipeline(config) -> dict:
         """The VFT model's one sampler for both sampling stages, loaded when the first one runs."""
         if "vft" not in loaded:
             model, tokenizer = from_pretrained(vft_model_dir, mesh=local_mesh)
-            loaded["vft"] = Sampler(model, tokenizer, batch_size=config.sample.batch_size)
+            loaded["vft"] = Sampler(
+                model, tokenizer, batch_size=config.sample.batch_size, rows_per_prompt=config.sample.rows_per_prompt
+            )
         return loaded["vft"]
 
     sampling = dict(settings=config.sample, template=config.task.template, data=config.data, seed=config.seed)
@@ -190,7 +192,12 @@ def run_pipeline(config) -> dict:
             model, tokenizer = from_pretrained(run_dir / name / "model", mesh=local_mesh)
             if i % jax.process_count() == jax.process_index():
                 result = evaluate_model(
-                    Sampler(model, tokenizer, batch_size=config.eval.batch_size),
+                    Sampler(
+                        model,
+                        tokenizer,
+                        batch_size=config.eval.batch_size,
+                        rows_per_prompt=config.sample.rows_per_prompt,
+                    ),
                     task,
                     examples,
                     eval_groups,

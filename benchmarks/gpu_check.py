@@ -18,7 +18,7 @@ run; results are rewritten to DIR/gpu_check.json after every case):
    real tokenizer files copied in. Both sides load this one folder, so they hold the same weights.
 2. sampling: for rows in (24, 96), i.e. 4 and 16 GSM8K questions x 6 samples, and for float32 and
    bfloat16 (parameters and activations in that dtype on both sides), `max_new_tokens` 256, temperature
-   1.0, no top-k / top-p: `aft_jax.sampling.sampler.sample_token_ids` (prompts left-padded to a multiple of 64;
+   1.0, no top-k / top-p: `aft_jax.sampling.static.sample_token_ids` (prompts left-padded to a multiple of 64;
    one warm-up call that compiles, then timed calls with fresh keys) against transformers `generate` on
    CUDA (same prompts repeated 6 times, left-padded, `do_sample`, `top_k=0`, `top_p=1.0`, same EOS / pad
    ids; one short warm-up `generate`, then timed calls between `torch.cuda.synchronize()`). Generated
@@ -243,7 +243,9 @@ class SamplingModels:
 def sample_jax(models: SamplingModels, prompts, k, dtype, max_new_tokens, temperature, repeats) -> dict:
     import jax
 
-    from aft_jax.sampling.sampler import decode_layers, left_pad, sample_token_ids, sampling_params
+    from aft_jax.sampling.decode import decode_layers
+    from aft_jax.sampling.sampler import left_pad, sampling_params
+    from aft_jax.sampling.static import sample_token_ids
 
     model = models.jax_model(dtype)
     tokenizer = models.get_tokenizer()
@@ -253,7 +255,7 @@ def sample_jax(models: SamplingModels, prompts, k, dtype, max_new_tokens, temper
     sample_token_ids(model, ids, mask, params, jax.random.key(0), num_samples=k)  # compiles
     warmup_s = time.perf_counter() - began
     tokens, began = 0, time.perf_counter()
-    layers = decode_layers(model)  # once for all batches, as `aft_jax.generate` does
+    layers = decode_layers(model)  # once for all batches, as the static loop's callers do
     for i in range(repeats):
         _, lengths = sample_token_ids(model, ids, mask, params, jax.random.key(1 + i), k, layers)
         tokens += int(lengths.sum())  # np.asarray inside: the call has finished

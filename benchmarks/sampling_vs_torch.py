@@ -1,5 +1,6 @@
-"""Sampling k candidates per GSM8K question with SmolLM2-135M: aft_jax's jitted KV-cache sampler against
-`transformers` `generate` (torch), same questions, same batch size, same settings, in one run.
+"""Sampling k candidates per GSM8K question with SmolLM2-135M: aft_jax's static loop (`aft_jax.sampling.static`,
+one batch at a time) against `transformers` `generate` (torch), same questions, same batch size, same
+settings, in one run. `continuous_sampling.py` compares the continuous loop with both.
 
     .venv/bin/python benchmarks/sampling_vs_torch.py [--questions 12] [--per-batch 4] [--k 6] [--max-new-tokens 128]
 
@@ -10,7 +11,7 @@ benchmarks/results/sampling_<rows>_rows_<max_new_tokens>_tokens.json. Both decod
 together, batch after batch, the two sides taking turns so that both run on the machine in the same state;
 how many tokens a batch yields depends on where its samples stop, so several batches are run to even that
 out. Each side pads a batch's prompts to a common length, transformers to the longest, aft_jax (as
-`aft_jax.generate` does) to the next multiple of 64; aft_jax is timed after one warm-up batch per padded
+`Sampler` does) to the next multiple of 64; aft_jax is timed after one warm-up batch per padded
 length, which compiles its program. aft_jax prefills each question once and its k samples read that one
 prompt cache, while transformers prefills and caches every row.
 
@@ -53,7 +54,9 @@ def main() -> None:
     import aft_jax
     from aft_jax.data.tasks import get_task
     from aft_jax.io.smollm2 import smollm2_checkpoint
-    from aft_jax.sampling.sampler import decode_layers, left_pad, sample_token_ids, sampling_params
+    from aft_jax.sampling.decode import decode_layers
+    from aft_jax.sampling.sampler import left_pad, sampling_params
+    from aft_jax.sampling.static import sample_token_ids
     from aft_jax.stages.train import matmul_params
 
     checkpoint = smollm2_checkpoint()
@@ -78,7 +81,7 @@ def main() -> None:
     prompt_tokens = sum(len(ids) for ids in encoded)
     jax_tokens, jax_steps, torch_tokens, torch_steps = 0, 0, 0, 0
     began = time.perf_counter()
-    layers = decode_layers(model)  # once for all batches, as `aft_jax.generate` does
+    layers = decode_layers(model)  # once for all batches, as the static loop's callers do
     jax_seconds, torch_seconds = time.perf_counter() - began, 0.0
     for i, ((ids, mask), chunk) in enumerate(zip(padded, batches)):  # batch by batch, so both see the same machine
         began = time.perf_counter()

@@ -40,7 +40,7 @@ def sample(config, model, tokenizer, out_dir=None, **options):
     """`sample_candidates` as `aft-jax sample` calls it (`out_dir` by default `sample.out_dir`)."""
     task = task_from_config(config)
     return sample_candidates(
-        Sampler(model, tokenizer, batch_size=config.sample.batch_size),
+        Sampler(model, tokenizer, batch_size=config.sample.batch_size, rows_per_prompt=config.sample.rows_per_prompt),
         task,
         load_examples(task, config.task, config.task.train_split),
         out_dir or config.sample.out_dir,
@@ -121,3 +121,24 @@ def test_labelling_dedupes_and_keeps_the_reference():
     assert duplicates == 2
     assert [c.reference for c in group.candidates] == [True, False, False]
     assert [c.correct for c in group.candidates] == [True, example.answer == "2", True]
+
+
+def test_the_groups_file_does_not_depend_on_the_batch_size(tmp_path, tiny_setup):
+    """Each (question, sample) draws with its own keys: the candidates are the same at three batch sizes
+    and layouts of the rows (3 rows for one question's 3 samples; 8 rows of one per prompt; 16 rows of two
+    per prompt); the scores, computed in batches of that size, agree."""
+    config, model, tokenizer = tiny_setup
+    runs = []
+    for batch_size, rows_per_prompt in [(3, 0), (8, 1), (16, 2)]:
+        out_dir = str(tmp_path / str(batch_size))
+        run = config.replace(sample={"out_dir": out_dir, "batch_size": batch_size, "rows_per_prompt": rows_per_prompt})
+        runs.append(read_groups(sample(run, model, tokenizer)))
+    for groups in runs[1:]:
+        for a, b in zip(runs[0], groups):
+            assert [(c.text, c.correct, c.level) for c in b.candidates] == [
+                (c.text, c.correct, c.level) for c in a.candidates
+            ]
+            np.testing.assert_allclose(
+                [c.logp_sum for c in b.candidates], [c.logp_sum for c in a.candidates], rtol=1e-5
+            )
+    assert sum(len(g.candidates) for g in runs[0]) > 2 * len(runs[0]), "the samples differ from each other"

@@ -1,6 +1,6 @@
 """Two processes (jax.distributed over localhost, 4 simulated CPU devices each) work exactly like one
 process with 8 devices: training gives the same losses, checkpoints and final parameters; sampling (each
-process its own shards) gives the same groups."""
+process its own shards, at another batch size) gives the same groups."""
 
 import json
 import os
@@ -82,8 +82,12 @@ def test_two_processes_train_like_one(tmp_path):
 def test_two_processes_sample_the_same_groups_as_one(tmp_path):
     def command(name):
         # One sampling device per process in both runs: a random model's near-uniform next-token
-        # distribution turns the last-bit differences of another device layout into other tokens.
-        return tiny_cli("sample", tmp_path / name, "sample.shard_size=8", "sample.mesh=1,1,1")
+        # distribution turns the last-bit differences of another device layout into other tokens. The
+        # batch sizes differ too (4 and 10 questions at a time): each sample has its own keys.
+        batch_size = 12 if name == "one" else 30
+        return tiny_cli(
+            "sample", tmp_path / name, "sample.shard_size=8", "sample.mesh=1,1,1", f"sample.batch_size={batch_size}"
+        )
 
     _run_one_and_two(command)
     one, two = tmp_path / "one" / "groups", tmp_path / "two" / "groups"

@@ -9,14 +9,10 @@ from train_helpers import tiny_model
 
 import aft_jax
 from aft_jax.data.tasks import format_prompt
-from aft_jax.sampling.sampler import (
-    SamplingParams,
-    decode_completion,
-    filter_logits,
-    left_pad,
-    own_cache_sizes,
-    sample_token_ids,
-)
+from aft_jax.sampling.continuous import sample_continuous
+from aft_jax.sampling.next_token import SamplingParams, filter_logits
+from aft_jax.sampling.sampler import decode_completion, left_pad
+from aft_jax.sampling.static import own_cache_sizes, sample_token_ids
 
 
 def test_greedy_matches_transformers_generate(smollm2_dir, gsm8k_test_questions):
@@ -57,8 +53,9 @@ def test_top_k_and_top_p_keep_exactly_the_right_tokens():
     np.testing.assert_array_equal(kept[0], [0, 1, 0, 1, 1])
 
 
+@pytest.mark.parametrize("loop", ["static", "continuous"])
 @pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.7, 5)])
-def test_sampling_reproduces_softmax_probabilities(temperature, top_k):
+def test_sampling_reproduces_softmax_probabilities(temperature, top_k, loop):
     model = tiny_model(seed=2)
     prompt = np.array([[3, 14, 15, 9, 2, 6]] * 2000, np.int32)
     mask = np.ones_like(prompt)
@@ -70,7 +67,10 @@ def test_sampling_reproduces_softmax_probabilities(temperature, top_k):
     params = SamplingParams(max_new_tokens=1, temperature=temperature, top_k=top_k, eos_ids=(0,), pad_id=0)
     counts = np.zeros_like(probs)
     for seed in range(5):
-        tokens, _ = sample_token_ids(model, prompt, mask, params, jax.random.key(seed))
+        if loop == "static":
+            tokens, _ = sample_token_ids(model, prompt, mask, params, jax.random.key(seed))
+        else:
+            tokens = sample_continuous(model, prompt, mask, params, jax.random.key(seed), rows=500).tokens
         counts += np.bincount(tokens[:, 0], minlength=len(probs))
     support = probs > 0
     assert counts[~support].sum() == 0, "no token outside the top-k is ever drawn"
@@ -105,6 +105,87 @@ def test_rows_stop_at_eos_and_are_padded_after():
     assert first_hits[0] is not None and first_hits[0] <= 3
 
 
+def _random_prompts(count: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, 60, size=rng.integers(2, 9)).tolist() for _ in range(count)]
+
+
+def _simulated_steps(lengths_qk, slots: int, per_slot: int, width: int) -> int:
+    """Decode steps of the continuous loop's schedule, step by step. Each slot holds a question, a share of
+    its samples and `per_slot` rows; a stopped row starts its slot's next sample; a slot whose share has
+    all started and whose rows have all stopped is free. The next `width` questions take the first free
+    slots once that many are free (the last ones once all of them fit); with none pending, the first free
+    slot takes the later half (rounded up) of the unstarted samples of the slot with the most."""
+    questions, k = lengths_qk.shape
+    held, share = [0] * slots, [[0, 0] for _ in range(slots)]  # share: [next sample, end]
+    left = [[0] * per_slot for _ in range(slots)]  # steps left in each row's sample
+    state = {"next": 0}
+
+    def free(g):
+        return share[g][0] >= share[g][1] and not any(left[g])
+
+    def admit(count):
+        for g in [g for g in range(slots) if free(g)][:count]:
+            held[g], share[g], state["next"] = state["next"], [0, k], state["next"] + 1
+
+    def start():
+        for g in range(slots):
+            for i in range(per_slot):
+                if not left[g][i] and share[g][0] < share[g][1]:
+                    left[g][i], share[g][0] = int(lengths_qk[held[g], share[g][0]]), share[g][0] + 1
+
+    admit(min(slots, questions))
+    start()
+    steps = 0
+    while state["next"] < questions or any(any(rows) for rows in left) or any(a < b for a, b in share):
+        pending, free_count = questions - state["next"], sum(free(g) for g in range(slots))
+        if pending and free_count >= min(width, pending):
+            admit(min(width, free_count, pending))
+        unstarted = [b - a for a, b in share]
+        if not pending and free_count and max(unstarted) > 0:
+            thief, victim = [g for g in range(slots) if free(g)][0], unstarted.index(max(unstarted))
+            split = share[victim][1] - (unstarted[victim] + 1) // 2
+            held[thief], share[thief], share[victim][1] = held[victim], [split, share[victim][1]], split
+        start()
+        left, steps = [[max(r - 1, 0) for r in rows] for rows in left], steps + 1
+    return steps
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_continuous_batching_gives_the_static_loops_samples(temperature):
+    """Samples stop at chosen steps (EOS ids taken from a free run), so rows free at very different times and
+    start the next sample; at every layout of the rows each sample is the static loop's (same per-sample
+    keys), in its place, and the loop runs the steps of its schedule."""
+    model = tiny_model(seed=4)
+    k, questions = 3, 7
+    ids, mask = left_pad(_random_prompts(questions, 0), questions, 0, multiple=8)
+    free = SamplingParams(max_new_tokens=12, temperature=temperature, pad_id=0)
+    free_tokens, _ = sample_token_ids(model, ids, mask, free, jax.random.key(0), num_samples=k)
+    stop_at = {0: 1, 5: 3, 9: 6, 13: 0, 19: 2}  # sample -> the step whose token becomes an EOS id
+    params = free._replace(eos_ids=tuple(sorted({int(free_tokens[w, step]) for w, step in stop_at.items()})))
+    expected, expected_lengths = sample_token_ids(model, ids, mask, params, jax.random.key(0), num_samples=k)
+    assert all(expected_lengths[w] <= step + 1 for w, step in stop_at.items())
+    assert expected_lengths.max() == 12 and expected_lengths.min() <= 2
+    lengths_qk = expected_lengths.reshape(questions, k)
+    for rows, per_slot, width in [(3, 3, 1), (4, 1, 1), (6, 2, 2), (16, 2, 2)]:
+        out = sample_continuous(
+            model, ids, mask, params, jax.random.key(0), k, rows=rows, rows_per_prompt=per_slot, prefill_width=width
+        )
+        np.testing.assert_array_equal(out.tokens, expected)
+        np.testing.assert_array_equal(out.lengths, expected_lengths)
+        assert out.steps == _simulated_steps(lengths_qk, rows // per_slot, per_slot, width), (rows, per_slot)
+
+
+def test_one_row_per_prompt_keeps_rows_busy_where_samples_end_at_different_steps():
+    """The schedule of 6 rows on 12 questions x 3 samples, a third of which run to the end: one row per prompt
+    slot (every stopped row starts a sample, free ones help finish the last questions) takes fewer steps
+    than 3 (each slot waits for its longest sample), and few more than a perfect split of the work."""
+    rng = np.random.default_rng(0)
+    lengths_qk = np.where(rng.random((12, 3)) < 1 / 3, 48, rng.integers(5, 24, (12, 3)))
+    row_refill, group_refill = _simulated_steps(lengths_qk, 6, 1, 1), _simulated_steps(lengths_qk, 2, 3, 1)
+    assert row_refill < 0.8 * group_refill and lengths_qk.sum() / 6 <= row_refill < 1.15 * lengths_qk.sum() / 6
+
+
 def test_left_padding_does_not_change_the_output():
     model = tiny_model(seed=5)
     prompt = [[8, 9, 10, 11]]
@@ -117,8 +198,16 @@ def test_left_padding_does_not_change_the_output():
         np.testing.assert_array_equal(outs[0], other)
 
 
+def _tiny_model_with_real_tokenizer(smollm2_dir, seed):
+    """A tiny random model over SmolLM2's vocabulary, and its tokenizer: the text path, cheap to compile."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    return tiny_model(seed=seed, vocab=len(tokenizer)), tokenizer
+
+
 def test_seeded_sampling_is_reproducible(smollm2_dir):
-    model, tokenizer = aft_jax.from_pretrained(smollm2_dir)
+    model, tokenizer = _tiny_model_with_real_tokenizer(smollm2_dir, seed=1)
     kwargs = {"max_new_tokens": 12, "temperature": 1.0, "num_samples": 3, "batch_size": 8}
     a = aft_jax.generate(model, tokenizer, ["Tom has 3 apples.", "Count to five:"], seed=7, **kwargs)
     b = aft_jax.generate(model, tokenizer, ["Tom has 3 apples.", "Count to five:"], seed=7, **kwargs)
@@ -135,8 +224,11 @@ def test_sharded_sampling_equals_single_device():
     params = SamplingParams(max_new_tokens=8, temperature=1.0, top_k=20, pad_id=0)
     single, _ = sample_token_ids(tiny_model(seed=6), ids, mask, params, jax.random.key(3), num_samples=2)
     mesh = sharding.make_mesh((2, 2, 2))
-    sharded, _ = sample_token_ids(tiny_model(mesh, seed=6), ids, mask, params, jax.random.key(3), num_samples=2)
+    sharded_model = tiny_model(mesh, seed=6)
+    sharded, _ = sample_token_ids(sharded_model, ids, mask, params, jax.random.key(3), num_samples=2)
     np.testing.assert_array_equal(single, sharded)
+    continuous = sample_continuous(sharded_model, ids, mask, params, jax.random.key(3), 2, rows=4)
+    np.testing.assert_array_equal(single, continuous.tokens)
 
 
 def test_own_cache_grows_in_quarters_to_max_new_tokens():
@@ -148,7 +240,7 @@ def test_own_cache_grows_in_quarters_to_max_new_tokens():
 
 def test_sampler_texts_equal_its_token_ids(smollm2_dir):
     """`Sampler.sample` (texts, batched and padded here) and `Sampler.sample_ids` (ids given) agree greedily."""
-    model, tokenizer = aft_jax.from_pretrained(smollm2_dir)
+    model, tokenizer = _tiny_model_with_real_tokenizer(smollm2_dir, seed=2)
     sampler = aft_jax.Sampler(model, tokenizer, batch_size=4)
     prompts = ["Tom has 3 apples.", "Count to five:", "The sky is"]
     texts = sampler.sample(prompts, max_new_tokens=10)

@@ -38,7 +38,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.sample.top_k = 0
     c.sample.top_p = 1.0
     c.sample.max_new_tokens = 256
-    c.sample.batch_size = 32  # rows (question x sample) per decode batch
+    c.sample.batch_size = 32  # rows (question x sample) decoding together
+    c.sample.rows_per_prompt = 0  # rows per prompt slot, sampling and evaluation; 0: k if questions <= rows, else 1
     c.sample.shard_size = 256  # questions per groups shard
     c.sample.out_dir = ""  # empty: <run_dir>/groups
     c.sample.mesh = "fsdp"  # over each process's own devices (it samples its own shards)

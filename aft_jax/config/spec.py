@@ -42,7 +42,7 @@ POSITIVE = (
     "eval.batch_size loss.logit_chunk optim.lr checkpoint.save_every checkpoint.keep"
 ).split()
 NON_NEGATIVE = (
-    "loss.beta loss.beta_dpo loss.lam sample.temperature sample.top_k eval.sc_temperature optim.weight_decay "
+    "loss.beta loss.beta_dpo loss.lam sample.temperature sample.top_k sample.rows_per_prompt eval.sc_temperature optim.weight_decay "
     "optim.clip_norm optim.warmup_ratio optim.min_lr_ratio"
 ).split()
 

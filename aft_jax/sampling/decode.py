@@ -10,6 +10,7 @@ through the layers of `unstack_layers`, composing the model's own pieces (embedd
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -78,6 +79,18 @@ def unstack_layers(model: Llama, layer_states=None) -> list[Block]:
     if layer_states is None:
         layer_states = [jax.tree.map(lambda w, i=i: w[i], block_state) for i in range(model.config.num_layers)]
     return [nnx.merge(block_def, state) for state in layer_states]
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_unstack(graphdef):
+    return jax.jit(lambda state: [nnx.state(layer) for layer in unstack_layers(nnx.merge(graphdef, state))])
+
+
+def decode_layers(model) -> list:
+    """A copy of the decoder weights one array per layer (`unstack_layers`), for the decode loops: made once
+    and passed to every batch, where each call would otherwise copy them again."""
+    graphdef, state = nnx.split(model)
+    return _compiled_unstack(graphdef)(state)
 
 
 def decode_step(model: Llama, layers: list[Block], token_b: jnp.ndarray, cache: DecodeCache):
