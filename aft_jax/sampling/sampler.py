@@ -1,7 +1,7 @@
 """Sampling with the KV cache: `Sampler(model, tokenizer)` is what the stages receive.
 
-`Sampler.sample` (texts in, texts out) runs the continuous loop (`aft_jax.sampling.continuous`: row slots
-refilled with the next question as they finish); `Sampler.sample_ids` (prompt ids and mask in, tokens and
+`Sampler.sample` (texts in, texts out) runs the continuous loop (`aft_jax.sampling.continuous`: a row that
+stops starts the next sample at once); `Sampler.sample_ids` (prompt ids and mask in, tokens and
 lengths out) runs one static batch (`aft_jax.sampling.static`); `generate` is the one-call form of
 `Sampler.sample`. Each draw's key is that of its (question, sample, step) (`aft_jax.sampling.next_token`),
 so samples do not depend on the batch size. The decode step shared by both loops is
