@@ -69,7 +69,6 @@ def main() -> None:
 
     import jax
     import machine
-    from flax import nnx
 
     import aft_jax
     from aft_jax.build import resolve_model_path
@@ -89,23 +88,16 @@ def main() -> None:
     layers = decode_layers(model)
 
     # The continuous loop over the whole list, as Sampler.sample pads it, at each number of rows per prompt
-    # slot; each program compiled first by a call that runs no step.
+    # slot; each program compiled first, without decoding a step.
     ids, mask = left_pad(encoded, len(encoded), params.pad_id, 64)
-    graphdef, state = nnx.split(model)
-    count = np.asarray(len(ids), np.int32)
     runs = {}
     for rows_per_prompt in args.rows_per_prompt:
-        shape = continuous.slot_shape(args.rows, k, len(ids), rows_per_prompt, None)
-        start, advance = continuous._compiled(graphdef, params, k, *shape)
-        padded = max(shape[1], 1 << max(len(ids) - 1, 0).bit_length())
-        warm_ids = np.zeros((padded, ids.shape[1]), np.int32)
-        s = start(state, warm_ids, np.ones_like(warm_ids), count)
-        jax.block_until_ready(advance(s, state, layers, warm_ids, np.ones_like(warm_ids), count, key, s.step + 0))
+        layout = dict(rows=args.rows, rows_per_prompt=rows_per_prompt, layers=layers)
+        continuous.warm_up(model, ids, mask, params, key, k, **layout)
         began = time.perf_counter()
-        out = continuous.sample_continuous(
-            model, ids, mask, params, key, k, rows=args.rows, rows_per_prompt=rows_per_prompt, layers=layers
-        )
-        runs[rows_per_prompt] = (out, time.perf_counter() - began, shape[0] * shape[1])
+        out = continuous.sample_continuous(model, ids, mask, params, key, k, **layout)
+        rows = continuous.slot_shape(args.rows, k, len(ids), rows_per_prompt, None)
+        runs[rows_per_prompt] = (out, time.perf_counter() - began, rows[0] * rows[1])
     per_batch = max(1, args.rows // k)  # questions decoding at a time in the static loop
 
     # The static loop, batch by batch, with the same per-sample keys; each padded length compiled first.
@@ -168,8 +160,7 @@ def main() -> None:
                 )  # fmt: skip
                 torch_seconds += time.perf_counter() - began
             generated = generated[:, rows["input_ids"].shape[1] :].numpy()
-            is_eos = np.isin(generated, params.eos_ids)
-            lengths = np.where(is_eos.any(1), is_eos.argmax(1) + 1, generated.shape[1])
+            lengths = continuous.sample_lengths(generated, params.eos_ids)
             torch_lengths.append(lengths)
             torch_tokens += int(lengths.sum())
             torch_steps += generated.shape[1]

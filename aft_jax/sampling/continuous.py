@@ -257,6 +257,38 @@ def slot_shape(rows: int, num_samples: int, questions: int, rows_per_prompt: int
     return per_slot, slots, min(prefill_width or max(1, slots // 8), slots)
 
 
+def _prepared(model, prompt_ids_qs, prompt_mask_qs, params, num_samples, rows, rows_per_prompt, prefill_width):
+    """The compiled `(start, advance)` of this layout, and the prompts padded to a power of two of them (few
+    program shapes), the padding never admitted."""
+    q = len(prompt_ids_qs)
+    per_slot, slots, width = slot_shape(rows, num_samples, q, rows_per_prompt, prefill_width)
+    padded = max(slots, 1 << max(q - 1, 0).bit_length())
+    ids = np.zeros((padded, prompt_ids_qs.shape[1]), np.int32)
+    mask = np.zeros_like(ids)
+    ids[:q], mask[:q] = prompt_ids_qs, prompt_mask_qs
+    mask[q:, -1] = 1  # one visible token keeps the (discarded) prefill of a padding row finite
+    graphdef = nnx.graphdef(model)
+    return _compiled(graphdef, params, num_samples, per_slot, slots, width), ids, mask
+
+
+def warm_up(model, prompt_ids_qs, prompt_mask_qs, params: SamplingParams, key, num_samples: int = 1, *, rows: int,
+            rows_per_prompt: int | None = None, prefill_width: int | None = None, layers=None) -> None:  # fmt: skip
+    """Compiles what `sample_continuous` with these arguments runs, without decoding a step."""
+    (start, advance), ids, mask = _prepared(
+        model, prompt_ids_qs, prompt_mask_qs, params, num_samples, rows, rows_per_prompt, prefill_width
+    )
+    state, count = nnx.state(model), jnp.asarray(len(prompt_ids_qs), jnp.int32)
+    layers = decode_layers(model) if layers is None else layers
+    s = start(state, ids, mask, count)
+    jax.block_until_ready(advance(s, state, layers, ids, mask, count, key, s.step + 0))
+
+
+def sample_lengths(tokens_wn: np.ndarray, eos_ids) -> np.ndarray:
+    """Tokens of each sample up to and including its first EOS (all of them where there is none)."""
+    is_eos = np.isin(tokens_wn, eos_ids or (-1,))
+    return np.where(is_eos.any(1), is_eos.argmax(1) + 1, tokens_wn.shape[1])
+
+
 def sample_continuous(
     model, prompt_ids_qs, prompt_mask_qs, params: SamplingParams, key, num_samples: int = 1, *, rows: int,
     rows_per_prompt: int | None = None, prefill_width: int | None = None, layers=None, progress: bool = False,
@@ -264,24 +296,16 @@ def sample_continuous(
     """`num_samples` samples of each left-padded prompt, decoded in `rows` rows as `slot_shape` lays them out;
     draw `(q, j, step)` uses `sample_keys(key, q, j, step)`. `layers` is `decode_layers(model)`, made here
     when not given."""
-    q = len(prompt_ids_qs)
-    per_slot, slots, width = slot_shape(rows, num_samples, q, rows_per_prompt, prefill_width)
-    padded = max(slots, 1 << max(q - 1, 0).bit_length())  # a power of two: few program shapes
-    ids = np.zeros((padded, prompt_ids_qs.shape[1]), np.int32)
-    mask = np.zeros_like(ids)
-    ids[:q], mask[:q] = prompt_ids_qs, prompt_mask_qs
-    mask[q:, -1] = 1  # never admitted; one visible token keeps its (discarded) prefill finite
-    graphdef, state = nnx.split(model)
+    (start, advance), ids, mask = _prepared(
+        model, prompt_ids_qs, prompt_mask_qs, params, num_samples, rows, rows_per_prompt, prefill_width
+    )
+    state, count = nnx.state(model), jnp.asarray(len(prompt_ids_qs), jnp.int32)
     layers = decode_layers(model) if layers is None else layers
-    start, advance = _compiled(graphdef, params, num_samples, per_slot, slots, width)
-    count = jnp.asarray(q, jnp.int32)
     s = start(state, ids, mask, count)
-    total = q * num_samples
+    total = len(prompt_ids_qs) * num_samples
     with tqdm(total=total, unit="sample", desc="decoding", leave=False, disable=not progress) as bar:
         while int(s.finished) < total:
             s = advance(s, state, layers, ids, mask, count, key, s.step + params.max_new_tokens)
             bar.update(int(s.finished) - bar.n)
     tokens = np.asarray(s.tokens_wn[:total])
-    is_eos = np.isin(tokens, params.eos_ids or (-1,))
-    lengths = np.where(is_eos.any(1), is_eos.argmax(1) + 1, params.max_new_tokens)
-    return Samples(tokens, lengths, int(s.step))
+    return Samples(tokens, sample_lengths(tokens, params.eos_ids), int(s.step))
