@@ -7,7 +7,7 @@ import dataclasses
 
 from aft_jax.data.tasks import Example, Task, get_task
 from aft_jax.io.paths import Path
-from aft_jax.model.config import LlamaConfig
+from aft_jax.model.config import ModelConfig
 from aft_jax.parallel import sharding
 
 
@@ -84,7 +84,7 @@ def model_from_config(model_cfg, mesh, seed: int = 0):
     """`(model, tokenizer)`: loaded from `model.path` ("smollm2" names the built-in checkpoint), or randomly
     initialised from `model.random`."""
     from aft_jax.io.hf import from_pretrained
-    from aft_jax.model.llama import create_model
+    from aft_jax.model.causal_lm import create_model
 
     if model_cfg.path:
         model, tokenizer = from_pretrained(
@@ -103,7 +103,7 @@ def model_from_config(model_cfg, mesh, seed: int = 0):
         raise ValueError("set model.path, or model.tokenizer and model.random.* for a randomly initialised model")
     tokenizer = load_tokenizer(model_cfg.tokenizer)
     dims = dataclasses.asdict(model_cfg.random)
-    config = LlamaConfig(
+    config = ModelConfig(
         vocab_size=len(tokenizer),
         **dims,
         tie_word_embeddings=True,

@@ -231,11 +231,11 @@ def main() -> None:
     import machine
 
     from aft_jax.io.hf_files import read_config
-    from aft_jax.model.config import LlamaConfig
+    from aft_jax.model.families import config_from_hf
     from aft_jax.stages.train import train_flops
 
     where = machine.record()
-    model_config = LlamaConfig.from_hf_config(read_config(Path(checkpoint)))
+    model_config = config_from_hf(read_config(Path(checkpoint)))
     flops = train_flops(model_config, make_batch(args.k, args.length, model_config.vocab_size))
     tokens = args.k * args.length
     jax_r, torch_r = results["jax"], results["torch"]

@@ -1,4 +1,8 @@
-"""Tiny random `transformers.LlamaForCausalLM` checkpoints, built locally, as the independent reference."""
+"""Tiny random `transformers` checkpoints of every supported family, built locally, as the independent reference.
+
+A config's `model_type` (default llama) picks the family; biases and norm weights are drawn away from their
+HF initial values (0 and 1), so a dropped or mixed-up bias or norm is caught.
+"""
 
 from __future__ import annotations
 
@@ -24,12 +28,31 @@ TINY_CONFIGS = {
         },
         eos_token_id=[5, 7],
     ),
+    # q/k/v biases; a window of 4 on layers 1 and 2 (layer 0 full), so both kinds of layer are checked
+    "qwen2_window": dict(
+        model_type="qwen2",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        rope_theta=1e6,
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=1,
+    ),
+    # q/k norms, head_dim 16 where hidden_size / heads is 8
+    "qwen3_head_dim": dict(
+        model_type="qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False
+    ),
+    "mistral_window": dict(
+        model_type="mistral", num_attention_heads=4, num_key_value_heads=2, sliding_window=5, tie_word_embeddings=False
+    ),
 }
+FAMILY_CONFIGS = ("qwen2_window", "qwen3_head_dim", "mistral_window")
 
 
 def tiny_hf_model(name: str, seed: int = 0):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
     fields = dict(
@@ -42,11 +65,14 @@ def tiny_hf_model(name: str, seed: int = 0):
         initializer_range=0.2,
     )
     fields.update(TINY_CONFIGS[name])
-    model = LlamaForCausalLM(LlamaConfig(**fields)).eval()
-    with torch.no_grad():  # norms away from 1 so a mixed-up norm weight is caught
+    config = AutoConfig.for_model(fields.pop("model_type", "llama"), **fields)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
         for name_, param in model.named_parameters():
             if "norm" in name_:
                 param.uniform_(0.5, 1.5)
+            elif name_.endswith("bias"):
+                param.uniform_(-0.5, 0.5)
     return model
 
 

@@ -20,13 +20,15 @@ def test_not_a_folder_nor_hub_name(tmp_path):
         aft_jax.from_pretrained(tmp_path / "nope")
 
 
-def test_unsupported_architecture(tmp_path):
+def test_unsupported_family_is_refused_naming_the_supported_ones(tmp_path):
     save_tiny("mha_untied", tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    config.update(architectures=["MistralForCausalLM"], model_type="mistral")
+    config.update(architectures=["Gemma2ForCausalLM"], model_type="gemma2")
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(aft_jax.ConfigError, match=r"config\.json: unsupported architecture.*MistralForCausalLM"):
+    with pytest.raises(aft_jax.ConfigError, match=r"config\.json: unsupported model family.*gemma2") as err:
         aft_jax.from_pretrained(tmp_path)
+    for family in ("llama", "mistral", "qwen2", "qwen3 (Qwen3ForCausalLM)"):
+        assert family in str(err.value)
 
 
 def _rewrite(tmp_path, edit):

@@ -5,6 +5,7 @@ import pytest
 from hf_reference import TINY_CONFIGS, hf_logits, padded_batch, save_tiny
 
 import aft_jax
+from aft_jax.model import families
 
 
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
@@ -28,7 +29,7 @@ def test_config_fields_come_from_hf(tmp_path):
     assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (4, 1, 8)
     assert cfg.eos_token_ids == (5, 7)
     assert cfg.rope_scaling.rope_type == "llama3" and cfg.rope_scaling.factor == 8.0
-    assert aft_jax.LlamaConfig.from_hf_config(cfg.to_hf_config()) == cfg
+    assert families.config_from_hf(families.config_to_hf(cfg)) == cfg
 
 
 def test_bfloat16_parameters_and_compute(tmp_path):

@@ -1,15 +1,16 @@
-"""Prefill plus one-token-at-a-time decoding through the KV cache equals the full forward."""
+"""Prefill plus one-token-at-a-time decoding through the KV cache equals the full forward (every family; the
+sliding windows of 4 and 5 slide over cache slots here)."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_reference import padded_batch, save_tiny
+from hf_reference import FAMILY_CONFIGS, padded_batch, save_tiny
 
 import aft_jax
 from aft_jax.sampling.decode import decode_cache, decode_step, grow_decode_cache, unstack_layers
 
 
-@pytest.mark.parametrize("name", ["gqa_tied", "llama3_rope"])
+@pytest.mark.parametrize("name", ["gqa_tied", "llama3_rope", *FAMILY_CONFIGS])
 def test_prefill_then_incremental_equals_full_forward(tmp_path, name):
     save_tiny(name, tmp_path)
     model, _ = aft_jax.from_pretrained(tmp_path)
@@ -44,7 +45,7 @@ def test_prefill_equals_hidden_states_with_an_empty_cache(tmp_path):
     assert int(prefill_cache.end) == int(cache.end) == ids.shape[1]
 
 
-@pytest.mark.parametrize("name", ["gqa_tied", "llama3_rope"])
+@pytest.mark.parametrize("name", ["gqa_tied", "llama3_rope", *FAMILY_CONFIGS])
 def test_shared_prompt_decode_equals_full_forward(tmp_path, name):
     """Three rows continue each of two left-padded prompts with their own tokens; the decode path (one
     prompt cache read by its rows, own caches per row that grow midway, unstacked layers) gives each row the

@@ -99,6 +99,17 @@ def test_packed_scores_equal_padded(model, encoded):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_packed_scores_equal_padded_with_a_sliding_window(encoded):
+    """A window of 48 positions (prompts are about 100 tokens) on one layer of a model with q/k/v biases and
+    q/k norms: in packed rows the window counts positions in each candidate's own sequence."""
+    model = tiny_model(seed=3, vocab=VOCAB, qkv_bias=True, qk_norm=True, sliding_window=48, sliding_layers=(0,))
+    padded, packed = layouts(encoded, exact_fill(encoded))
+    want = candidate_logp_sums(model, padded, chunk_size=64)
+    np.testing.assert_allclose(candidate_logp_sums(model, packed, chunk_size=64), want, rtol=1e-5, atol=1e-5)
+    causal = tiny_model(seed=3, vocab=VOCAB, qkv_bias=True, qk_norm=True)
+    assert np.abs(np.asarray(candidate_logp_sums(causal, padded, chunk_size=64)) - np.asarray(want)).max() > 1e-2
+
+
 METHODS = [("vft", "none"), ("rft", "none"), ("aft", "boundary"), ("aft", "detach"), ("aft", "none")]
 METHODS += [("rrhf", "none"), ("pro", "none"), ("dpo", "boundary")]
 

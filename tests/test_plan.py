@@ -37,3 +37,27 @@ def test_the_packed_plan_counts_each_prompt_once(config):
     multiple = config.data.pad_multiple
     assert packed.layout == "packed" and packed.computed_tokens == 4 * (-(-646 // multiple) * multiple)
     assert packed.temporaries_gb > 0  # (more than padded here: this tiny model's attention outweighs the rest)
+
+
+@pytest.mark.parametrize(
+    "hub_name, billions",
+    [
+        ("Qwen/Qwen2.5-0.5B-Instruct", 0.494),
+        ("Qwen/Qwen2.5-1.5B-Instruct", 1.54),
+        ("Qwen/Qwen2.5-7B-Instruct", 7.62),
+        ("Qwen/Qwen3-8B", 8.19),
+        ("meta-llama/Llama-2-7b-hf", 6.74),
+    ],
+)
+def test_known_models_have_their_model_cards_parameter_counts(hub_name, billions):
+    """The shapes `plan` uses for a hub id without downloading it give the count its model card states."""
+    import jax
+    from flax import nnx
+
+    from aft_jax.model.causal_lm import abstract_model
+    from aft_jax.model.config import ModelConfig
+    from aft_jax.stages.plan import KNOWN_MODELS
+
+    params = nnx.state(abstract_model(ModelConfig(**KNOWN_MODELS[hub_name])), nnx.Param)
+    count = sum(x.size for x in jax.tree.leaves(params))
+    assert count / 1e9 == pytest.approx(billions, rel=0.005)

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from hf_reference import hf_logits, padded_batch, save_tiny
+from hf_reference import FAMILY_CONFIGS, hf_logits, padded_batch, save_tiny
 from safetensors.numpy import load_file
 
 import aft_jax
@@ -16,7 +16,7 @@ def _hf_tensors(directory):
     return tensors
 
 
-@pytest.mark.parametrize("name", ["mha_untied", "gqa_tied"])
+@pytest.mark.parametrize("name", ["mha_untied", "gqa_tied", *FAMILY_CONFIGS])
 def test_hf_roundtrip_is_bit_identical(tmp_path, name):
     save_tiny(name, tmp_path / "src")
     model, _ = aft_jax.from_pretrained(tmp_path / "src")

@@ -151,12 +151,14 @@ def _simulated_steps(lengths_qk, slots: int, per_slot: int, width: int) -> int:
     return steps
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_continuous_batching_gives_the_static_loops_samples(temperature):
+@pytest.mark.parametrize("temperature, window", [(0.0, None), (1.0, None), (1.0, 3)])
+def test_continuous_batching_gives_the_static_loops_samples(temperature, window):
     """Samples stop at chosen steps (EOS ids taken from a free run), so rows free at very different times and
     start the next sample; at every layout of the rows each sample is the static loop's (same per-sample
-    keys), in its place, and the loop runs the steps of its schedule."""
-    model = tiny_model(seed=4)
+    keys), in its place, and the loop runs the steps of its schedule. With a sliding window (on one of the
+    two layers, with q/k/v biases and q/k norms), samples start at any column of the ring of own keys."""
+    options = dict(sliding_window=window, sliding_layers=(1,), qkv_bias=True, qk_norm=True) if window else {}
+    model = tiny_model(seed=4, **options)
     k, questions = 3, 7
     ids, mask = left_pad(_random_prompts(questions, 0), questions, 0, multiple=8)
     free = SamplingParams(max_new_tokens=12, temperature=temperature, pad_id=0)

@@ -46,7 +46,7 @@ def test_sharded_forward_matches_single_device(tmp_path):
 
 
 def test_create_model_is_initialised_in_place():
-    cfg = aft_jax.LlamaConfig(
+    cfg = aft_jax.ModelConfig(
         vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8
     )
     mesh = sharding.make_mesh("fsdp_tensor4")

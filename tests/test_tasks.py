@@ -184,3 +184,20 @@ def test_mix_checks_each_example_by_its_own_task():
     assert task.extract_for("so 3 apples. The answer is B", aqua) == "B"
     assert task.extract_for("so 3 apples. The answer is B", gsm) == "3"
     assert not task.is_correct(f"#### {gsm.answer}", aqua.answer)
+
+
+def test_the_chat_template_is_the_tokenizers_and_never_thinks(smollm2_dir):
+    """SmolLM2's ChatML template (Qwen's layout), and a template with a thinking switch as Qwen3's has."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    prompt = format_prompt("What is 2 + 3?", "chat", tokenizer)
+    assert prompt.endswith("<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n")
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert ids.count(tokenizer.convert_tokens_to_ids("<|im_end|>")) == prompt.count("<|im_end|>")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
+        "{% endif %}"
+    )
+    assert format_prompt("Q?", "chat", tokenizer).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")

@@ -92,5 +92,16 @@ def test_paper_presets_load():
             assert config.optim.lr == 2e-5 and config.train.batch_size == 128 and config.data.max_length == 512
     assert load_config(REPO / "configs" / "llama2_13b_gsm8k.py").train.grad_accum == 8
     assert load_config(f"{REPO}/configs/paper.py:llama2_7b-gsm8k_rank").loss.use_levels is True
-    with pytest.raises(ValueError, match="unknown paper preset"):
+    with pytest.raises(ValueError, match="unknown preset"):
         load_config(f"{REPO}/configs/paper.py:gpt2-gsm8k")
+
+
+def test_qwen_presets_load_with_the_chat_template():
+    from aft_jax.config.load import load_config
+    from aft_jax.config.presets import OPEN_MODELS
+
+    for model, (path, _) in OPEN_MODELS.items():
+        config = load_config(f"{REPO}/configs/qwen.py:{model}-gsm8k")
+        assert config.model.path == path and config.task.template == "chat" and config.train.batch_size == 128
+    with pytest.raises(ValueError, match="unknown preset"):
+        load_config(f"{REPO}/configs/qwen.py:llama2_7b-gsm8k")

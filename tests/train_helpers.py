@@ -13,8 +13,10 @@ from aft_jax.data.groups import Candidate
 VOCAB = 61
 
 
-def tiny_model(mesh=None, seed=0, vocab=VOCAB):
-    cfg = aft_jax.LlamaConfig(
+def tiny_model(mesh=None, seed=0, vocab=VOCAB, **options):
+    """A 2-layer random model; `options` set `ModelConfig` fields (a family's options, a window)."""
+    cfg = aft_jax.ModelConfig(
+        **options,
         vocab_size=vocab,
         hidden_size=32,
         intermediate_size=64,

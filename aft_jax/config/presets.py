@@ -1,5 +1,6 @@
 """The paper's experiments as configs: a model x a task, with the paper's training settings (the defaults
-of `config.defaults.default_config`, AFT_METHOD section 7) and a memory layout for multi-accelerator hosts."""
+of `config.defaults.default_config`, AFT_METHOD section 7) and a memory layout for multi-accelerator hosts;
+the same for the instruct models people fine-tune today (Qwen2.5, Qwen3), prompted with their chat template."""
 
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ PAPER_MODELS = {  # hub name, gradient accumulation for 128 questions per step
     "llama_7b": ("huggyllama/llama-7b", 4),
     "llama2_7b": ("meta-llama/Llama-2-7b-hf", 4),
     "llama2_13b": ("meta-llama/Llama-2-13b-hf", 8),
+}
+OPEN_MODELS = {  # hub name, gradient accumulation for 128 questions per step
+    "qwen2.5_0.5b": ("Qwen/Qwen2.5-0.5B-Instruct", 1),
+    "qwen2.5_1.5b": ("Qwen/Qwen2.5-1.5B-Instruct", 2),
+    "qwen2.5_7b": ("Qwen/Qwen2.5-7B-Instruct", 4),
+    "qwen3_8b": ("Qwen/Qwen3-8B", 4),
 }
 PAPER_TASKS = {
     "gsm8k": {"task": {"name": "gsm8k"}},
@@ -24,13 +31,11 @@ PAPER_TASKS = {
 }
 
 
-def paper_config(model: str, task: str):
-    """`model` in PAPER_MODELS, `task` in PAPER_TASKS."""
-    if model not in PAPER_MODELS or task not in PAPER_TASKS:
-        raise RunConfigError(
-            f"unknown paper preset {model}-{task}; models: {sorted(PAPER_MODELS)}, tasks: {sorted(PAPER_TASKS)}"
-        )
-    path, grad_accum = PAPER_MODELS[model]
+def paper_config(model: str, task: str, models=PAPER_MODELS):
+    """`model` in `models` (PAPER_MODELS, or OPEN_MODELS through `open_model_config`), `task` in PAPER_TASKS."""
+    if model not in models or task not in PAPER_TASKS:
+        raise RunConfigError(f"unknown preset {model}-{task}; models: {sorted(models)}, tasks: {sorted(PAPER_TASKS)}")
+    path, grad_accum = models[model]
     c = default_config()
     c.run_dir = f"runs/{model}_{task}"
     c.model.path = path
@@ -42,4 +47,11 @@ def paper_config(model: str, task: str):
     c.checkpoint.export_hf = True
     for section, values in PAPER_TASKS[task].items():
         c[section].update(values)
+    return c
+
+
+def open_model_config(model: str, task: str):
+    """`paper_config` for a model of OPEN_MODELS, prompted with its tokenizer's chat template."""
+    c = paper_config(model, task, OPEN_MODELS)
+    c.task.template = "chat"
     return c

@@ -14,8 +14,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from aft_jax.io import paths
-from aft_jax.model.config import LlamaConfig
-from aft_jax.model.llama import Llama, abstract_model
+from aft_jax.model.causal_lm import CausalLM, abstract_model
+from aft_jax.model.config import ModelConfig
+from aft_jax.model.families import config_to_hf
 from aft_jax.parallel import sharding
 
 
@@ -24,7 +25,7 @@ def is_params_dir(path: str | os.PathLike) -> bool:
     return path.is_dir() and any(path.iterdir())
 
 
-def save_params(path: str | os.PathLike, model: Llama):
+def save_params(path: str | os.PathLike, model: CausalLM):
     """Writes the model's parameters as an Orbax checkpoint at `path` (which must not exist)."""
     path = paths.for_orbax(path)
     state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -34,7 +35,7 @@ def save_params(path: str | os.PathLike, model: Llama):
     return path
 
 
-def save_model_folder(model: Llama, tokenizer, out_dir: str | os.PathLike):
+def save_model_folder(model: CausalLM, tokenizer, out_dir: str | os.PathLike):
     """An aft_jax model folder: `config.json` (HF layout), the tokenizer files and `params/` (Orbax)."""
     out_dir = paths.Path(out_dir)
     if (out_dir / "params").exists():
@@ -44,12 +45,12 @@ def save_model_folder(model: Llama, tokenizer, out_dir: str | os.PathLike):
             if tokenizer is not None:
                 tokenizer.save_pretrained(local)
             with open(os.path.join(local, "config.json"), "w") as f:
-                f.write(json.dumps(model.config.to_hf_config(), indent=2) + "\n")
+                f.write(json.dumps(config_to_hf(model.config), indent=2) + "\n")
     save_params(out_dir / "params", model)  # every process; last: its presence marks the folder complete
     return out_dir
 
 
-def restore_model(path: str | os.PathLike, config: LlamaConfig, mesh, rules=None) -> Llama:
+def restore_model(path: str | os.PathLike, config: ModelConfig, mesh, rules=None) -> CausalLM:
     """Restores parameters saved by `save_params` straight into their shardings on `mesh`."""
     graphdef, abstract_state = nnx.split(abstract_model(config))
     shardings = sharding.state_shardings(abstract_state, mesh, rules)

@@ -21,10 +21,17 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from aft_jax.io import paths
-from aft_jax.io.hf_files import CheckpointError, TensorReader, read_config, resolve_checkpoint_dir
-from aft_jax.model.config import LlamaConfig
-from aft_jax.model.hf_weights import IGNORED_SUFFIXES, WeightSpec, hf_names, weight_specs
-from aft_jax.model.llama import Llama, abstract_model
+from aft_jax.io.hf_files import (
+    CheckpointError,
+    TensorReader,
+    read_config,
+    read_generation_config,
+    resolve_checkpoint_dir,
+)
+from aft_jax.model.causal_lm import CausalLM, abstract_model
+from aft_jax.model.config import ModelConfig
+from aft_jax.model.families import config_from_hf, config_to_hf, eos_ids, family_of
+from aft_jax.model.hf_weights import IGNORED_SUFFIXES, WeightSpec, hf_names
 from aft_jax.parallel import sharding
 
 log = logging.getLogger(__name__)
@@ -41,21 +48,25 @@ def from_pretrained(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     **config_overrides,
-) -> tuple[Llama, Any]:
-    """Loads `(model, tokenizer)` from a HF checkpoint folder, an aft_jax model folder, or a hub name.
+) -> tuple[CausalLM, Any]:
+    """Loads `(model, tokenizer)` from a HF checkpoint folder, an aft_jax model folder, or a hub name, of
+    any family in `aft_jax.model.families`. The EOS ids are config.json's and generation_config.json's
+    (an instruct model's `<|im_end|>` and its base's `<|endoftext|>`, say): sampling stops at any of them.
 
     `dtype` is the parameter dtype, `compute_dtype` the activation dtype (defaults to `dtype`); weights
     are placed directly into their shardings on `mesh` (one device when None). The tokenizer is None
     when the folder has no tokenizer files.
     """
     with _checkpoint_folder(path_or_name, revision) as (directory, origin):
-        config = LlamaConfig.from_hf_config(
+        config = config_from_hf(
             read_config(directory),
             source=str(directory / "config.json"),
             param_dtype=dtype,
             dtype=compute_dtype or dtype,
             **config_overrides,
         )
+        generation_eos = eos_ids(read_generation_config(directory).get("eos_token_id"))
+        config = config.replace(eos_token_ids=tuple(dict.fromkeys(config.eos_token_ids + generation_eos)))
         mesh = mesh or sharding.single_device_mesh()
         from aft_jax.io import checkpoint  # Orbax is imported only when needed
 
@@ -89,11 +100,11 @@ def load_tokenizer(directory: Path, *, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
 
 
-def load_hf_weights(directory: Path, config: LlamaConfig, mesh, *, allow_pickle: bool = False, rules=None) -> Llama:
+def load_hf_weights(directory: Path, config: ModelConfig, mesh, *, allow_pickle: bool = False, rules=None) -> CausalLM:
     """Reads HF tensors straight into the shardings of a fresh abstract model (no full host copy)."""
     graphdef, abstract_state = nnx.split(abstract_model(config))
     shardings = sharding.state_shardings(abstract_state, mesh, rules)
-    specs = weight_specs(config)
+    specs = family_of(config).weight_specs(config)
     with TensorReader(directory, allow_pickle=allow_pickle) as reader:
         check_tensors(reader, specs, config)
         arrays = {spec.path: _load_param(reader, spec, config, shardings) for spec in specs}
@@ -103,7 +114,7 @@ def load_hf_weights(directory: Path, config: LlamaConfig, mesh, *, allow_pickle:
     return nnx.merge(graphdef, state)
 
 
-def check_tensors(reader: TensorReader, specs: list[WeightSpec], config: LlamaConfig) -> None:
+def check_tensors(reader: TensorReader, specs: list[WeightSpec], config: ModelConfig) -> None:
     """Raises one CheckpointError listing every missing or wrongly shaped tensor (with its file)."""
     problems = []
     present = set(reader.names())
@@ -128,7 +139,7 @@ def check_tensors(reader: TensorReader, specs: list[WeightSpec], config: LlamaCo
         log.warning("%s: ignoring %d unexpected tensor(s): %s", reader.directory, len(extra), sorted(extra)[:5])
 
 
-def _load_param(reader: TensorReader, spec: WeightSpec, config: LlamaConfig, shardings) -> jax.Array:
+def _load_param(reader: TensorReader, spec: WeightSpec, config: ModelConfig, shardings) -> jax.Array:
     target = _get(shardings, spec.path)
     dtype = np.dtype(jnp.dtype(config.param_dtype))
     names = hf_names(spec, config)
@@ -148,14 +159,19 @@ def _load_param(reader: TensorReader, spec: WeightSpec, config: LlamaConfig, sha
 
 
 def save_pretrained(
-    model: Llama, tokenizer, out_dir: str | os.PathLike, *, dtype: str | None = None, max_shard_bytes: int = 2 * 1024**3
+    model: CausalLM,
+    tokenizer,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    max_shard_bytes: int = 2 * 1024**3,
 ) -> Path:
     """Writes safetensors (sharded with an index when large), config.json and the tokenizer files.
 
     Tensors are gathered one layer at a time. Files are written to a temporary folder first and moved
     into `out_dir` at the end, so an interrupted export never leaves a half-written checkpoint.
     """
-    config: LlamaConfig = model.config
+    config: ModelConfig = model.config
     if paths.is_remote(out_dir):  # e.g. gs://: written locally, then uploaded file by file
         with tempfile.TemporaryDirectory(prefix="aft_jax_export_") as local:
             save_pretrained(model, tokenizer, local, dtype=dtype, max_shard_bytes=max_shard_bytes)
@@ -168,7 +184,7 @@ def save_pretrained(
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp") as tmp:
         tmp_dir = Path(tmp)
         _write_shards(_hf_tensors(params, config, out_dtype), tmp_dir, max_shard_bytes)
-        hf_config = config.to_hf_config() | {"torch_dtype": str(jnp.dtype(out_dtype))}
+        hf_config = config_to_hf(config) | {"torch_dtype": str(jnp.dtype(out_dtype))}
         (tmp_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         (tmp_dir / "generation_config.json").write_text(
             json.dumps(
@@ -191,9 +207,9 @@ def save_pretrained(
     return out_dir
 
 
-def _hf_tensors(params: nnx.State, config: LlamaConfig, dtype: np.dtype):
+def _hf_tensors(params: nnx.State, config: ModelConfig, dtype: np.dtype):
     """Yields (HF name, array) in HF order, gathering one layer of one parameter at a time."""
-    specs = weight_specs(config)
+    specs = family_of(config).weight_specs(config)
     per_layer = [s for s in specs if s.stacked]
     top = {s.path[0]: s for s in specs if not s.stacked}
     yield top["embed"].hf_name, np.asarray(jax.device_get(_get(params, ("embed",))[...])).astype(dtype)

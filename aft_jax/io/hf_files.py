@@ -47,6 +47,16 @@ def read_config(directory: Path) -> dict[str, Any]:
     path = directory / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: not found; a Hugging Face checkpoint folder needs config.json")
+    return _read_json(path)
+
+
+def read_generation_config(directory: Path) -> dict[str, Any]:
+    """`generation_config.json` of a checkpoint folder, or {} where it has none."""
+    path = directory / "generation_config.json"
+    return _read_json(path) if path.is_file() else {}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:

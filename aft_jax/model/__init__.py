@@ -1,1 +1,1 @@
-"""The model: the Llama configuration and its config.json mapping, layers, rotary embeddings, HF weight names."""
+"""The model: its configuration, the family registry (config.json both ways), layers, rotary embeddings, HF weight names."""

@@ -5,6 +5,7 @@
   0 for filler), each the shared prompt (branch 0) followed by candidates (branches 1, 2, ...). A query sees
   the earlier tokens of its own piece that are in the prompt or in its own branch, so every candidate is
   computed as if it were alone after its prompt.
+- `window_mask`: the sliding window of the families that have one, by position, and-ed with either mask.
 
 `grouped_attention` is plain XLA (einsums and a float32 softmax) on every backend; fused kernels (cuDNN via
 `jax.nn.dot_product_attention`, TPU splash attention) are not used, since none has been checked against
@@ -31,6 +32,12 @@ def packed_mask(segment_ids_bt, branch_ids_bt):
     same_segment = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
     branch_q, branch_k = branch_ids_bt[:, :, None], branch_ids_bt[:, None, :]
     return jnp.tril(jnp.ones((t, t), bool))[None] & same_segment & ((branch_k == 0) | (branch_k == branch_q))
+
+
+def window_mask(query_positions_bt, key_positions_bs, window: int):
+    """`[B, T, S]`: key s lies within `window` positions of query t (`position_t - position_s < window`, as
+    Hugging Face's sliding window: a query sees itself and the `window - 1` positions before it)."""
+    return (query_positions_bt[:, :, None] - key_positions_bs[:, None, :]) < window
 
 
 def grouped_attention(q_bthk, blocks):

@@ -1,7 +1,9 @@
-"""Where each aft_jax parameter lives in a Hugging Face Llama checkpoint, and how its layout differs.
+"""Where each aft_jax parameter lives in a Hugging Face checkpoint of the Llama, Mistral and Qwen families
+(they share tensor names), and how its layout differs.
 
 HF stores `nn.Linear` weights as `[out, in]`; aft_jax stores `[in, out]` with heads split out
-(`q_proj`: `[D, H, Dh]`). RoPE uses the same rotate-half layout on both sides, so no q/k permutation.
+(`q_proj`: `[D, H, Dh]`, its bias `[H, Dh]`). RoPE uses the same rotate-half layout on both sides, so no
+q/k permutation.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from aft_jax.model.config import LlamaConfig
+from aft_jax.model.config import ModelConfig
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -37,7 +39,9 @@ def _transpose(w):
     return w.T
 
 
-def weight_specs(cfg: LlamaConfig) -> list[WeightSpec]:
+def weight_specs(cfg: ModelConfig) -> list[WeightSpec]:
+    """Every tensor of a checkpoint of `cfg`: the common ones, then those of its options (q/k/v biases,
+    q/k norms)."""
     d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
@@ -67,10 +71,32 @@ def weight_specs(cfg: LlamaConfig) -> list[WeightSpec]:
         WeightSpec(("layers", "mlp", "down_proj"), layer + "mlp.down_proj.weight", (d, f), _transpose, _transpose),
         WeightSpec(("final_norm", "scale"), "model.norm.weight", (d,), _same, _same),
     ]
+    if cfg.qkv_bias:
+        for name, heads in (("q", h), ("k", kv), ("v", kv)):
+            specs.append(
+                WeightSpec(
+                    ("layers", "attn", f"{name}_bias"),
+                    layer + f"self_attn.{name}_proj.bias",
+                    (heads * hd,),
+                    lambda w, heads=heads: w.reshape(heads, hd),
+                    lambda w: w.reshape(-1),
+                )
+            )
+    if cfg.qk_norm:
+        for name in ("q", "k"):
+            specs.append(
+                WeightSpec(
+                    ("layers", "attn", f"{name}_norm", "scale"),
+                    layer + f"self_attn.{name}_norm.weight",
+                    (hd,),
+                    _same,
+                    _same,
+                )
+            )
     if not cfg.tie_word_embeddings:
         specs.append(WeightSpec(("lm_head",), "lm_head.weight", (v, d), _transpose, _transpose))
     return specs
 
 
-def hf_names(spec: WeightSpec, cfg: LlamaConfig) -> list[str]:
+def hf_names(spec: WeightSpec, cfg: ModelConfig) -> list[str]:
     return [spec.hf_name.format(i=i) for i in range(cfg.num_layers)] if spec.stacked else [spec.hf_name]

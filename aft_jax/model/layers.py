@@ -1,4 +1,5 @@
-"""The Llama decoder block in Flax NNX: RMSNorm, grouped-query attention over an optional KV cache, SwiGLU.
+"""The decoder block in Flax NNX: RMSNorm, grouped-query attention over an optional KV cache (with the q/k/v
+biases and q/k norms of the families that have them), SwiGLU.
 
 The pieces are public for decoders that compose them (as `aft_jax.sampling.decode` does): `Attention.project`
 (q/k/v with RoPE), `Attention.output`, the norms, the MLP.
@@ -15,13 +16,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from aft_jax.model.attention import grouped_attention
-from aft_jax.model.config import LlamaConfig
+from aft_jax.model.config import ModelConfig
 from aft_jax.model.rope import apply_rope
 
 
 def make_param(
     rngs: nnx.Rngs,
-    config: LlamaConfig,
+    config: ModelConfig,
     shape: tuple[int, ...],
     axes: tuple[str, ...],
     stack: int | None,
@@ -43,26 +44,37 @@ def make_param(
 class RMSNorm(nnx.Module):
     """`w * x / sqrt(mean(x^2) + eps)`, normalised in float32 and cast back as Hugging Face does."""
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, stack: int | None = None):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, stack: int | None = None, dim: int | None = None):
         self.eps = config.rms_norm_eps
-        self.scale = make_param(rngs, config, (config.hidden_size,), ("norm",), stack, ones=True)
+        self.scale = make_param(rngs, config, (dim or config.hidden_size,), ("norm",), stack, ones=True)
 
     def __call__(self, x_btd: jnp.ndarray) -> jnp.ndarray:
+        """Normalises the last axis (`hidden_size`, or `dim` when given: a q/k norm's `head_dim`)."""
         x32 = x_btd.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return self.scale[...].astype(x_btd.dtype) * normed.astype(x_btd.dtype)
 
 
 class Attention(nnx.Module):
-    """Causal grouped-query attention; query head h reads key/value head h // (num_heads / num_kv_heads)."""
+    """Causal grouped-query attention; query head h reads key/value head h // (num_heads / num_kv_heads).
+    With `qkv_bias` the projections add `q_bias` `[H, Dh]`, `k_bias` and `v_bias` `[Hkv, Dh]`; with `qk_norm`
+    queries and keys are RMS-normalised per head (`q_norm`, `k_norm` over `Dh`) before RoPE."""
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, stack: int | None = None):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, stack: int | None = None):
         d, h, kv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         self.dtype = jnp.dtype(config.dtype)
+        self.qkv_bias, self.qk_norm = config.qkv_bias, config.qk_norm
         self.q_proj = make_param(rngs, config, (d, h, hd), ("embed", "q_heads", "head_dim"), stack)
         self.k_proj = make_param(rngs, config, (d, kv, hd), ("embed", "kv_heads", "head_dim"), stack)
         self.v_proj = make_param(rngs, config, (d, kv, hd), ("embed", "kv_heads", "head_dim"), stack)
         self.o_proj = make_param(rngs, config, (h, hd, d), ("q_heads", "head_dim", "embed"), stack)
+        if config.qkv_bias:
+            self.q_bias = make_param(rngs, config, (h, hd), ("q_heads", "head_dim"), stack)
+            self.k_bias = make_param(rngs, config, (kv, hd), ("kv_heads", "head_dim"), stack)
+            self.v_bias = make_param(rngs, config, (kv, hd), ("kv_heads", "head_dim"), stack)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config, rngs=rngs, stack=stack, dim=hd)
+            self.k_norm = RMSNorm(config, rngs=rngs, stack=stack, dim=hd)
 
     def __call__(self, x_btd, cos_btd, sin_btd, mask_btt, kv_cache=None, cache_mask_bts=None):
         """Returns the attention output `[B, T, D]` and this call's keys/values `[B, T, Hkv, Dh]`.
@@ -84,6 +96,12 @@ class Attention(nnx.Module):
         q_bthk = jnp.einsum("btd,dhk->bthk", x_btd, self.q_proj[...].astype(dt))
         k_btgk = jnp.einsum("btd,dgk->btgk", x_btd, self.k_proj[...].astype(dt))
         v_btgk = jnp.einsum("btd,dgk->btgk", x_btd, self.v_proj[...].astype(dt))
+        if self.qkv_bias:
+            q_bthk = q_bthk + self.q_bias[...].astype(dt)
+            k_btgk = k_btgk + self.k_bias[...].astype(dt)
+            v_btgk = v_btgk + self.v_bias[...].astype(dt)
+        if self.qk_norm:
+            q_bthk, k_btgk = self.q_norm(q_bthk), self.k_norm(k_btgk)
         return apply_rope(q_bthk, cos_btd, sin_btd), apply_rope(k_btgk, cos_btd, sin_btd), v_btgk
 
     def output(self, out_bthk):
@@ -94,7 +112,7 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU: `down(silu(gate(x)) * up(x))`."""
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, stack: int | None = None):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, stack: int | None = None):
         d, f = config.hidden_size, config.intermediate_size
         self.dtype = jnp.dtype(config.dtype)
         self.gate_proj = make_param(rngs, config, (d, f), ("embed", "mlp"), stack)
@@ -111,7 +129,7 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm decoder layer: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, stack: int | None = None):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, stack: int | None = None):
         self.attn_norm = RMSNorm(config, rngs=rngs, stack=stack)
         self.attn = Attention(config, rngs=rngs, stack=stack)
         self.mlp_norm = RMSNorm(config, rngs=rngs, stack=stack)

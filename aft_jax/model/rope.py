@@ -10,10 +10,10 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from aft_jax.model.config import LlamaConfig
+from aft_jax.model.config import ModelConfig
 
 
-def inverse_frequencies(config: LlamaConfig) -> np.ndarray:
+def inverse_frequencies(config: ModelConfig) -> np.ndarray:
     """`1 / theta^(2i/d)` for i < d/2, with `linear` or `llama3` scaling applied; float32 `[head_dim/2]`."""
     dim = config.head_dim
     exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)

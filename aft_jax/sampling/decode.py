@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from aft_jax.model.attention import MASKED
+from aft_jax.model.attention import MASKED, window_mask
+from aft_jax.model.causal_lm import CausalLM, KVCache
 from aft_jax.model.layers import Block
-from aft_jax.model.llama import KVCache, Llama
 from aft_jax.model.rope import inverse_frequencies, rope_tables
 
 
@@ -71,7 +71,7 @@ def grow_decode_cache(cache: DecodeCache, max_new_tokens: int) -> DecodeCache:
     )  # fmt: skip
 
 
-def unstack_layers(model: Llama, layer_states=None) -> list[Block]:
+def unstack_layers(model: CausalLM, layer_states=None) -> list[Block]:
     """The model's decoder layers as separate modules, each with its own weight arrays (a copy): a decode
     loop reads them in place, where slicing the stacked weights would copy them on every step.
     `layer_states` (`nnx.state` of each layer of an earlier call) reuses that copy."""
@@ -93,18 +93,22 @@ def decode_layers(model) -> list:
     return _compiled_unstack(graphdef)(state)
 
 
-def decode_step(model: Llama, layers: list[Block], token_b: jnp.ndarray, cache: DecodeCache):
+def decode_step(model: CausalLM, layers: list[Block], token_b: jnp.ndarray, cache: DecodeCache):
     """float32 logits `[B, V]` of one new token per row, and the cache with its keys/values stored;
     `layers` is `unstack_layers(model)`."""
-    cos_b1d, sin_b1d = rope_tables(cache.positions_b[:, None], inverse_frequencies(model.config))
+    cfg = model.config
+    cos_b1d, sin_b1d = rope_tables(cache.positions_b[:, None], inverse_frequencies(cfg))
     x_b1d = model.embed_tokens(token_b[:, None])
     valid_bn = jax.lax.dynamic_update_slice(cache.valid_bn, jnp.ones((token_b.shape[0], 1), bool), (0, cache.step))
+    masks = {None: (cache.prompt_mask_qs, valid_bn)}
+    if cfg.sliding_window is not None:
+        masks[cfg.sliding_window] = window_masks(cache, valid_bn, cfg.sliding_window)
     keys, values = [], []
     for i, block in enumerate(layers):
         prompt_kv = (cache.prompt_keys[i], cache.prompt_values[i])
         x_b1d, (k, v) = _decode_block(
-            block, x_b1d, cos_b1d, sin_b1d, prompt_kv, (cache.keys[i], cache.values[i]), cache.prompt_mask_qs,
-            valid_bn, cache.step,
+            block, x_b1d, cos_b1d, sin_b1d, prompt_kv, (cache.keys[i], cache.values[i]), *masks[cfg.window_of(i)],
+            cache.step,
         )  # fmt: skip
         keys.append(k)
         values.append(v)
@@ -116,11 +120,24 @@ def decode_step(model: Llama, layers: list[Block], token_b: jnp.ndarray, cache: 
     return logits_bv, new_cache
 
 
-def _decode_block(block: Block, x_b1d, cos_b1d, sin_b1d, prompt_kv, own_kv, prompt_mask_qs, valid_bn, step):
+def window_masks(cache: DecodeCache, valid_bn, window: int):
+    """The prompt slots `[Q, m, S]` and own columns `[B, N]` that each row's new token sees in a sliding layer:
+    those less than `window` positions before it. Own column c was written `(step - c) mod N` steps ago (a
+    sample writes at most N columns, one per step, so this holds for the ring of the continuous loop too)."""
+    q, n = cache.prompt_mask_qs.shape[0], valid_bn.shape[1]
+    prompt_positions_qs = jnp.cumsum(cache.prompt_mask_qs, axis=-1, dtype=jnp.int32) - 1
+    positions_qm = cache.positions_b.reshape(q, -1)
+    prompt_qms = cache.prompt_mask_qs[:, None, :] & window_mask(positions_qm, prompt_positions_qs, window)
+    age_n = (cache.step - jnp.arange(n)) % n
+    return prompt_qms, valid_bn & (age_n < window)[None]
+
+
+def _decode_block(block: Block, x_b1d, cos_b1d, sin_b1d, prompt_kv, own_kv, prompt_mask, own_mask_bn, step):
     """One new token per row (`x_b1d`) through a decoder layer: stores its key/value in slot `step` of the
     row's own cache (`own_kv`: keys `[B, Hkv, Dh, N]`, values `[B, Hkv, N, Dh]`) and attends to the shared
-    prompt (`prompt_kv`, laid out the same with Q prompts and S slots) and the valid own slots (`valid_bn`,
-    which must already mark slot `step`). Returns `[B, 1, D]` and the updated `own_kv`."""
+    prompt (`prompt_kv`, laid out the same with Q prompts and S slots) under `prompt_mask` and to its own
+    slots under `own_mask_bn` (which must already mark slot `step`). Returns `[B, 1, D]` and the updated
+    `own_kv`."""
     attn, dt = block.attn, block.attn.dtype
     q_bthk, k_btgk, v_btgk = attn.project(block.attn_norm(x_b1d), cos_b1d, sin_b1d)
     k_bgk1 = k_btgk.transpose(0, 2, 3, 1).astype(own_kv[0].dtype)
@@ -128,17 +145,18 @@ def _decode_block(block: Block, x_b1d, cos_b1d, sin_b1d, prompt_kv, own_kv, prom
     keys = jax.lax.dynamic_update_slice(own_kv[0], k_bgk1, (0, 0, 0, step))
     values = jax.lax.dynamic_update_slice(own_kv[1], v_bg1k, (0, 0, step, 0))
     out_bhk = shared_prompt_attention(
-        q_bthk[:, 0], (prompt_kv[0].astype(dt), prompt_kv[1].astype(dt)), prompt_mask_qs,
-        (keys.astype(dt), values.astype(dt)), valid_bn,
+        q_bthk[:, 0], (prompt_kv[0].astype(dt), prompt_kv[1].astype(dt)), prompt_mask,
+        (keys.astype(dt), values.astype(dt)), own_mask_bn,
     )  # fmt: skip
     x_b1d = x_b1d + attn.output(out_bhk[:, None])
     return x_b1d + block.mlp(block.mlp_norm(x_b1d)), (keys, values)
 
 
-def shared_prompt_attention(q_bhk, prompt_kv, prompt_mask_qs, own_kv, own_mask_bn):
+def shared_prompt_attention(q_bhk, prompt_kv, prompt_mask, own_kv, own_mask_bn):
     """Attention of one query per row over two key blocks in one float32 softmax: the prompt's, shared by
-    rows `q * m ... (q + 1) * m - 1` (m = B / Q), keys `[Q, Hkv, Dh, S]` and values `[Q, Hkv, S, Dh]`,
-    and each row's own, keys `[B, Hkv, Dh, N]` and values `[B, Hkv, N, Dh]`. Reading a prompt once for
+    rows `q * m ... (q + 1) * m - 1` (m = B / Q), keys `[Q, Hkv, Dh, S]` and values `[Q, Hkv, S, Dh]`
+    under `prompt_mask` (`[Q, S]`, or `[Q, m, S]` per row), and each row's own, keys `[B, Hkv, Dh, N]` and
+    values `[B, Hkv, N, Dh]` under `own_mask_bn`. Reading a prompt once for
     its m rows makes decoding several samples per prompt cheaper than giving every row a copy; keys are
     stored transposed so that both products are plain matrix products. Returns `[B, H, Dh]`."""
     b, h, hd = q_bhk.shape
@@ -156,7 +174,10 @@ def shared_prompt_attention(q_bhk, prompt_kv, prompt_mask_qs, own_kv, own_mask_b
     prompt_logits = jnp.einsum(
         "qgik,qgks->qgis", to_prompt_rows(q_bgrk), prompt_kv[0], preferred_element_type=jnp.float32
     )
-    prompt_logits = jnp.where(prompt_mask_qs[:, None, None], prompt_logits * scale, MASKED)
+    prompt_mask_qgis = (
+        prompt_mask[:, None, None] if prompt_mask.ndim == 2 else jnp.repeat(prompt_mask, r, axis=1)[:, None]
+    )
+    prompt_logits = jnp.where(prompt_mask_qgis, prompt_logits * scale, MASKED)
     own_logits = jnp.einsum("bgrk,bgkn->bgrn", q_bgrk, own_kv[0], preferred_element_type=jnp.float32)
     own_logits = jnp.where(own_mask_bn[:, None, None], own_logits * scale, MASKED)
     # The softmax statistics move between the two layouts; the logits stay in their own.

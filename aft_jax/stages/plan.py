@@ -12,7 +12,8 @@ import dataclasses
 import math
 import os
 
-from aft_jax.model.config import LlamaConfig
+from aft_jax.model.config import ModelConfig
+from aft_jax.model.families import config_from_hf
 
 # Configs of models users name by hub id, so a plan needs no download.
 _LLAMA_7B = dict(
@@ -37,6 +38,25 @@ KNOWN_MODELS = {
         "num_kv_heads": 40,
     },
 }
+_QWEN = dict(vocab_size=151936, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6, family="qwen2", qkv_bias=True)
+KNOWN_MODELS |= {
+    "Qwen/Qwen2.5-0.5B-Instruct": {
+        **_QWEN, "hidden_size": 896, "intermediate_size": 4864, "num_layers": 24, "num_heads": 14, "num_kv_heads": 2,
+        "head_dim": 64, "tie_word_embeddings": True,
+    },
+    "Qwen/Qwen2.5-1.5B-Instruct": {
+        **_QWEN, "hidden_size": 1536, "intermediate_size": 8960, "num_layers": 28, "num_heads": 12, "num_kv_heads": 2,
+        "tie_word_embeddings": True,
+    },
+    "Qwen/Qwen2.5-7B-Instruct": {
+        **_QWEN, "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_layers": 28,
+        "num_heads": 28, "num_kv_heads": 4,
+    },
+    "Qwen/Qwen3-8B": {
+        **_QWEN, "family": "qwen3", "qkv_bias": False, "qk_norm": True, "hidden_size": 4096,
+        "intermediate_size": 12288, "num_layers": 36, "num_heads": 32, "num_kv_heads": 8,
+    },
+}  # fmt: skip
 HBM_GB = {"v4": 32, "v5e": 16, "v5p": 95, "h100": 80, "h200": 141, "cpu": 0}
 
 
@@ -47,7 +67,7 @@ def request_host_devices(count: int) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-def model_config(config) -> LlamaConfig:
+def model_config(config) -> ModelConfig:
     """The model's shape from a known hub id, an HF/aft_jax folder's config.json, or `model.random`."""
     from aft_jax.build import resolve_model_path
     from aft_jax.io.hf_files import read_config
@@ -55,16 +75,16 @@ def model_config(config) -> LlamaConfig:
     m = config.model
     common = dict(param_dtype=m.dtype, dtype=m.compute_dtype, remat_policy=m.remat_policy)
     if m.path in KNOWN_MODELS:
-        return LlamaConfig(**KNOWN_MODELS[m.path], **common)
+        return ModelConfig(**KNOWN_MODELS[m.path], **common)
     if m.path:
         from pathlib import Path
 
         path = Path(resolve_model_path(m.path))
-        return LlamaConfig.from_hf_config(read_config(path), source=str(path / "config.json"), **common)
+        return config_from_hf(read_config(path), source=str(path / "config.json"), **common)
     from aft_jax.build import load_tokenizer
 
     vocab = 384 if m.tokenizer == "build" else len(load_tokenizer(m.tokenizer))  # task_tokenizer's default
-    return LlamaConfig(vocab_size=vocab, **dataclasses.asdict(m.random), tie_word_embeddings=True, **common)
+    return ModelConfig(vocab_size=vocab, **dataclasses.asdict(m.random), tie_word_embeddings=True, **common)
 
 
 @dataclasses.dataclass

@@ -16,7 +16,7 @@ from flax import nnx
 from aft_jax.data.batches import CANDIDATE_SCHEMA, PADDED_SCHEMA
 from aft_jax.data.packing import TOKEN_SCHEMA
 from aft_jax.method.objective import finalize_metrics, normalisers, objective
-from aft_jax.model.llama import abstract_model
+from aft_jax.model.causal_lm import abstract_model
 from aft_jax.parallel import sharding
 
 

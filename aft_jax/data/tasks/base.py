@@ -34,7 +34,9 @@ class Example:
 
 
 def format_prompt(question: str, template: str = "alpaca", tokenizer=None) -> str:
-    """The prompt for `question`: Alpaca style (as in RFT), `plain`, or the tokenizer's chat template."""
+    """The prompt for `question`: Alpaca style (as in RFT), `plain`, or the tokenizer's chat template (one
+    user turn and the assistant's header; a template with a thinking mode, Qwen3's, is asked not to think,
+    since the training targets are plain chains of thought)."""
     if template == "alpaca":
         return f"{ALPACA_HEADER}### Instruction:\n{question}\n\n### Response:\n"
     if template == "plain":
@@ -43,7 +45,7 @@ def format_prompt(question: str, template: str = "alpaca", tokenizer=None) -> st
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError("template 'chat' needs a tokenizer with a chat template")
         return tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True, enable_thinking=False
         )
     raise ValueError(f"template={template!r}; expected one of {TEMPLATES}")
 

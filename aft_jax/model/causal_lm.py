@@ -1,8 +1,9 @@
-"""The Llama-family causal LM in Flax NNX, with scanned (optionally rematerialised) layers and a KV cache.
+"""The causal LM of every family in `aft_jax.model.families` in Flax NNX, with scanned (optionally
+rematerialised) layers and a KV cache.
 
-`Llama(input_ids, attention_mask)` returns float32 logits `[B, T, V]`. Passing `cache=` (see
+`CausalLM(input_ids, attention_mask)` returns float32 logits `[B, T, V]`. Passing `cache=` (see
 `init_cache`) also returns the updated cache: a prefill followed by one-token steps equals the full
-forward (`Llama.prefill` builds the cache of a batch of prompts in one pass). Default positions come from
+forward (`CausalLM.prefill` builds the cache of a batch of prompts in one pass). Default positions come from
 the attention mask (`cumsum(mask) - 1`), so left padding does not shift positions.
 """
 
@@ -15,8 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from aft_jax.model.attention import causal_mask, packed_mask
-from aft_jax.model.config import LlamaConfig
+from aft_jax.model.attention import causal_mask, packed_mask, window_mask
+from aft_jax.model.config import ModelConfig
 from aft_jax.model.layers import Block, RMSNorm, make_param
 from aft_jax.model.rope import inverse_frequencies, rope_tables
 from aft_jax.parallel import sharding
@@ -38,7 +39,7 @@ class KVCache(NamedTuple):
     end: jnp.ndarray
 
 
-def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
+def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
     shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
     dtype = jnp.dtype(dtype or config.dtype)
     return KVCache(
@@ -49,10 +50,10 @@ def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype=None
     )
 
 
-class Llama(nnx.Module):
+class CausalLM(nnx.Module):
     """Token embedding, `num_layers` scanned decoder blocks, final RMSNorm, (tied or untied) LM head."""
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.embed = make_param(rngs, config, (config.vocab_size, config.hidden_size), ("vocab", "embed"), None)
         self.layers = Block(config, rngs=rngs, stack=config.num_layers)
@@ -90,8 +91,9 @@ class Llama(nnx.Module):
         # The cache is read layer by layer; only this call's new slots come out of the scan, and are
         # written into the cache with one update (in place inside a decode loop).
         kv, cache_mask_bts = (cache.keys, cache.values), cache.valid_bs[:, None, :]
+        cache_positions_bs = jnp.cumsum(cache.valid_bs, axis=-1, dtype=jnp.int32) - 1
         hidden_btd, new_kv = self._forward(
-            input_ids_bt, causal_mask(mask_bt), positions_bt, kv, cache_mask_bts, keep_new_kv=True
+            input_ids_bt, causal_mask(mask_bt), positions_bt, kv, cache_mask_bts, cache_positions_bs, keep_new_kv=True
         )
         start = (0, 0, cache.end, 0, 0)
         keys = jax.lax.dynamic_update_slice(cache.keys, new_kv[0].astype(cache.keys.dtype), start)
@@ -112,37 +114,53 @@ class Llama(nnx.Module):
         hidden_btd, new_kv = self._forward(input_ids_bt, causal_mask(mask_bt), positions_bt, keep_new_kv=True)
         return hidden_btd, KVCache(new_kv[0], new_kv[1], mask_bt, jnp.asarray(mask_bt.shape[1], jnp.int32))
 
-    def _forward(self, input_ids_bt, mask_btt, positions_bt, kv=None, cache_mask_bts=None, keep_new_kv=False):
+    def _forward(
+        self, input_ids_bt, mask_btt, positions_bt, kv=None, cache_mask_bts=None, cache_positions_bs=None,
+        keep_new_kv=False,
+    ):  # fmt: skip
         """The scanned layers over `T` new tokens at `positions_bt`, attending to each other under `mask_btt`
-        and to earlier tokens' keys/values `kv` (`[L, B, S, Hkv, Dh]` each) under `cache_mask_bts`:
-        final-norm hidden states and, with `keep_new_kv`, the new tokens' keys/values `[L, B, T, Hkv, Dh]`
-        (else None)."""
+        and to earlier tokens' keys/values `kv` (`[L, B, S, Hkv, Dh]` each, at `cache_positions_bs`) under
+        `cache_mask_bts`, within the window in the config's sliding layers: final-norm hidden states and,
+        with `keep_new_kv`, the new tokens' keys/values `[L, B, T, Hkv, Dh]` (else None)."""
         cfg = self.config
         cos_btd, sin_btd = rope_tables(positions_bt, inverse_frequencies(cfg))
+        masks = (mask_btt, cache_mask_bts)
+        sliding_l = jnp.asarray([cfg.window_of(i) is not None for i in range(cfg.num_layers)])
+        if cfg.sliding_layers:
+            w = cfg.sliding_window
+            windowed = (
+                mask_btt & window_mask(positions_bt, positions_bt, w),
+                None if kv is None else cache_mask_bts & window_mask(positions_bt, cache_positions_bs, w),
+            )
+            masks = windowed if len(cfg.sliding_layers) == cfg.num_layers else (masks, windowed)
 
         x_btd = self.embed_tokens(input_ids_bt)
         x_btd = sharding.constrain(x_btd, ("activation_batch", "activation_length", "activation_embed"))
         block_def, block_state = nnx.split(self.layers)
+        mixed = isinstance(masks[0], tuple)
 
         def layer(x_btd, layer_inputs):
-            layer_state, layer_kv = layer_inputs
+            layer_state, layer_kv, sliding = layer_inputs
+            self_mask, cache_mask = masks
+            if mixed:  # some layers slide: this layer's masks
+                (self_mask, cache_mask) = jax.tree.map(lambda full, win: jnp.where(sliding, win, full), *masks)
             block = nnx.merge(block_def, layer_state)
-            x_btd, new_kv = block(x_btd, cos_btd, sin_btd, mask_btt, layer_kv, cache_mask_bts)
+            x_btd, new_kv = block(x_btd, cos_btd, sin_btd, self_mask, layer_kv, cache_mask)
             x_btd = sharding.constrain(x_btd, ("activation_batch", "activation_length", "activation_embed"))
             return x_btd, (new_kv if keep_new_kv else None)
 
         if cfg.remat_policy != "none":
             layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
-        x_btd, new_kv = jax.lax.scan(layer, x_btd, (block_state, kv))
+        x_btd, new_kv = jax.lax.scan(layer, x_btd, (block_state, kv, sliding_l))
         return self.final_norm(x_btd), new_kv
 
 
-def abstract_model(config: LlamaConfig) -> Llama:
+def abstract_model(config: ModelConfig) -> CausalLM:
     """The model with `jax.ShapeDtypeStruct` leaves: shapes, dtypes and axis names, no memory."""
-    return nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
 
 
-def create_model(config: LlamaConfig, *, mesh=None, seed: int = 0, rules=None) -> Llama:
+def create_model(config: ModelConfig, *, mesh=None, seed: int = 0, rules=None) -> CausalLM:
     """A randomly initialised model whose weights are created directly in their shardings on `mesh`."""
     mesh = mesh or sharding.single_device_mesh()
     graphdef, abstract_state = nnx.split(abstract_model(config))
@@ -150,6 +168,6 @@ def create_model(config: LlamaConfig, *, mesh=None, seed: int = 0, rules=None) -
 
     @functools.partial(jax.jit, out_shardings=shardings)
     def init():
-        return nnx.split(Llama(config, rngs=nnx.Rngs(seed)))[1]
+        return nnx.split(CausalLM(config, rngs=nnx.Rngs(seed)))[1]
 
     return nnx.merge(graphdef, init())
