@@ -1,9 +1,10 @@
-"""Per-device memory of the AFT train step (K = 7, 128 questions per step) for Llama-2 7B and 13B on v4-32,
+"""Per-device memory of the AFT train step (K = 7, 128 questions per step) for Llama-2 7B and 13B, Qwen2.5-7B
+and Qwen3-8B on v4-32,
 v5e-64 and v5p-64 meshes, padded (every candidate 512 tokens) and packed (GSM8K's mean lengths, `LENGTHS`),
 from `aft-jax plan` (XLA's memory analysis of an ahead-of-time compilation on simulated CPU devices; a TPU
 compilation fuses differently, so treat it as an estimate).
 
-    .venv/bin/python benchmarks/memory_plan.py
+    .venv/bin/python benchmarks/memory_plan.py [MODEL ...]    # e.g. Qwen2.5-7B; default: all of MODELS
 
 Prints a Markdown table (the one in README.md) and writes benchmarks/results/memory_plan.json, with the
 machine that compiled the plans (`machine.py`; no rates: nothing here is timed).
@@ -21,7 +22,12 @@ import machine  # benchmarks/machine.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 CHIPS = {"v4-32": (16, "v4", 32), "v5e-64": (64, "v5e", 16), "v5p-64": (32, "v5p", 95)}
-MODELS = {"7B": "configs/llama2_7b_gsm8k.py", "13B": "configs/llama2_13b_gsm8k.py"}
+MODELS = {
+    "7B": "configs/llama2_7b_gsm8k.py",
+    "13B": "configs/llama2_13b_gsm8k.py",
+    "Qwen2.5-7B": "configs/qwen.py:qwen2.5_7b-gsm8k",
+    "Qwen3-8B": "configs/qwen.py:qwen3_8b-gsm8k",
+}
 # padded: every candidate padded to the 512-token maximum; packed: GSM8K's mean lengths with the Alpaca
 # prompt (SmolLM2's tokenizer, 64 training questions: sequences 192 tokens, 95 of them the prompt)
 LENGTHS = {"padded": ["--seq-len", "512"], "packed": ["--seq-len", "192", "--prompt-len", "96"]}
@@ -65,9 +71,18 @@ def plan(config: str, devices: int, chip: str, grad_accum: int, remat: str, layo
     }
 
 
-def main() -> None:
+def main(models: list[str]) -> None:
+    """Plans `models` (all of MODELS when empty) and writes them into memory_plan.json, in MODELS order, with
+    the rows of the other models kept from earlier runs."""
+    out = REPO / "benchmarks" / "results" / "memory_plan.json"
+    unknown = set(models) - set(MODELS)
+    if unknown:
+        raise SystemExit(f"unknown model(s) {sorted(unknown)}; expected some of {list(MODELS)}")
+    models = models or list(MODELS)
+    kept = [r for r in json.loads(out.read_text())["plans"] if r["model"] not in models] if out.exists() else []
     rows = []
-    for model, config in MODELS.items():
+    for model in models:
+        config = MODELS[model]
         for name, (devices, chip, hbm) in CHIPS.items():
             for layout in ("padded", "packed"):
                 # The first setting that fits, from the fastest: save matmul outputs, then recompute layers,
@@ -94,6 +109,7 @@ def main() -> None:
                         **result,
                     }
                 )
+    rows = sorted(kept + rows, key=lambda r: list(MODELS).index(r["model"]))
     print(
         "| model | slice (HBM/chip) | fsdp | layout | tokens/step | remat | grad_accum | params | optimizer "
         "| activations + temps | total | |"
@@ -107,9 +123,8 @@ def main() -> None:
             f"{r['params_gb']:.2f} GB | {r['optimizer_gb']:.2f} GB | {r['temporaries_gb']:.2f} GB | "
             f"{r['total_gb']:.2f} GB | {fits} |"
         )
-    out = REPO / "benchmarks" / "results" / "memory_plan.json"
     out.write_text(json.dumps({"machine": machine.record(measure=False), "plans": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -54,3 +54,17 @@ def test_convert_cli_orbax_roundtrip(tmp_path, smollm2_dir):
     assert sorted(src) == sorted(out)
     for key in src:
         np.testing.assert_array_equal(src[key], out[key], err_msg=key)
+
+
+def test_convert_cli_keeps_the_family(tmp_path):
+    """A Qwen2 checkpoint (biases, sliding layers) through an Orbax model folder and back."""
+    save_tiny("qwen2_window", tmp_path / "src")
+    cli.main(["convert", "--to", "orbax", str(tmp_path / "src"), str(tmp_path / "orbax")])
+    restored, _ = aft_jax.from_pretrained(tmp_path / "orbax")
+    source, _ = aft_jax.from_pretrained(tmp_path / "src")
+    assert restored.config == source.config and restored.config.family == "qwen2"
+    cli.main(["convert", "--to", "hf", str(tmp_path / "orbax"), str(tmp_path / "hf")])
+    src, out = _hf_tensors(tmp_path / "src"), _hf_tensors(tmp_path / "hf")
+    assert sorted(src) == sorted(out) and any(name.endswith("q_proj.bias") for name in out)
+    for key in src:
+        np.testing.assert_array_equal(src[key], out[key], err_msg=key)
