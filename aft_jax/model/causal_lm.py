@@ -124,26 +124,25 @@ class CausalLM(nnx.Module):
         with `keep_new_kv`, the new tokens' keys/values `[L, B, T, Hkv, Dh]` (else None)."""
         cfg = self.config
         cos_btd, sin_btd = rope_tables(positions_bt, inverse_frequencies(cfg))
-        masks = (mask_btt, cache_mask_bts)
-        sliding_l = jnp.asarray([cfg.window_of(i) is not None for i in range(cfg.num_layers)])
+        full = windowed = (mask_btt, cache_mask_bts)
         if cfg.sliding_layers:
             w = cfg.sliding_window
             windowed = (
                 mask_btt & window_mask(positions_bt, positions_bt, w),
                 None if kv is None else cache_mask_bts & window_mask(positions_bt, cache_positions_bs, w),
             )
-            masks = windowed if len(cfg.sliding_layers) == cfg.num_layers else (masks, windowed)
+        mixed = len(cfg.sliding_layers) not in (0, cfg.num_layers)
+        sliding_l = jnp.asarray([cfg.window_of(i) is not None for i in range(cfg.num_layers)])
 
         x_btd = self.embed_tokens(input_ids_bt)
         x_btd = sharding.constrain(x_btd, ("activation_batch", "activation_length", "activation_embed"))
         block_def, block_state = nnx.split(self.layers)
-        mixed = isinstance(masks[0], tuple)
 
         def layer(x_btd, layer_inputs):
             layer_state, layer_kv, sliding = layer_inputs
-            self_mask, cache_mask = masks
-            if mixed:  # some layers slide: this layer's masks
-                (self_mask, cache_mask) = jax.tree.map(lambda full, win: jnp.where(sliding, win, full), *masks)
+            self_mask, cache_mask = windowed  # every layer's (both are `full` without a window)
+            if mixed:  # this layer's
+                self_mask, cache_mask = jax.tree.map(lambda f, w: jnp.where(sliding, w, f), full, windowed)
             block = nnx.merge(block_def, layer_state)
             x_btd, new_kv = block(x_btd, cos_btd, sin_btd, self_mask, layer_kv, cache_mask)
             x_btd = sharding.constrain(x_btd, ("activation_batch", "activation_length", "activation_embed"))
