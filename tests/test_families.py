@@ -120,3 +120,5 @@ def test_options_a_family_does_not_have_are_refused():
     assert mixed.sliding_layers == (1,) and mixed.sliding_window == 4096
     with pytest.raises(aft_jax.ConfigError, match="every layer"):
         families.config_to_hf(mixed.replace(family="mistral"))
+    with pytest.raises(aft_jax.ConfigError, match="needs the layers it slides over"):
+        mixed.replace(sliding_layers=())

@@ -151,7 +151,7 @@ def _simulated_steps(lengths_qk, slots: int, per_slot: int, width: int) -> int:
     return steps
 
 
-@pytest.mark.parametrize("temperature, window", [(0.0, None), (1.0, None), (1.0, 3)])
+@pytest.mark.parametrize("temperature, window", [(0.0, None), (1.0, 3)])
 def test_continuous_batching_gives_the_static_loops_samples(temperature, window):
     """Samples stop at chosen steps (EOS ids taken from a free run), so rows free at very different times and
     start the next sample; at every layout of the rows each sample is the static loop's (same per-sample

@@ -85,8 +85,11 @@ class ModelConfig:
             raise ConfigError(f"remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ConfigError(f"sliding_window={self.sliding_window}; expected a positive window or None")
-        if self.sliding_layers and self.sliding_window is None:
-            raise ConfigError(f"sliding_layers={list(self.sliding_layers)} without a sliding_window")
+        if bool(self.sliding_layers) != (self.sliding_window is not None):
+            raise ConfigError(
+                f"sliding_window={self.sliding_window}, sliding_layers={list(self.sliding_layers)}: "
+                "a window needs the layers it slides over, and sliding layers need a window"
+            )
         if any(not 0 <= i < self.num_layers for i in self.sliding_layers):
             raise ConfigError(f"sliding_layers={list(self.sliding_layers)}: not layers of {self.num_layers}")
 
