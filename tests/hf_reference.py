@@ -39,9 +39,16 @@ TINY_CONFIGS = {
         sliding_window=4,
         max_window_layers=1,
     ),
-    # q/k norms, head_dim 16 where hidden_size / heads is 8
+    # q/k norms, head_dim 16 where hidden_size / heads is 8; a window of 3 on layer 0 only, by layer_types
     "qwen3_head_dim": dict(
-        model_type="qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False
+        model_type="qwen3",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=False,
+        use_sliding_window=True,
+        sliding_window=3,
+        layer_types=["sliding_attention", "full_attention", "full_attention"],
     ),
     "mistral_window": dict(
         model_type="mistral", num_attention_heads=4, num_key_value_heads=2, sliding_window=5, tie_word_embeddings=False

@@ -21,8 +21,8 @@ from aft_jax.sampling.static import sample_token_ids
 
 @pytest.mark.parametrize("name", FAMILY_CONFIGS)
 def test_greedy_sampling_equals_transformers_generate(tmp_path, name):
-    """Prompts of 6 and 3 tokens and 10 new ones: the windows (4 and 5) slide in the prefill and in decoding,
-    over the prompt and over the generated tokens, in both sampling loops."""
+    """Prompts of 6 and 3 tokens and 10 new ones: the windows (4, 3 and 5) slide in the prefill and in decoding,
+    over the prompt and over the generated tokens, in both sampling loops (Qwen3: 3, on its first layer only)."""
     import torch
 
     hf_model = save_tiny(name, tmp_path)
@@ -42,7 +42,7 @@ def test_greedy_sampling_equals_transformers_generate(tmp_path, name):
     np.testing.assert_array_equal(continuous.tokens, expected)
 
 
-@pytest.mark.parametrize("name", ["qwen2_window", "mistral_window"])
+@pytest.mark.parametrize("name", FAMILY_CONFIGS)
 def test_the_window_changes_logits_beyond_it_and_matches_transformers(tmp_path, name):
     hf_model = save_tiny(name, tmp_path)
     model, _ = aft_jax.from_pretrained(tmp_path)
@@ -97,10 +97,33 @@ def test_sharded_forward_equals_one_device(tmp_path, name):
 
 
 def test_eos_ids_come_from_config_and_generation_config(tmp_path):
+    """config.json's ids first, then generation_config.json's new ones (an instruct model's `<|im_end|>`
+    and its base's `<|endoftext|>`)."""
     save_tiny("qwen3_head_dim", tmp_path)
+    hf_config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**hf_config, "eos_token_id": [11, 5]}))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 11]}))
     model, _ = aft_jax.from_pretrained(tmp_path)
-    assert model.config.eos_token_ids == (2, 11)  # config.json's 2 (transformers' default here), then 11
+    assert model.config.eos_token_ids == (11, 5, 2)
+
+
+def test_keys_left_out_take_the_familys_transformers_defaults():
+    """A config.json without EOS, head_dim or sliding keys reads as transformers' config class would."""
+    import transformers
+
+    sizes = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    for name in ("llama", "mistral", "qwen2", "qwen3"):
+        expected = transformers.AutoConfig.for_model(name, **sizes)
+        cfg = families.config_from_hf({"model_type": name, **sizes})
+        assert cfg.eos_token_ids == families.eos_ids(expected.eos_token_id), name
+        assert cfg.bos_token_id == expected.bos_token_id, name
+        assert cfg.head_dim == (getattr(expected, "head_dim", None) or 8), name
+        assert cfg.max_position_embeddings == expected.max_position_embeddings, name
+        assert cfg.sliding_window == (4096 if name == "mistral" else None), name
+    qwen = {"model_type": "qwen2", **sizes, "use_sliding_window": True}
+    assert families.config_from_hf({**qwen, "max_window_layers": 2}).sliding_window is None  # no layer slides
+    assert families.config_from_hf(qwen).sliding_window is None  # max_window_layers 28 > 2 layers
+    assert families.config_from_hf({**qwen, "max_window_layers": 1}).sliding_layers == (1,)
 
 
 def test_options_a_family_does_not_have_are_refused():
@@ -122,3 +145,5 @@ def test_options_a_family_does_not_have_are_refused():
         families.config_to_hf(mixed.replace(family="mistral"))
     with pytest.raises(aft_jax.ConfigError, match="needs the layers it slides over"):
         mixed.replace(sliding_layers=())
+    with pytest.raises(aft_jax.ConfigError, match="not increasing layer indices"):
+        mixed.replace(sliding_layers=(1, 1))

@@ -1,5 +1,5 @@
 """Prefill plus one-token-at-a-time decoding through the KV cache equals the full forward (every family; the
-sliding windows of 4 and 5 slide over cache slots here; Qwen3's decode against `generate` is in
+sliding windows of 4, 3 and 5 slide over cache slots here; Qwen3's decode against `generate` is in
 test_families)."""
 
 import jax.numpy as jnp

@@ -90,8 +90,9 @@ class ModelConfig:
                 f"sliding_window={self.sliding_window}, sliding_layers={list(self.sliding_layers)}: "
                 "a window needs the layers it slides over, and sliding layers need a window"
             )
-        if any(not 0 <= i < self.num_layers for i in self.sliding_layers):
-            raise ConfigError(f"sliding_layers={list(self.sliding_layers)}: not layers of {self.num_layers}")
+        layers = list(self.sliding_layers)
+        if any(not 0 <= i < self.num_layers for i in layers) or layers != sorted(set(layers)):
+            raise ConfigError(f"sliding_layers={layers}: not increasing layer indices below {self.num_layers}")
 
     def window_of(self, layer: int) -> int | None:
         """The attention window of `layer`: `sliding_window` for a sliding layer, else None (causal)."""

@@ -8,9 +8,10 @@ turns on the module options it needs, names its weight specs and the architectur
 | qwen2 | Qwen2ForCausalLM | `qkv_bias`; `sliding_window` on the layers `layer_types` marks, when `use_sliding_window` |
 | qwen3 | Qwen3ForCausalLM | `qk_norm`, an explicit `head_dim`; sliding as qwen2 |
 
-Adding a family is one `Family` in `FAMILIES`: how it reads and writes its own `config.json` keys (the
-common ones, sizes, RoPE, tokens, are read by `config_from_hf` for all), plus, for a layer the others do not
-have, an option in `ModelConfig`, its use in `layers.py` and its tensors in `hf_weights.weight_specs`.
+Adding a family is one `Family` in `FAMILIES`: transformers' defaults for the keys a `config.json` may leave
+out, how it reads and writes its own keys (the common ones, sizes, RoPE, tokens, are read by `config_from_hf`
+for all), plus, for a layer the others do not have, an option in `ModelConfig`, its use in `layers.py` and
+its tensors in `hf_weights.weight_specs`.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ Options = dict[str, Any]
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """`read(hf, source, num_layers)`: the family's `ModelConfig` fields from `config.json` (raising
+    """`defaults`: the values transformers' config class gives keys that `config.json` leaves out;
+    `read(hf, source, num_layers)`: the family's `ModelConfig` fields from `config.json` (raising
     `ConfigError` for what it cannot represent); `write(config)`: its `config.json` keys."""
 
     model_type: str
     architecture: str
+    defaults: Options
     read: Callable[[Mapping[str, Any], str, int], Options]
     write: Callable[[ModelConfig], Options]
     weight_specs: Callable[[ModelConfig], list[hf_weights.WeightSpec]] = hf_weights.weight_specs
@@ -49,7 +52,7 @@ def _read_llama(hf, source, num_layers) -> Options:
 
 def _read_mistral(hf, source, num_layers) -> Options:
     _no_bias(hf, source)
-    window = hf.get("sliding_window", 4096)  # transformers' default when the key is absent
+    window = hf["sliding_window"]
     return {"sliding_window": None} if window is None else _window(window, range(num_layers), source)
 
 
@@ -63,17 +66,19 @@ def _write_mistral(cfg: ModelConfig) -> Options:
 
 def _read_qwen_window(hf, source, num_layers) -> Options:
     """Qwen's window: only with `use_sliding_window`, on the layers `layer_types` marks "sliding_attention"
-    (without `layer_types`: the layers from `max_window_layers` on, as transformers derives them)."""
-    window = hf.get("sliding_window", 4096)  # transformers' defaults when the keys are absent
+    (without `layer_types`: the layers from `max_window_layers` on, as transformers derives them); no
+    window where no layer slides."""
+    window = hf["sliding_window"]
     if not hf.get("use_sliding_window") or window is None:
         return {}
     types = hf.get("layer_types")
     if types is None:
-        first = int(hf.get("max_window_layers", 28))
+        first = int(hf["max_window_layers"])
         types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
     if len(types) != num_layers or set(types) - {"sliding_attention", "full_attention"}:
         raise ConfigError(f"{source}: layer_types={types} is not {num_layers} of 'sliding_attention'/'full_attention'")
-    return _window(window, [i for i, t in enumerate(types) if t == "sliding_attention"], source)
+    layers = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    return _window(window, layers, source) if layers else {}
 
 
 def _window(window, layers, source) -> Options:
@@ -106,13 +111,33 @@ def _read_qwen3(hf, source, num_layers) -> Options:
     return {"qk_norm": True, **_read_qwen_window(hf, source, num_layers)}
 
 
+_LLAMA_TOKENS = {"bos_token_id": 1, "eos_token_id": 2}
+_QWEN = {"bos_token_id": None, "eos_token_id": None, "max_position_embeddings": 32768, "sliding_window": 4096}
 FAMILIES = {
     f.model_type: f
     for f in (
-        Family("llama", "LlamaForCausalLM", _read_llama, lambda cfg: {"attention_bias": False, "mlp_bias": False}),
-        Family("mistral", "MistralForCausalLM", _read_mistral, _write_mistral),
-        Family("qwen2", "Qwen2ForCausalLM", _read_qwen2, _write_qwen_window),
-        Family("qwen3", "Qwen3ForCausalLM", _read_qwen3, _write_qwen3),
+        Family(
+            "llama",
+            "LlamaForCausalLM",
+            {**_LLAMA_TOKENS, "max_position_embeddings": 2048},
+            _read_llama,
+            lambda cfg: {"attention_bias": False, "mlp_bias": False},
+        ),
+        Family(
+            "mistral",
+            "MistralForCausalLM",
+            {**_LLAMA_TOKENS, "max_position_embeddings": 4096 * 32, "sliding_window": 4096},
+            _read_mistral,
+            _write_mistral,
+        ),
+        Family("qwen2", "Qwen2ForCausalLM", {**_QWEN, "max_window_layers": 28}, _read_qwen2, _write_qwen_window),
+        Family(
+            "qwen3",
+            "Qwen3ForCausalLM",
+            {**_QWEN, "max_window_layers": 28, "head_dim": 128},
+            _read_qwen3,
+            _write_qwen3,
+        ),
     )
 }
 
@@ -135,6 +160,7 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json", **over
             f"{source}: unsupported model family (model_type={hf.get('model_type')!r}, architectures={archs}); "
             f"aft_jax supports {supported()}"
         )
+    hf = {**family.defaults, **hf}
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported, expected 'silu'")
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -143,7 +169,6 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json", **over
         raise ConfigError(f"{source}: missing required field(s) {missing}")
     num_heads, num_layers = int(hf["num_attention_heads"]), int(hf["num_hidden_layers"])
     rope_theta, rope_scaling = _rope_from_hf(hf, source)
-    eos = hf.get("eos_token_id", 2)
     fields = dict(
         family=family.model_type,
         vocab_size=int(hf["vocab_size"]),
@@ -156,10 +181,10 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json", **over
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
-        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+        max_position_embeddings=int(hf["max_position_embeddings"]),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=eos_ids(eos),
+        bos_token_id=hf["bos_token_id"],
+        eos_token_ids=eos_ids(hf["eos_token_id"]),
         pad_token_id=hf.get("pad_token_id"),
         initializer_range=float(hf.get("initializer_range", 0.02)),
         **family.read(hf, source, num_layers),
