@@ -85,12 +85,12 @@ class ModelConfig:
             raise ConfigError(f"remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ConfigError(f"sliding_window={self.sliding_window}; expected a positive window or None")
-        if bool(self.sliding_layers) != (self.sliding_window is not None):
+        layers = list(self.sliding_layers)
+        if bool(layers) != (self.sliding_window is not None):
             raise ConfigError(
-                f"sliding_window={self.sliding_window}, sliding_layers={list(self.sliding_layers)}: "
+                f"sliding_window={self.sliding_window}, sliding_layers={layers}: "
                 "a window needs the layers it slides over, and sliding layers need a window"
             )
-        layers = list(self.sliding_layers)
         if any(not 0 <= i < self.num_layers for i in layers) or layers != sorted(set(layers)):
             raise ConfigError(f"sliding_layers={layers}: not increasing layer indices below {self.num_layers}")
 

@@ -112,7 +112,13 @@ def _read_qwen3(hf, source, num_layers) -> Options:
 
 
 _LLAMA_TOKENS = {"bos_token_id": 1, "eos_token_id": 2}
-_QWEN = {"bos_token_id": None, "eos_token_id": None, "max_position_embeddings": 32768, "sliding_window": 4096}
+_QWEN = {
+    "bos_token_id": None,
+    "eos_token_id": None,
+    "max_position_embeddings": 32768,
+    "sliding_window": 4096,
+    "max_window_layers": 28,
+}
 FAMILIES = {
     f.model_type: f
     for f in (
@@ -130,14 +136,8 @@ FAMILIES = {
             _read_mistral,
             _write_mistral,
         ),
-        Family("qwen2", "Qwen2ForCausalLM", {**_QWEN, "max_window_layers": 28}, _read_qwen2, _write_qwen_window),
-        Family(
-            "qwen3",
-            "Qwen3ForCausalLM",
-            {**_QWEN, "max_window_layers": 28, "head_dim": 128},
-            _read_qwen3,
-            _write_qwen3,
-        ),
+        Family("qwen2", "Qwen2ForCausalLM", _QWEN, _read_qwen2, _write_qwen_window),
+        Family("qwen3", "Qwen3ForCausalLM", {**_QWEN, "head_dim": 128}, _read_qwen3, _write_qwen3),
     )
 }
 
