@@ -44,7 +44,7 @@ def with_built_tokenizer(config, task: Task):
         return config
     folder = Path(config.run_dir) / "tokenizer"
     if sharding.is_main_process() and not (folder / "tokenizer.json").exists():
-        train_tokenizer_on_task(task, config.task, folder)
+        train_tokenizer_on_task(task, config, folder)
     sharding.sync("tokenizer")
     return config.replace(model={"tokenizer": str(folder)})
 
@@ -71,13 +71,14 @@ def load_examples(task: Task, task_cfg, split: str) -> list[Example]:
     return task.load(split, data_dir=task_cfg.data_dir or None, limit=limit)
 
 
-def train_tokenizer_on_task(task: Task, task_cfg, out_dir: str | Path):
-    """`train_task_tokenizer` on the prompt (`task_cfg.template`) and target of every training question."""
+def train_tokenizer_on_task(task: Task, config, out_dir: str | Path):
+    """`train_task_tokenizer` (`model.build_vocab_size` tokens at most) on the prompt (`task.template`) and
+    target of every training question."""
     from aft_jax.data.task_tokenizer import train_task_tokenizer
 
-    examples = load_examples(task, task_cfg, task_cfg.train_split)
-    texts = [task.prompt(e, task_cfg.template) + e.target for e in examples]
-    return train_task_tokenizer(texts, out_dir)
+    examples = load_examples(task, config.task, config.task.train_split)
+    texts = [task.prompt(e, config.task.template) + e.target for e in examples]
+    return train_task_tokenizer(texts, out_dir, vocab_size=config.model.build_vocab_size)
 
 
 def model_from_config(model_cfg, mesh, seed: int = 0):

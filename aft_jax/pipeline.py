@@ -107,7 +107,7 @@ def run_pipeline(config) -> dict:
         manifest.stage(
             "tokenizer",
             done,
-            lambda: sharding.is_main_process() and train_tokenizer_on_task(task, config.task, folder),
+            lambda: sharding.is_main_process() and train_tokenizer_on_task(task, config, folder),
         )
         config = config.replace(model={"tokenizer": str(folder)})
 

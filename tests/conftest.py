@@ -1,10 +1,15 @@
 """Test set-up: 8 simulated CPU devices (set before JAX is imported), one XLA compilation cache for the
-session, and shared fixtures.
+session, XLA's cheap compilation, and shared fixtures.
 
 The cache is JAX's persistent one in a fresh folder per session, inherited by every subprocess the tests
 start: a resumed run, the other process of a two-process run and the next test load the programs the
 first compiled instead of compiling them again (on this project's 2-core machines compiling is most of
 a tiny run's time). It starts empty, so a session never reads programs from another version of the code.
+
+The tests' programs are tiny and most are run once, so compiling is most of their time:
+`JAX_DISABLE_MOST_OPTIMIZATIONS` turns off XLA's backend and LLVM's expensive optimisation passes (as
+Flax's own tests do for slow compiles). The programs compute the same functions; what they are compared
+with (NumPy, torch, another layout) is unchanged.
 """
 
 import atexit
@@ -23,6 +28,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))  # a limit turns on the cache's file lock
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -31,6 +31,7 @@ TINY = REPO / "configs" / "tiny.py"
         ("train.grad_accum=3", r"train\.batch_size=8 must be a multiple of train\.grad_accum=3"),
         ("data.group_size=1", r"data\.group_size=1: alignment methods compare candidates"),
         ("model.tokenizer=", r"model\.path is empty"),
+        ("model.build_vocab_size=100", r"model\.build_vocab_size=100: expected at least 260"),
         ("pipeline.methods=aft_bc,aft_xx", r"pipeline\.methods: unknown 'aft_xx'; known: aft_bc"),
     ],
 )

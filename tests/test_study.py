@@ -52,6 +52,8 @@ def test_each_seed_runs_every_stage_and_reports(straight_run):
             for s in ["base", "vft", "sample_train", "sample_eval", *models[1:], "eval"]
         )
         assert manifest["config"]["seed"] == seed
+        vocab = json.loads((run_dir / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
+        assert len(vocab) == 320, "model.build_vocab_size: each seed's tokenizer, so each seed's model, the same size"
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert list(metrics) == models
         report = (run_dir / "report.md").read_text()

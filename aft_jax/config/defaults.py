@@ -13,6 +13,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.path = ""  # HF folder, aft_jax model folder or hub name; empty with `random` set: random init
     c.model.tokenizer = ""  # for a random model: a folder, "smollm2" (built in), or "build" (trained on the task)
+    c.model.build_vocab_size = 384  # tokenizer "build": at most this many tokens (fewer if merges run out)
     c.model.dtype = "float32"  # parameter dtype
     c.model.compute_dtype = "float32"
     c.model.remat_policy = "none"  # none | full | dots | dots_no_batch

@@ -16,6 +16,7 @@ import ml_collections
 
 from aft_jax.config.defaults import default_config
 from aft_jax.data.batches import LAYOUTS, TRUNCATION
+from aft_jax.data.task_tokenizer import MIN_VOCAB_SIZE
 from aft_jax.data.tasks import TASKS, TEMPLATES
 from aft_jax.errors import UserError
 from aft_jax.method.registry import CONSTRAINTS, METHODS, get_method, method_names, method_settings
@@ -151,6 +152,11 @@ def check(config) -> None:
         raise RunConfigError(
             "model.path is empty: set it (an HF folder, aft_jax model folder, hub name or 'smollm2'), or set "
             "model.tokenizer and model.random.* for a randomly initialised model"
+        )
+    if m.tokenizer == "build" and m.build_vocab_size < MIN_VOCAB_SIZE:
+        raise RunConfigError(
+            f"model.build_vocab_size={m.build_vocab_size}: expected at least {MIN_VOCAB_SIZE} (the 256 byte "
+            "symbols and the special tokens)"
         )
     if not m.path:
         for key, value in dataclasses.asdict(m.random).items():

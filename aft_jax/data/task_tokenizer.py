@@ -9,10 +9,12 @@ from __future__ import annotations
 from aft_jax.io.paths import Path, staged_dir
 
 SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+MIN_VOCAB_SIZE = 256 + len(SPECIAL)  # the byte alphabet and the special tokens
 
 
-def train_task_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int = 384):
-    """Trains, saves to `out_dir` and returns the tokenizer (deterministic for the same texts)."""
+def train_task_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int):
+    """Trains, saves to `out_dir` and returns the tokenizer of at most `vocab_size` tokens (exactly that many
+    when the texts allow enough merges; deterministic for the same texts)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -83,7 +83,7 @@ def model_config(config) -> ModelConfig:
         return config_from_hf(read_config(path), source=str(path / "config.json"), **common)
     from aft_jax.build import load_tokenizer
 
-    vocab = 384 if m.tokenizer == "build" else len(load_tokenizer(m.tokenizer))  # task_tokenizer's default
+    vocab = m.build_vocab_size if m.tokenizer == "build" else len(load_tokenizer(m.tokenizer))  # at most
     return ModelConfig(vocab_size=vocab, **dataclasses.asdict(m.random), tie_word_embeddings=True, **common)
 
 
