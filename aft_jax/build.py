@@ -7,7 +7,7 @@ import dataclasses
 
 from aft_jax.data.tasks import Example, Task, get_task
 from aft_jax.io.paths import Path
-from aft_jax.model.config import ModelConfig
+from aft_jax.model.config import ConfigError, ModelConfig
 from aft_jax.parallel import sharding
 
 
@@ -84,9 +84,13 @@ def train_tokenizer_on_task(task: Task, config, out_dir: str | Path):
 def model_from_config(model_cfg, mesh, seed: int = 0):
     """`(model, tokenizer)`: loaded from `model.path` ("smollm2" names the built-in checkpoint), or randomly
     initialised from `model.random`."""
+    import jax
+
     from aft_jax.io.hf import from_pretrained
     from aft_jax.model.causal_lm import create_model
 
+    if model_cfg.attention == "cudnn" and jax.default_backend() != "gpu":
+        raise ConfigError(f"model.attention='cudnn' needs an NVIDIA GPU; JAX's backend is {jax.default_backend()!r}")
     if model_cfg.path:
         model, tokenizer = from_pretrained(
             resolve_model_path(model_cfg.path),
@@ -94,6 +98,7 @@ def model_from_config(model_cfg, mesh, seed: int = 0):
             compute_dtype=model_cfg.compute_dtype,
             mesh=mesh,
             remat_policy=model_cfg.remat_policy,
+            attention=model_cfg.attention,
         )
         if model_cfg.tokenizer:
             tokenizer = load_tokenizer(model_cfg.tokenizer)
@@ -114,5 +119,6 @@ def model_from_config(model_cfg, mesh, seed: int = 0):
         param_dtype=model_cfg.dtype,
         dtype=model_cfg.compute_dtype,
         remat_policy=model_cfg.remat_policy,
+        attention=model_cfg.attention,
     )
     return create_model(config, mesh=mesh, seed=seed), tokenizer

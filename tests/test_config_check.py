@@ -21,6 +21,8 @@ TINY = REPO / "configs" / "tiny.py"
         ("task.name=gsm9k", r"task\.name='gsm9k': expected one of gsm8k, .*synthetic"),
         ("task.template=alpacca", r"task\.template='alpacca': expected one of alpaca, plain, chat"),
         ("model.remat_policy=some", r"model\.remat_policy='some': expected one of none, full"),
+        ("model.attention=flash", r"model\.attention='flash': expected one of auto, xla, cudnn"),
+        ("model.attention=cudnn", r"model\.attention='cudnn' needs model\.compute_dtype bfloat16 or float16"),
         ("model.dtype=float8", r"model\.dtype='float8': expected one of float32, bfloat16"),
         ("data.truncation=cut", r"data\.truncation='cut': expected one of completion, drop"),
         ("pipeline.init_from=sft", r"pipeline\.init_from='sft': expected one of base, vft"),
@@ -83,3 +85,24 @@ def test_debug_shows_the_traceback(tmp_path):
     argv = tiny_cli("vft", tmp_path / "run", "loss.constraint=bondary")
     result = subprocess.run([*argv[:3], "--debug", *argv[3:]], capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "Traceback" in result.stderr and "RunConfigError" in result.stderr
+
+
+def test_the_attention_choice_is_checked_and_auto_takes_xla_without_a_gpu():
+    """`auto` resolves to cuDNN only on a GPU backend in bfloat16 / float16 with a head size it takes; here (a
+    CPU) always to XLA. cuDNN asked for explicitly fails where it cannot run, naming what it needs."""
+    import jax.numpy as jnp
+
+    from aft_jax.build import model_from_config
+    from aft_jax.model.attention import resolve_impl
+    from aft_jax.model.config import ConfigError, ModelConfig
+
+    assert resolve_impl("auto", jnp.bfloat16, 64) == "xla"  # no GPU backend in the tests
+    assert resolve_impl("cudnn", jnp.float32, 64) == "cudnn" and resolve_impl("xla", jnp.bfloat16, 64) == "xla"
+    dims = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
+    with pytest.raises(ConfigError, match=r"attention='cudnn' needs a bfloat16 or float16 compute dtype"):
+        ModelConfig(**dims, head_dim=8, attention="cudnn")
+    with pytest.raises(ConfigError, match=r"attention='sdpa'; expected one of \('auto', 'xla', 'cudnn'\)"):
+        ModelConfig(**dims, head_dim=8, attention="sdpa")
+    config = load_config(TINY, ["model.attention=cudnn", "model.compute_dtype=bfloat16"])
+    with pytest.raises(ConfigError, match=r"model\.attention='cudnn' needs an NVIDIA GPU; JAX's backend is 'cpu'"):
+        model_from_config(config.model, mesh=None)

@@ -47,6 +47,7 @@ def test_the_packed_plan_counts_each_prompt_once(config):
         ("Qwen/Qwen2.5-7B-Instruct", 7.62),
         ("Qwen/Qwen3-8B", 8.19),
         ("meta-llama/Llama-2-7b-hf", 6.74),
+        ("meta-llama/Llama-3.2-1B", 1.24),
     ],
 )
 def test_known_models_have_their_model_cards_parameter_counts(hub_name, billions):

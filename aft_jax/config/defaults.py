@@ -17,6 +17,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # parameter dtype
     c.model.compute_dtype = "float32"
     c.model.remat_policy = "none"  # none | full | dots | dots_no_batch
+    c.model.attention = "auto"  # auto (cudnn where it applies) | xla | cudnn: see aft_jax.model.attention
     c.model.random = ml_collections.ConfigDict(
         {"hidden_size": 0, "intermediate_size": 0, "num_layers": 0, "num_heads": 0, "num_kv_heads": 0, "head_dim": 0}
     )

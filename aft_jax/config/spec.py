@@ -20,6 +20,7 @@ from aft_jax.data.task_tokenizer import MIN_VOCAB_SIZE
 from aft_jax.data.tasks import TASKS, TEMPLATES
 from aft_jax.errors import UserError
 from aft_jax.method.registry import CONSTRAINTS, METHODS, get_method, method_names, method_settings
+from aft_jax.model.attention import ATTENTION_IMPLS
 from aft_jax.model.config import REMAT_POLICIES
 from aft_jax.parallel.sharding import parse_mesh_shape
 
@@ -28,6 +29,7 @@ CHOICES = {
     "model.dtype": DTYPES,
     "model.compute_dtype": DTYPES,
     "model.remat_policy": REMAT_POLICIES,
+    "model.attention": ATTENTION_IMPLS,
     "task.name": tuple(TASKS),
     "task.template": TEMPLATES,
     "data.truncation": TRUNCATION,
@@ -152,6 +154,10 @@ def check(config) -> None:
         raise RunConfigError(
             "model.path is empty: set it (an HF folder, aft_jax model folder, hub name or 'smollm2'), or set "
             "model.tokenizer and model.random.* for a randomly initialised model"
+        )
+    if m.attention == "cudnn" and m.compute_dtype not in ("bfloat16", "float16"):
+        raise RunConfigError(
+            f"model.attention='cudnn' needs model.compute_dtype bfloat16 or float16, not {m.compute_dtype!r}"
         )
     if m.tokenizer == "build" and m.build_vocab_size < MIN_VOCAB_SIZE:
         raise RunConfigError(

@@ -7,9 +7,18 @@
   computed as if it were alone after its prompt.
 - `window_mask`: the sliding window of the families that have one, by position, and-ed with either mask.
 
-`grouped_attention` is plain XLA (einsums and a float32 softmax) on every backend; fused kernels (cuDNN via
-`jax.nn.dot_product_attention`, TPU splash attention) are not used, since none has been checked against
-these masks on an accelerator yet.
+`attend` computes one block of keys (the training forward, the prefill) by `ModelConfig.attention`:
+
+- `xla`: `grouped_attention`, einsums and a float32 softmax, on every backend (the reference);
+- `cudnn`: cuDNN's fused attention through `jax.nn.dot_product_attention(implementation="cudnn")`, on
+  NVIDIA GPUs in bfloat16 or float16, with the mask passed as a dense `[B, 1, T, S]` mask (cuDNN adds it as
+  a bias: no segment or causal shortcut expresses a prompt shared by several branches). Checked on an H200
+  against `xla` for packed and padded candidate groups (`benchmarks/gpu_scale.py`);
+- `auto` (the default): `cudnn` where it applies (a GPU backend, a bfloat16 or float16 compute dtype, a
+  head size that is a multiple of 8 up to 128), else `xla`.
+
+TPU splash attention is not wired: it has not been checked here. Attention over a KV cache (decoding) is
+always `grouped_attention` or the sampler's own (`aft_jax.sampling.decode`).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 MASKED = float(jnp.finfo(jnp.float32).min)  # the logit of a masked-out key
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 
 def causal_mask(mask_bt):
@@ -61,3 +71,19 @@ def grouped_attention(q_bthk, blocks):
         out = out + jnp.einsum("bgrts,bsgk->btgrk", part, v)
         offset += k.shape[1]
     return out.reshape(b, t, h, hd)
+
+
+def attend(q_bthk, k_bsgk, v_bsgk, mask_bts, impl: str = "auto"):
+    """softmax(q k^T / sqrt(head_dim) + mask) v over one key block, `[B, T, H, Dh]`, by `impl` (see the
+    module docstring); the query heads are grouped over the key/value heads as in `grouped_attention`."""
+    if resolve_impl(impl, q_bthk.dtype, q_bthk.shape[-1]) == "cudnn":
+        return jax.nn.dot_product_attention(q_bthk, k_bsgk, v_bsgk, mask=mask_bts[:, None], implementation="cudnn")
+    return grouped_attention(q_bthk, [(k_bsgk, v_bsgk, mask_bts)])
+
+
+def resolve_impl(impl: str, dtype, head_dim: int) -> str:
+    """`xla` or `cudnn`: `impl` itself, or for `auto` what applies on this backend, dtype and head size."""
+    if impl != "auto":
+        return impl
+    fits = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+    return "cudnn" if fits and jax.default_backend() == "gpu" else "xla"

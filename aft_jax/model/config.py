@@ -9,6 +9,7 @@ import dataclasses
 from typing import Any
 
 from aft_jax.errors import UserError
+from aft_jax.model.attention import ATTENTION_IMPLS
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -49,6 +50,9 @@ class ModelConfig:
     - `sliding_window`: the layers in `sliding_layers` let a query at position p see keys at positions
       greater than p - sliding_window only (Mistral, Qwen when enabled); None is plain causal attention.
 
+    `attention` is how the training forward and the prefill compute attention (`aft_jax.model.attention`:
+    `auto`, `xla` everywhere, or `cudnn` on NVIDIA GPUs in bfloat16 / float16).
+
     `param_dtype` is the storage dtype of the weights, `dtype` the compute dtype of activations;
     logits and scores are always float32. Hashable, so it can sit in a static graph definition.
     """
@@ -71,6 +75,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat_policy: str = "none"
+    attention: str = "auto"
     initializer_range: float = 0.02
     family: str = "llama"
     qkv_bias: bool = False
@@ -83,6 +88,10 @@ class ModelConfig:
             raise ConfigError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ConfigError(f"attention={self.attention!r}; expected one of {ATTENTION_IMPLS}")
+        if self.attention == "cudnn" and self.dtype not in ("bfloat16", "float16"):
+            raise ConfigError(f"attention='cudnn' needs a bfloat16 or float16 compute dtype, not dtype={self.dtype!r}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ConfigError(f"sliding_window={self.sliding_window}; expected a positive window or None")
         layers = list(self.sliding_layers)

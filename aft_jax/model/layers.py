@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from aft_jax.model.attention import grouped_attention
+from aft_jax.model.attention import attend, grouped_attention
 from aft_jax.model.config import ModelConfig
 from aft_jax.model.rope import apply_rope
 
@@ -63,7 +63,7 @@ class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, stack: int | None = None):
         d, h, kv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         self.dtype = jnp.dtype(config.dtype)
-        self.qkv_bias, self.qk_norm = config.qkv_bias, config.qk_norm
+        self.qkv_bias, self.qk_norm, self.impl = config.qkv_bias, config.qk_norm, config.attention
         self.q_proj = make_param(rngs, config, (d, h, hd), ("embed", "q_heads", "head_dim"), stack)
         self.k_proj = make_param(rngs, config, (d, kv, hd), ("embed", "kv_heads", "head_dim"), stack)
         self.v_proj = make_param(rngs, config, (d, kv, hd), ("embed", "kv_heads", "head_dim"), stack)
@@ -81,14 +81,17 @@ class Attention(nnx.Module):
 
         The queries attend to this call's own tokens under `mask_btt` and, with a cache (this layer's
         `(keys, values)` `[B, S, Hkv, Dh]`), to the cached slots under `cache_mask_bts`, in one softmax.
-        The cache is only read here; the caller stores the new keys/values.
+        The cache is only read here; the caller stores the new keys/values. Without a cache the attention
+        is `attend`'s, by `ModelConfig.attention`.
         """
         dt = self.dtype
         q_bthk, k_btgk, v_btgk = self.project(x_btd, cos_btd, sin_btd)
-        blocks = [(k_btgk, v_btgk, mask_btt)]
-        if kv_cache is not None:
-            blocks.insert(0, (kv_cache[0].astype(dt), kv_cache[1].astype(dt), cache_mask_bts))
-        return self.output(grouped_attention(q_bthk, blocks)), (k_btgk, v_btgk)
+        if kv_cache is None:
+            out_bthk = attend(q_bthk, k_btgk, v_btgk, mask_btt, self.impl)
+        else:
+            cached = (kv_cache[0].astype(dt), kv_cache[1].astype(dt), cache_mask_bts)
+            out_bthk = grouped_attention(q_bthk, [cached, (k_btgk, v_btgk, mask_btt)])
+        return self.output(out_bthk), (k_btgk, v_btgk)
 
     def project(self, x_btd, cos_btd, sin_btd):
         """Queries `[B, T, H, Dh]`, keys and values `[B, T, Hkv, Dh]`, RoPE applied to queries and keys."""

@@ -12,7 +12,7 @@ import dataclasses
 import math
 import os
 
-from aft_jax.model.config import ModelConfig
+from aft_jax.model.config import ModelConfig, RopeScaling
 from aft_jax.model.families import config_from_hf
 
 # Configs of models users name by hub id, so a plan needs no download.
@@ -38,6 +38,11 @@ KNOWN_MODELS = {
         "num_kv_heads": 40,
     },
 }
+KNOWN_MODELS["meta-llama/Llama-3.2-1B"] = dict(
+    vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32, num_kv_heads=8,
+    head_dim=64, rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=RopeScaling("llama3", 32.0, 1.0, 4.0, 8192),
+    max_position_embeddings=131072, tie_word_embeddings=True, bos_token_id=128000, eos_token_ids=(128001,),
+)  # fmt: skip
 _QWEN = dict(vocab_size=151936, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6, family="qwen2", qkv_bias=True)
 KNOWN_MODELS |= {
     "Qwen/Qwen2.5-0.5B-Instruct": {
