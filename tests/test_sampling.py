@@ -10,7 +10,7 @@ from train_helpers import tiny_model
 import aft_jax
 from aft_jax.data.tasks import format_prompt
 from aft_jax.sampling.continuous import sample_continuous
-from aft_jax.sampling.next_token import SamplingParams, filter_logits
+from aft_jax.sampling.next_token import SamplingParams, filter_logits, inverse_cdf
 from aft_jax.sampling.sampler import decode_completion, left_pad
 from aft_jax.sampling.static import own_cache_sizes, sample_token_ids
 
@@ -51,6 +51,25 @@ def test_top_k_and_top_p_keep_exactly_the_right_tokens():
     np.testing.assert_array_equal(kept[0], [0, 1, 0, 1, 0])
     kept = np.isfinite(np.asarray(filter_logits(logits, top_p=0.66)))
     np.testing.assert_array_equal(kept[0], [0, 1, 0, 1, 1])
+
+
+@pytest.mark.parametrize("vocab,block", [(1000, 64), (50, 256), (4096, 256)])
+def test_inverse_cdf_draws_the_token_whose_interval_holds_u(vocab, block):
+    """Against NumPy's search of the whole CDF (float64): token i is drawn for u * cdf_V in
+    [cdf_{i-1}, cdf_i), over vocabularies that are not a multiple of the block, smaller than one, and
+    with a third of the tokens at weight 0 (never drawn, also at u = 0 and u just below 1)."""
+    rng = np.random.default_rng(vocab)
+    logits = (3 * rng.normal(size=(400, vocab))).astype(np.float32)
+    logits[rng.random((400, vocab)) < 0.3] = -np.inf
+    logits[:, 0] = -np.inf  # u = 0 must skip a leading zero-weight token
+    u = rng.random(400).astype(np.float32)
+    u[:2] = [0.0, np.nextafter(np.float32(1), np.float32(0))]
+    drawn = np.asarray(inverse_cdf(jnp.asarray(logits), jnp.asarray(u), block))
+    weights = np.exp(logits.astype(np.float64) - logits.max(axis=1, keepdims=True))
+    cdf = np.cumsum(weights, axis=1)
+    expected = [np.searchsorted(cdf[r], u[r] * cdf[r, -1], side="right") for r in range(len(u))]
+    np.testing.assert_array_equal(drawn, np.minimum(expected, vocab - 1))
+    assert np.all(weights[np.arange(len(u)), drawn] > 0)
 
 
 @pytest.mark.parametrize("loop", ["static", "continuous"])
