@@ -250,6 +250,10 @@ def test_sharded_sampling_equals_single_device():
     np.testing.assert_array_equal(single, sharded)
     continuous = sample_continuous(sharded_model, ids, mask, params, jax.random.key(3), 2, rows=4)
     np.testing.assert_array_equal(single, continuous.tokens)
+    assert continuous.row_shards == 2  # 2 slots of 2 rows: split over data (2), not over data x fsdp (4)
+    spread = sample_continuous(sharded_model, ids, mask, params, jax.random.key(3), 2, rows=9, rows_per_prompt=1)
+    np.testing.assert_array_equal(single, spread.tokens)
+    assert spread.row_shards == 4  # 9 rows: 8 slots of 1 row, 2 on each of the 4 data x fsdp devices
 
 
 def test_own_cache_grows_in_quarters_to_max_new_tokens():

@@ -21,8 +21,11 @@ Every draw has the key of its `(question, sample, step)` (`next_token.sample_key
 the static loop's (`aft_jax.sampling.static`) for any number of rows, order of starts or split of the
 work (up to the last bits of float arithmetic on other shapes).
 
-The host loop (`sample_continuous`) only starts the loop and resumes it `N` steps at a time, to show
-progress; prompts are on the device from the start and samples are collected at the end, in order.
+On a mesh (the model's), the slots are a multiple of its data x fsdp devices and every per-slot and
+per-row array is split over them along its first axis (`constrain_slots`), a slot's rows on its device: the
+rows decode in parallel and each device holds only its rows' caches. The host loop (`sample_continuous`)
+only starts the loop and resumes it `N` steps at a time, to show progress; prompts are on the device from
+the start and samples are collected at the end, in order.
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from aft_jax.parallel import sharding
 from aft_jax.sampling.decode import DecodeCache, decode_layers, decode_step, unstack_layers
 from aft_jax.sampling.next_token import SamplingParams, sample_keys, sample_next
 
@@ -65,12 +70,13 @@ class Slots(NamedTuple):
 
 
 class Samples(NamedTuple):
-    """NumPy `tokens [Q * k, N]` (pad after EOS) and `lengths [Q * k]` (EOS included) of every sample, and
-    the decode `steps` the loop ran."""
+    """NumPy `tokens [Q * k, N]` (pad after EOS) and `lengths [Q * k]` (EOS included) of every sample, the
+    decode `steps` the loop ran and the `row_shards` its rows were split into over the mesh's devices."""
 
     tokens: np.ndarray
     lengths: np.ndarray
     steps: int
+    row_shards: int = 1
 
 
 def empty_slots(model, slots: int, rows_per_prompt: int, prompt_length: int, work: int, params: SamplingParams):
@@ -205,22 +211,39 @@ def decode_one(model, layers, s: Slots, key, params: SamplingParams, num_samples
     )  # fmt: skip
 
 
-def _start(graphdef, params, num_samples, rows_per_prompt, slots, state, prompt_ids_qs, prompt_mask_qs, count):
+def constrain_slots(s: Slots, mesh) -> Slots:
+    """`s` with every per-slot `[G, ...]` and per-row `[B, ...]` array split along its first axis over the
+    mesh's data x fsdp axes (as far as they divide G; rows `g * m ... (g + 1) * m - 1` then sit with slot g),
+    and the samples' tokens and the counters replicated. The identity on one device."""
+    if mesh.size == 1:
+        return s
+    rows = NamedSharding(mesh, PartitionSpec(sharding.logical_to_spec(("batch",), s.question_g.shape, mesh)[0]))
+
+    def one(x):
+        return jax.lax.with_sharding_constraint(x, rows if x.ndim else sharding.replicated(mesh))
+
+    tokens_wn = jax.lax.with_sharding_constraint(s.tokens_wn, sharding.replicated(mesh))
+    return jax.tree.map(one, s._replace(tokens_wn=None))._replace(tokens_wn=tokens_wn)
+
+
+def _start(graphdef, params, num_samples, rows_per_prompt, slots, mesh, state, prompt_ids_qs, prompt_mask_qs, count):
     model = nnx.merge(graphdef, state)
     work = prompt_ids_qs.shape[0] * num_samples
-    s = empty_slots(model, slots, rows_per_prompt, prompt_ids_qs.shape[1], work, params)
+    s = constrain_slots(empty_slots(model, slots, rows_per_prompt, prompt_ids_qs.shape[1], work, params), mesh)
     s = admit(model, s, prompt_ids_qs, prompt_mask_qs, count, slots, num_samples)
-    return start_samples(s)
+    return constrain_slots(start_samples(s), mesh)
 
 
 def _advance(
-    graphdef, params, num_samples, width, s, state, layer_states, prompt_ids_qs, prompt_mask_qs, count, key, until
-):
+    graphdef, params, num_samples, width, mesh, s, state, layer_states, prompt_ids_qs, prompt_mask_qs, count, key,
+    until,
+):  # fmt: skip
     """Runs loop steps until step `until` or until every sample has started and every row has stopped."""
     model = nnx.merge(graphdef, state)
     layers = unstack_layers(model, layer_states)
 
     def body(s):
+        s = constrain_slots(s, mesh)
         pending, free = count - s.next_question, jnp.sum(free_slots(s))
         s = jax.lax.cond(
             (pending > 0) & (free >= jnp.minimum(width, pending)),
@@ -230,7 +253,7 @@ def _advance(
         s = jax.lax.cond((pending <= 0) & (free > 0) & jnp.any(unstarted_g > 0), steal, lambda s: s, s)
         waiting = jnp.any(~s.active_b.reshape(s.question_g.shape[0], -1) & (s.next_sample_g < s.end_sample_g)[:, None])
         s = jax.lax.cond(waiting, start_samples, lambda s: s, s)
-        return decode_one(model, layers, s, key, params, num_samples)
+        return constrain_slots(decode_one(model, layers, s, key, params, num_samples), mesh)
 
     def cond(s):
         unstarted = jnp.any(s.next_sample_g < s.end_sample_g)
@@ -240,20 +263,25 @@ def _advance(
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(graphdef, params: SamplingParams, num_samples: int, rows_per_prompt: int, slots: int, width: int):
-    start = jax.jit(functools.partial(_start, graphdef, params, num_samples, rows_per_prompt, slots))
-    advance = jax.jit(functools.partial(_advance, graphdef, params, num_samples, width), donate_argnums=0)
+def _compiled(graphdef, params: SamplingParams, num_samples: int, rows_per_prompt: int, slots: int, width: int, mesh):
+    start = jax.jit(functools.partial(_start, graphdef, params, num_samples, rows_per_prompt, slots, mesh))
+    advance = jax.jit(functools.partial(_advance, graphdef, params, num_samples, width, mesh), donate_argnums=0)
     return start, advance
 
 
-def slot_shape(rows: int, num_samples: int, questions: int, rows_per_prompt: int | None, prefill_width: int | None):
+def slot_shape(
+    rows: int, num_samples: int, questions: int, rows_per_prompt: int | None, prefill_width: int | None,
+    shards: int = 1,
+):  # fmt: skip
     """`(rows per prompt slot, slots, prefill width)` of `rows` rows: `rows_per_prompt` rows per slot (at
     most `num_samples`; by default `num_samples` when there are no more questions than rows, so a few
     samples per row, whose tail the questions' samples started together keep short, else one, which keeps
-    every row busy), at least one slot, and an eighth of the slots admitted together by default."""
+    every row busy), at least one slot and a multiple of `shards` slots where there are that many (the
+    devices the rows are split over), and an eighth of the slots admitted together by default."""
     default = num_samples if questions <= rows else 1
     per_slot = min(rows_per_prompt or default, num_samples)
     slots = max(1, rows // per_slot)
+    slots = slots // shards * shards or slots
     return per_slot, slots, min(prefill_width or max(1, slots // 8), slots)
 
 
@@ -261,14 +289,16 @@ def _prepared(model, prompt_ids_qs, prompt_mask_qs, params, num_samples, rows, r
     """The compiled `(start, advance)` of this layout, and the prompts padded to a power of two of them (few
     program shapes), the padding never admitted."""
     q = len(prompt_ids_qs)
-    per_slot, slots, width = slot_shape(rows, num_samples, q, rows_per_prompt, prefill_width)
+    mesh = sharding.mesh_of(nnx.state(model))
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    per_slot, slots, width = slot_shape(rows, num_samples, q, rows_per_prompt, prefill_width, shards)
     padded = max(slots, 1 << max(q - 1, 0).bit_length())
     ids = np.zeros((padded, prompt_ids_qs.shape[1]), np.int32)
     mask = np.zeros_like(ids)
     ids[:q], mask[:q] = prompt_ids_qs, prompt_mask_qs
     mask[q:, -1] = 1  # one visible token keeps the (discarded) prefill of a padding row finite
     graphdef = nnx.graphdef(model)
-    return _compiled(graphdef, params, num_samples, per_slot, slots, width), ids, mask
+    return _compiled(graphdef, params, num_samples, per_slot, slots, width, mesh), ids, mask
 
 
 def warm_up(model, prompt_ids_qs, prompt_mask_qs, params: SamplingParams, key, num_samples: int = 1, *, rows: int,
@@ -308,4 +338,5 @@ def sample_continuous(
             s = advance(s, state, layers, ids, mask, count, key, s.step + params.max_new_tokens)
             bar.update(int(s.finished) - bar.n)
     tokens = np.asarray(s.tokens_wn[:total])
-    return Samples(tokens, sample_lengths(tokens, params.eos_ids), int(s.step))
+    row_shards = len(s.active_b) // s.active_b.addressable_shards[0].data.shape[0]
+    return Samples(tokens, sample_lengths(tokens, params.eos_ids), int(s.step), row_shards)
