@@ -288,13 +288,13 @@ def sampling_case(assets: Path, args, shape: str, rows: int, peaks: dict) -> dic
 
     kv_bytes_per_token = config.num_layers * 2 * config.num_kv_heads * config.head_dim * 2
     weight_bytes = 2 * matmul_params(config)
-    prompt_tokens = float(np.mean([len(e) for e in encoded])) * slots  # the prompts a step reads
-    own_tokens = slots * per_slot * (n + 1) / 2  # on average over a sample's steps
+    busy_rows, prompt_mean = slots * per_slot, float(np.mean([len(e) for e in encoded]))
+    prompt_tokens = prompt_mean * slots  # the prompts a step reads
+    own_tokens = busy_rows * (n + 1) / 2  # on average over a sample's steps
     ideal_bytes = weight_bytes + kv_bytes_per_token * (prompt_tokens + own_tokens)
-    read_bytes = weight_bytes + kv_bytes_per_token * (slots * ids.shape[1] + slots * per_slot * n)
-    busy_rows = slots * per_slot
+    read_bytes = weight_bytes + kv_bytes_per_token * (slots * ids.shape[1] + busy_rows * n)
     bound = busy_rows / (ideal_bytes / peaks["read_bytes_per_s"])
-    attended = prompt_tokens / slots + (n + 1) / 2  # keys a row's query sees, on average
+    attended = prompt_mean + (n + 1) / 2  # keys a row's query sees, on average
     flops = (
         2 * busy_rows * (matmul_params(config) + 2 * config.num_layers * config.num_heads * config.head_dim * attended)
     )
@@ -308,7 +308,7 @@ def sampling_case(assets: Path, args, shape: str, rows: int, peaks: dict) -> dic
         "k": k,
         "max_new_tokens": n,
         "prompt_length_padded": int(ids.shape[1]),
-        "prompt_length_mean": float(np.mean([len(e) for e in encoded])),
+        "prompt_length_mean": prompt_mean,
         "tokens": tokens,
         "share_full_length": float(np.mean(out.lengths == n)),
         "steps": out.steps,

@@ -20,7 +20,7 @@ from aft_jax.data.task_tokenizer import MIN_VOCAB_SIZE
 from aft_jax.data.tasks import TASKS, TEMPLATES
 from aft_jax.errors import UserError
 from aft_jax.method.registry import CONSTRAINTS, METHODS, get_method, method_names, method_settings
-from aft_jax.model.attention import ATTENTION_IMPLS
+from aft_jax.model.attention import ATTENTION_IMPLS, CUDNN_DTYPES
 from aft_jax.model.config import REMAT_POLICIES
 from aft_jax.parallel.sharding import parse_mesh_shape
 
@@ -155,7 +155,7 @@ def check(config) -> None:
             "model.path is empty: set it (an HF folder, aft_jax model folder, hub name or 'smollm2'), or set "
             "model.tokenizer and model.random.* for a randomly initialised model"
         )
-    if m.attention == "cudnn" and m.compute_dtype not in ("bfloat16", "float16"):
+    if m.attention == "cudnn" and m.compute_dtype not in CUDNN_DTYPES:
         raise RunConfigError(
             f"model.attention='cudnn' needs model.compute_dtype bfloat16 or float16, not {m.compute_dtype!r}"
         )

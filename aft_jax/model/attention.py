@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 MASKED = float(jnp.finfo(jnp.float32).min)  # the logit of a masked-out key
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+CUDNN_DTYPES = ("bfloat16", "float16")  # the compute dtypes cuDNN's fused attention takes
 
 
 def causal_mask(mask_bt):
@@ -85,5 +86,5 @@ def resolve_impl(impl: str, dtype, head_dim: int) -> str:
     """`xla` or `cudnn`: `impl` itself, or for `auto` what applies on this backend, dtype and head size."""
     if impl != "auto":
         return impl
-    fits = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+    fits = jnp.dtype(dtype).name in CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 128
     return "cudnn" if fits and jax.default_backend() == "gpu" else "xla"

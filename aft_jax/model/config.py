@@ -9,7 +9,7 @@ import dataclasses
 from typing import Any
 
 from aft_jax.errors import UserError
-from aft_jax.model.attention import ATTENTION_IMPLS
+from aft_jax.model.attention import ATTENTION_IMPLS, CUDNN_DTYPES
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -90,7 +90,7 @@ class ModelConfig:
             raise ConfigError(f"remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
         if self.attention not in ATTENTION_IMPLS:
             raise ConfigError(f"attention={self.attention!r}; expected one of {ATTENTION_IMPLS}")
-        if self.attention == "cudnn" and self.dtype not in ("bfloat16", "float16"):
+        if self.attention == "cudnn" and self.dtype not in CUDNN_DTYPES:
             raise ConfigError(f"attention='cudnn' needs a bfloat16 or float16 compute dtype, not dtype={self.dtype!r}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ConfigError(f"sliding_window={self.sliding_window}; expected a positive window or None")

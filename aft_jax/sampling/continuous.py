@@ -242,8 +242,7 @@ def _advance(
     model = nnx.merge(graphdef, state)
     layers = unstack_layers(model, layer_states)
 
-    def body(s):
-        s = constrain_slots(s, mesh)
+    def body(s):  # `s` enters split as the previous step (or `_start`) left it
         pending, free = count - s.next_question, jnp.sum(free_slots(s))
         s = jax.lax.cond(
             (pending > 0) & (free >= jnp.minimum(width, pending)),
