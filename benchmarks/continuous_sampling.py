@@ -5,12 +5,14 @@ continuous loop (`aft_jax.sampling.continuous`, what `Sampler.sample` runs), the
 
     .venv/bin/python benchmarks/continuous_sampling.py                    # SmolLM2-135M, GSM8K, 256 new tokens
     .venv/bin/python benchmarks/continuous_sampling.py --model runs/demo/seed-0/vft/model --task synthetic \\
-        --template plain --questions 500 --k 4 --max-new-tokens 48 --rows 500 --no-torch   # the demo's VFT model
+        --template plain --split train --questions 500 --k 4 --max-new-tokens 48 --rows 500 --no-torch \
+        --repeats 5                                                       # the demo's VFT model, one shard
 
 Both aft_jax loops draw every token with the keys of its (question, sample, step), so they generate the
 same samples (checked here): their difference is only the idle rows. transformers draws its own samples
 from the same distribution. Reports, for each, generated tokens (EOS included) per second and wall time
-(compilation excluded: each aft_jax program is compiled before it is timed), decode steps and the share
+(compilation excluded: each aft_jax program is compiled before it is timed; the median of `--repeats`
+timed runs, each one's time kept), decode steps and the share
 of row-steps that generated a token; and the length distribution of the samples (the share that end
 before half of `max_new_tokens`, which bounds what refilling can gain). Writes
 benchmarks/results/continuous_<name>_<rows>_rows_<max_new_tokens>_tokens.json with the machine.
@@ -36,11 +38,14 @@ def length_distribution(lengths: np.ndarray, max_new_tokens: int) -> dict:
     }
 
 
-def side(tokens: int, seconds: float, steps: int, rows: int) -> dict:
+def side(tokens: int, seconds: list[float], steps: int, rows: int) -> dict:
+    """The run's numbers; `seconds` of each timed repeat, the median taken."""
+    median = float(np.median(seconds))
     return {
         "tokens": tokens,
-        "seconds": seconds,
-        "tokens_per_s": tokens / seconds,
+        "seconds": median,
+        "seconds_of_each_repeat": seconds,
+        "tokens_per_s": tokens / median,
         "decode_steps": steps,
         "busy_row_share": tokens / (steps * rows),
     }
@@ -62,6 +67,9 @@ def main() -> None:
         type=lambda v: [int(x) for x in v.split(",")],
         default=[1, 2, 3, 6],
         help="comma-separated: rows per prompt slot of each continuous run (k: every sample of a question together)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="timed runs of each aft_jax loop; the median is reported (small lists)"
     )
     parser.add_argument("--no-torch", action="store_true", help="leave transformers out")
     parser.add_argument("--name", default="", help="result file name part (default: the model folder's name)")
@@ -94,10 +102,13 @@ def main() -> None:
     for rows_per_prompt in args.rows_per_prompt:
         layout = dict(rows=args.rows, rows_per_prompt=rows_per_prompt, layers=layers)
         continuous.warm_up(model, ids, mask, params, key, k, **layout)
-        began = time.perf_counter()
-        out = continuous.sample_continuous(model, ids, mask, params, key, k, **layout)
+        seconds = []
+        for _ in range(args.repeats):
+            began = time.perf_counter()
+            out = continuous.sample_continuous(model, ids, mask, params, key, k, **layout)
+            seconds.append(time.perf_counter() - began)
         rows = continuous.slot_shape(args.rows, k, len(ids), rows_per_prompt, None)
-        runs[rows_per_prompt] = (out, time.perf_counter() - began, rows[0] * rows[1])
+        runs[rows_per_prompt] = (out, seconds, rows[0] * rows[1])
     per_batch = max(1, args.rows // k)  # questions decoding at a time in the static loop
 
     # The static loop, batch by batch, with the same per-sample keys; each padded length compiled first.
@@ -107,15 +118,16 @@ def main() -> None:
     ]
     for q, (b_ids, b_mask) in {b[1][0].shape: b for b in batches}.values():
         sample_token_ids(model, b_ids, b_mask, params, key, k, layers, question_ids=q + np.arange(per_batch))
-    static_tokens, static_steps, static_seconds = [], 0, 0.0
-    for q, (b_ids, b_mask) in batches:
-        began = time.perf_counter()
-        tokens, lengths = sample_token_ids(
-            model, b_ids, b_mask, params, key, k, layers, question_ids=q + np.arange(per_batch)
-        )
-        static_seconds += time.perf_counter() - began
-        static_steps += int(lengths.max())
-        static_tokens.append(tokens[: min(per_batch, len(encoded) - q) * k])
+    static_seconds = []
+    for _ in range(args.repeats):
+        static_tokens, static_steps, began = [], 0, time.perf_counter()
+        for q, (b_ids, b_mask) in batches:
+            tokens, lengths = sample_token_ids(
+                model, b_ids, b_mask, params, key, k, layers, question_ids=q + np.arange(per_batch)
+            )
+            static_steps += int(lengths.max())
+            static_tokens.append(tokens[: min(per_batch, len(encoded) - q) * k])
+        static_seconds.append(time.perf_counter() - began)
     static_tokens = np.concatenate(static_tokens)
     first = runs[args.rows_per_prompt[0]][0]
     total = int(first.lengths.sum())
@@ -164,7 +176,7 @@ def main() -> None:
             torch_lengths.append(lengths)
             torch_tokens += int(lengths.sum())
             torch_steps += generated.shape[1]
-        result["torch"] = side(torch_tokens, torch_seconds, torch_steps, per_batch * k)
+        result["torch"] = side(torch_tokens, [torch_seconds], torch_steps, per_batch * k)
         result["torch"]["threads"] = torch.get_num_threads()
         result["torch"]["lengths"] = length_distribution(np.concatenate(torch_lengths), n)
         for rows_per_prompt in runs:

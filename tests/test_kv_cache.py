@@ -2,9 +2,11 @@
 sliding windows of 4, 3 and 5 slide over cache slots here; Qwen3's decode against `generate` is in
 test_families)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from hf_reference import FAMILY_CONFIGS, padded_batch, save_tiny
 
 import aft_jax
@@ -60,12 +62,18 @@ def test_shared_prompt_decode_equals_full_forward(tmp_path, name):
 
     _, cache = model.prefill(prompt_ids, prompt_mask)
     cache = decode_cache(cache, rows_per_prompt, 2)
-    layers = unstack_layers(model)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit  # as the sampler runs it: compiled, the layers unstacked
+    def step(state, token_b, cache):
+        model = nnx.merge(graphdef, state)
+        return decode_step(model, unstack_layers(model), token_b, cache)
+
     decoded = []
     for j in range(steps):
         if j == 2:  # the own caches grow (as the sampler's do) from 2 to `steps` slots
             cache = grow_decode_cache(cache, steps)
-        logits, cache = decode_step(model, layers, jnp.asarray(continuation[:, j]), cache)
+        logits, cache = step(state, jnp.asarray(continuation[:, j]), cache)
         decoded.append(np.asarray(logits))
     decoded = np.stack(decoded, axis=1)
 

@@ -134,12 +134,11 @@ def test_every_loss_equals_padded(model, encoded):
 
 def _loss_and_grads(model, batch, cfg):
     graphdef, params = nnx.split(model)
-    norm = normalisers(batch, cfg)
 
-    def loss(params):
-        return objective(nnx.merge(graphdef, params), batch, norm, cfg)
+    def loss(params, batch):
+        return objective(nnx.merge(graphdef, params), batch, normalisers(batch, cfg), cfg)
 
-    return jax.value_and_grad(loss, has_aux=True)(params)
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params, batch)
 
 
 @pytest.mark.parametrize("method,constraint", [("aft", "boundary"), ("dpo", "detach")])
