@@ -110,8 +110,8 @@ def test_two_processes_sample_the_same_groups_as_one(tmp_path):
 
 def test_two_processes_run_the_whole_pipeline(tmp_path):
     """Every stage completes without a process waiting forever: training together, sampling and
-    evaluation split between the processes (two models, one each, on two of its devices: a local mesh
-    that shards weights and rows, and simulates fewer devices than all four), one report."""
+    evaluation split between the processes (two models, one each, sampled on two of a process's devices: a
+    local mesh that shards weights and rows, cheaper to simulate than all four), one report."""
     run_dir = tmp_path / "pipeline"
     overrides = ("train.mesh=1,-1,1", "sample.shard_size=8", "sample.mesh=1,2,1", "pipeline.methods=aft_bc")
     outputs = _finish(_start_two(tiny_cli("pipeline", run_dir, *overrides)))
