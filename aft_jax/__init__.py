@@ -4,9 +4,9 @@ from aft_jax.io.hf import from_pretrained, save_pretrained
 from aft_jax.io.hf_files import CheckpointError
 from aft_jax.method import losses
 from aft_jax.method.scoring import sequence_scores
-from aft_jax.model.causal_lm import CausalLM, KVCache, create_model, init_cache
+from aft_jax.model.causal_lm import CausalLM, KVCache, create_model
 from aft_jax.model.config import ConfigError, ModelConfig, RopeScaling
-from aft_jax.sampling.sampler import Sampler, generate
+from aft_jax.sampling.sampler import JaxSampler, Sampler, generate
 
 __version__ = "0.1.0"
 
@@ -14,6 +14,7 @@ __all__ = [
     "CausalLM",
     "CheckpointError",
     "ConfigError",
+    "JaxSampler",
     "KVCache",
     "ModelConfig",
     "RopeScaling",
@@ -21,7 +22,6 @@ __all__ = [
     "create_model",
     "from_pretrained",
     "generate",
-    "init_cache",
     "losses",
     "save_pretrained",
     "sequence_scores",

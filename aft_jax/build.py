@@ -1,21 +1,28 @@
-"""From a run config to live objects: the sampling mesh, the task and its examples, the tokenizer (loaded or
-trained on the task) and the model."""
+"""From a run config to live objects, once, at an entry point (a command, the pipeline, the study): the
+meshes, the task and its examples, the tokenizer (loaded, or trained on the task), the models, the sampler
+and scorer of a model, and the training batches. The stages receive these objects and their own
+settings, never the run config.
+
+`Context` holds what a command or a pipeline run shares: its config, task, meshes and tokenizer.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import TYPE_CHECKING
 
 from aft_jax.data.tasks import Example, Task, get_task
 from aft_jax.io.paths import Path
 from aft_jax.model.config import ConfigError, ModelConfig
 from aft_jax.parallel import sharding
 
-
-def sampling_mesh(config):
-    """`sample.mesh` over this process's devices: each process samples its own shards."""
-    import jax
-
-    return sharding.make_mesh(config.sample.mesh, jax.local_devices())
+if TYPE_CHECKING:
+    from aft_jax.config.spec import ModelSection, RunConfig, TaskSection
+    from aft_jax.data.batches import GroupBatcher
+    from aft_jax.data.groups import Group
+    from aft_jax.sampling.sampler import JaxSampler
+    from aft_jax.stages.score import Scorer
 
 
 def resolve_model_path(name: str) -> str:
@@ -27,31 +34,32 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def load_tokenizer(name: str):
-    """A tokenizer from a folder (a local one or a URI such as gs://...), a hub name, or "smollm2"."""
+def load_tokenizer(name: str, key: str = "model.tokenizer"):
+    """A tokenizer from a folder (a local one or a URI such as gs://...), a hub name, or "smollm2"; a folder
+    without tokenizer files, or a name that gives none, is a user error naming `key`."""
+    import os
+
     from transformers import AutoTokenizer
 
-    from aft_jax.io.paths import fetched_dir
+    from aft_jax.config.spec import RunConfigError
+    from aft_jax.io.hf import TOKENIZER_FILES
+    from aft_jax.io.hf_files import CheckpointError, check_hub_name, first_line
+    from aft_jax.io.paths import fetched_dir, is_remote
 
-    with fetched_dir(resolve_model_path(name), skip=("params",)) as local:
-        return AutoTokenizer.from_pretrained(local)
+    name = resolve_model_path(name)
+    if not is_remote(name) and not os.path.exists(os.path.expanduser(name)):
+        check_hub_name(name)
+    with fetched_dir(name, skip=("params",)) as local:
+        if os.path.isdir(local) and not any(os.path.exists(os.path.join(local, f)) for f in TOKENIZER_FILES):
+            raise RunConfigError(f"{key}={name!r}: {local} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+        try:
+            return AutoTokenizer.from_pretrained(local)
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{key}={name!r}: no tokenizer could be loaded ({first_line(err)})") from err
 
 
-def with_built_tokenizer(config, task: Task):
-    """`config` itself, or, when `model.tokenizer = "build"`, a copy that names `<run_dir>/tokenizer`: a
-    tokenizer trained on `task`'s training text, by process 0 when that folder has none yet."""
-    if config.model.tokenizer != "build":
-        return config
-    folder = Path(config.run_dir) / "tokenizer"
-    if sharding.is_main_process() and not (folder / "tokenizer.json").exists():
-        train_tokenizer_on_task(task, config, folder)
-    sharding.sync("tokenizer")
-    return config.replace(model={"tokenizer": str(folder)})
-
-
-def task_from_config(config) -> Task:
-    """The task of `task.name`, the synthetic one generated with its configured sizes and the run's seed.
-    Called once, at an entry point (command, pipeline, study); the stages receive the Task."""
+def task_from_config(config: RunConfig) -> Task:
+    """The task of `task.name`, the synthetic one generated with its configured sizes and the run's seed."""
     if config.task.name == "synthetic":
         t = config.task
         return get_task(
@@ -64,14 +72,15 @@ def task_from_config(config) -> Task:
     return get_task(config.task.name)
 
 
-def load_examples(task: Task, task_cfg, split: str) -> list[Example]:
-    """A split of `task`, read from `task_cfg.data_dir` (the `task` section); the training split is cut to
-    `task_cfg.limit` questions when that is positive."""
-    limit = task_cfg.limit if task_cfg.limit > 0 and split == task_cfg.train_split else None
-    return task.load(split, data_dir=task_cfg.data_dir or None, limit=limit)
+def load_examples(task: Task, task_cfg: TaskSection, split: str, limit: int = 0) -> list[Example]:
+    """A split of `task`, read from `task_cfg.data_dir` (the `task` section), at most `limit` questions when
+    positive; the training split is cut to `task_cfg.limit` questions when that is positive."""
+    if split == task_cfg.train_split and task_cfg.limit > 0:
+        limit = min(limit, task_cfg.limit) if limit > 0 else task_cfg.limit
+    return task.load(split, data_dir=task_cfg.data_dir or None, limit=limit if limit > 0 else None)
 
 
-def train_tokenizer_on_task(task: Task, config, out_dir: str | Path):
+def train_tokenizer_on_task(task: Task, config: RunConfig, out_dir: str | Path):
     """`train_task_tokenizer` (`model.build_vocab_size` tokens at most) on the prompt (`task.template`) and
     target of every training question."""
     from aft_jax.data.task_tokenizer import train_task_tokenizer
@@ -81,9 +90,29 @@ def train_tokenizer_on_task(task: Task, config, out_dir: str | Path):
     return train_task_tokenizer(texts, out_dir, vocab_size=config.model.build_vocab_size)
 
 
-def model_from_config(model_cfg, mesh, seed: int = 0):
-    """`(model, tokenizer)`: loaded from `model.path` ("smollm2" names the built-in checkpoint), or randomly
-    initialised from `model.random`."""
+def tokenizer_folder(config: RunConfig) -> str:
+    """Where the run's tokenizer is: `model.tokenizer`, `<run_dir>/tokenizer` for "build", else the model's
+    own folder (`model.path`)."""
+    if config.model.tokenizer == "build":
+        return str(Path(config.run_dir) / "tokenizer")
+    return config.model.tokenizer or config.model.path
+
+
+def tokenizer_from_config(config: RunConfig, task: Task):
+    """The run's tokenizer (`tokenizer_folder`); with `model.tokenizer = "build"`, trained on `task`'s
+    training text by process 0 first, when `<run_dir>/tokenizer` has none yet."""
+    folder = tokenizer_folder(config)
+    if config.model.tokenizer == "build":
+        if sharding.is_main_process() and not (Path(folder) / "tokenizer.json").exists():
+            train_tokenizer_on_task(task, config, folder)
+        sharding.sync("tokenizer")
+    return load_tokenizer(folder, "model.tokenizer" if config.model.tokenizer else "model.path")
+
+
+def model_from_config(model_cfg: ModelSection, mesh, tokenizer=None, *, seed: int = 0, path: str = ""):
+    """The model of `model_cfg` (the `model` section) on `mesh`: loaded from `path` (default `model.path`;
+    "smollm2" names the built-in checkpoint), or randomly initialised from `model.random` with `seed`,
+    sized for `tokenizer`. Weights in `model.param_dtype`, compute in `model.compute_dtype`."""
     import jax
 
     from aft_jax.io.hf import from_pretrained
@@ -91,34 +120,116 @@ def model_from_config(model_cfg, mesh, seed: int = 0):
 
     if model_cfg.attention == "cudnn" and jax.default_backend() != "gpu":
         raise ConfigError(f"model.attention='cudnn' needs an NVIDIA GPU; JAX's backend is {jax.default_backend()!r}")
-    if model_cfg.path:
-        model, tokenizer = from_pretrained(
-            resolve_model_path(model_cfg.path),
-            dtype=model_cfg.dtype,
+    path = path or model_cfg.path
+    if path:
+        model, _ = from_pretrained(
+            resolve_model_path(path),
+            dtype=model_cfg.param_dtype,
             compute_dtype=model_cfg.compute_dtype,
             mesh=mesh,
             remat_policy=model_cfg.remat_policy,
             attention=model_cfg.attention,
         )
-        if model_cfg.tokenizer:
-            tokenizer = load_tokenizer(model_cfg.tokenizer)
-        if tokenizer is None:
-            raise ValueError(f"{model_cfg.path} has no tokenizer files; set model.tokenizer")
-        return model, tokenizer
-    if not model_cfg.tokenizer or not model_cfg.random.num_layers:
-        raise ValueError("set model.path, or model.tokenizer and model.random.* for a randomly initialised model")
-    tokenizer = load_tokenizer(model_cfg.tokenizer)
-    dims = dataclasses.asdict(model_cfg.random)
+        return model
     config = ModelConfig(
         vocab_size=len(tokenizer),
-        **dims,
+        **dataclasses.asdict(model_cfg.random),
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_ids=(tokenizer.eos_token_id,),
         pad_token_id=tokenizer.pad_token_id,
-        param_dtype=model_cfg.dtype,
+        param_dtype=model_cfg.param_dtype,
         dtype=model_cfg.compute_dtype,
         remat_policy=model_cfg.remat_policy,
         attention=model_cfg.attention,
     )
-    return create_model(config, mesh=mesh, seed=seed), tokenizer
+    return create_model(config, mesh=mesh, seed=seed)
+
+
+def sampler_and_scorer(model, tokenizer, config: RunConfig, batch_size: int) -> tuple[JaxSampler, Scorer]:
+    """The `JaxSampler` of `model` (`batch_size` rows: `sample.batch_size` for step 2, `eval.batch_size` for
+    evaluation; `sample.rows_per_prompt` rows per prompt) and its `Scorer` (the `data` section's layout,
+    `batch_size` sequences' worth per call)."""
+    from aft_jax.sampling.sampler import JaxSampler
+    from aft_jax.stages.score import Scorer
+
+    d = config.data
+    sampler = JaxSampler(model, tokenizer, batch_size=batch_size, rows_per_prompt=config.sample.rows_per_prompt)
+    return sampler, Scorer(model, tokenizer, d.max_length, batch_size, d.layout, d.tokens_per_row)
+
+
+def make_training_batcher(
+    groups: list[Group], tokenizer, mesh, config: RunConfig, method: str, source: str
+) -> GroupBatcher:
+    """`stages.train.make_batcher` of `groups` (from `source`) for `method` with the run's `data` section,
+    `train.batch_size`, `train.grad_accum` and seed."""
+    from aft_jax.stages.train import make_batcher
+
+    t = config.train
+    return make_batcher(
+        groups, tokenizer, mesh, data=config.data, method=method, batch_size=t.batch_size,
+        grad_accum=t.grad_accum, seed=config.seed, source=source,
+    )  # fmt: skip
+
+
+@dataclasses.dataclass
+class Context:
+    """What the stages of one command or pipeline run share, built once from its config: the `task`, and
+    when first used the training `mesh` (`train.mesh`, over every process's devices), this process's
+    `sampling_mesh` (`sample.mesh` over its own devices: each process samples its own shards) and the
+    `tokenizer`."""
+
+    config: RunConfig
+    task: Task
+
+    @classmethod
+    def of(cls, config: RunConfig) -> Context:
+        return cls(config, task_from_config(config))
+
+    @functools.cached_property
+    def mesh(self):
+        return sharding.make_mesh(self.config.train.mesh, name="train.mesh")
+
+    @functools.cached_property
+    def sampling_mesh(self):
+        import jax
+
+        return sharding.make_mesh(self.config.sample.mesh, jax.local_devices(), name="sample.mesh")
+
+    @functools.cached_property
+    def tokenizer(self):
+        return tokenizer_from_config(self.config, self.task)
+
+    def examples(self, split: str, limit: int = 0) -> list[Example]:
+        return load_examples(self.task, self.config.task, split, limit)
+
+    def model(self, mesh=None, path: str = ""):
+        """The run's model (`model_from_config`) from `path` (default `model.path`, else random with the
+        run's seed), on `mesh` (default the training mesh)."""
+        return model_from_config(
+            self.config.model, self.mesh if mesh is None else mesh, self.tokenizer, seed=self.config.seed, path=path
+        )
+
+    def training_groups(self, train_file: str, method: str) -> list[Group]:
+        """`train_file` (candidate groups, or VFT pairs) if set; else, for VFT, the task's training split
+        with its references (`stages.train.reference_groups`)."""
+        from aft_jax.config.spec import RunConfigError
+        from aft_jax.data.groups import read_training_file
+        from aft_jax.method.registry import get_method
+        from aft_jax.stages.train import reference_groups
+
+        if train_file:
+            return read_training_file(train_file)
+        if get_method(method).needs_groups:
+            raise RunConfigError(
+                f"loss.method={method!r} trains on candidate groups: set data.train_file to the output of "
+                "`aft-jax sample`"
+            )
+        t = self.config.task
+        return reference_groups(self.task, self.examples(t.train_split), t.template, self.tokenizer)
+
+    def batcher(self, train_file: str, method: str) -> GroupBatcher:
+        """The training batches of `training_groups(train_file, method)` on the training mesh."""
+        groups = self.training_groups(train_file, method)
+        source = train_file or f"task {self.task.name} split {self.config.task.train_split!r}"
+        return make_training_batcher(groups, self.tokenizer, self.mesh, self.config, method, source)

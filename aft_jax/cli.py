@@ -30,34 +30,31 @@ def _load(args):
 
 
 def _train(args) -> None:
-    from aft_jax.build import task_from_config, with_built_tokenizer
-    from aft_jax.parallel.sharding import make_mesh
-    from aft_jax.stages.train import run_training
+    from aft_jax.build import Context
+    from aft_jax.stages.train import TrainSettings, run_training
 
     config = _load(args)
-    task = task_from_config(config)
-    config = with_built_tokenizer(config, task)
-    print(f"exported the final model to {run_training(config, mesh=make_mesh(config.train.mesh), task=task)}")
+    ctx = Context.of(config)
+    batcher = ctx.batcher(config.data.train_file, config.loss.method)
+    out = run_training(ctx.model(), ctx.tokenizer, batcher, TrainSettings.of(config), config.run_dir, mesh=ctx.mesh)
+    print(f"exported the final model to {out}")
 
 
 def _sample(args) -> None:
-    from aft_jax.build import load_examples, model_from_config, sampling_mesh, task_from_config, with_built_tokenizer
+    from aft_jax.build import Context, sampler_and_scorer
     from aft_jax.io import paths
-    from aft_jax.sampling.sampler import Sampler
     from aft_jax.stages.sample import sample_candidates
 
     config = _load(args)
-    task = task_from_config(config)
-    config = with_built_tokenizer(config, task)
-    model, tokenizer = model_from_config(config.model, sampling_mesh(config), seed=config.seed)
+    ctx = Context.of(config)
+    model = ctx.model(mesh=ctx.sampling_mesh)
     out_dir = sample_candidates(
-        Sampler(model, tokenizer, batch_size=config.sample.batch_size, rows_per_prompt=config.sample.rows_per_prompt),
-        task,
-        load_examples(task, config.task, config.task.train_split),
+        *sampler_and_scorer(model, ctx.tokenizer, config, config.sample.batch_size),
+        ctx.task,
+        ctx.examples(config.task.train_split),
         config.sample.out_dir or paths.Path(config.run_dir) / "groups",
         settings=config.sample,
         template=config.task.template,
-        data=config.data,
         seed=config.seed,
     )
     print(f"groups written to {out_dir}")

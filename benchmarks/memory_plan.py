@@ -6,7 +6,7 @@ compilation fuses differently, so treat it as an estimate).
 
     .venv/bin/python benchmarks/memory_plan.py [MODEL ...]    # e.g. Qwen2.5-7B; default: all of MODELS
 
-Prints a Markdown table (the one in README.md) and writes benchmarks/results/memory_plan.json, with the
+Prints a Markdown table (the one in docs/models.md) and writes benchmarks/results/memory_plan.json, with the
 machine that compiled the plans (`machine.py`; no rates: nothing here is timed).
 """
 

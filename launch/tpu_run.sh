@@ -18,7 +18,7 @@
 #   --keep                 do not delete the TPU at the end
 #   --dry-run              print the gcloud commands, run nothing
 #
-# Examples (see README.md):
+# Examples (see docs/tpu.md):
 #   launch/tpu_run.sh --name aft-v4 --zone us-central2-b --accelerator v4-32 -- \
 #       aft-jax pipeline --config configs/llama2_7b_gsm8k.py --config.run_dir=gs://BUCKET/llama2_7b_gsm8k
 #   launch/tpu_run.sh --name aft-v5e --zone us-west4-a --accelerator v5litepod-64 --version v2-alpha-tpuv5-lite \
@@ -94,4 +94,4 @@ run gcloud compute tpus tpu-vm scp "$archive" "$name:aft_jax.tar.gz" "${common[@
 setup='rm -rf aft_jax && mkdir aft_jax && tar xzf aft_jax.tar.gz -C aft_jax && cd aft_jax && python3 -m venv .venv && .venv/bin/pip install -q -U pip && .venv/bin/pip install -q -e . "jax[tpu]"'
 run gcloud compute tpus tpu-vm ssh "$name" "${common[@]}" --worker=all --command "$setup"
 run gcloud compute tpus tpu-vm ssh "$name" "${common[@]}" --worker=all \
-  --command "cd aft_jax && PATH=\$PWD/.venv/bin:\$PATH $remote_cmd"
+  --command "cd aft_jax && AFT_DISTRIBUTED=auto PATH=\$PWD/.venv/bin:\$PATH $remote_cmd"

@@ -37,7 +37,13 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("AFT_DATA_DIR", str(REPO.parent / "shared" / "data"))
+# Benchmark data. The full files: $AFT_DATA_DIR, by default ../shared/data beside the checkout when that
+# folder exists (CI lays it there); a clone alone has neither and the tests that need them are skipped
+# (`full_data_dir`). The few real records of each file in tests/data (see its README), always there, are
+# what every other test reads, passed as `data_dir` (or as AFT_DATA_DIR to a subprocess).
+FIXTURE_DATA = REPO / "tests" / "data"
+if not os.environ.get("AFT_DATA_DIR") and (REPO.parent / "shared" / "data").is_dir():
+    os.environ["AFT_DATA_DIR"] = str(REPO.parent / "shared" / "data")
 
 
 def tiny_cli(command: str, run_dir, *overrides: str) -> list[str]:
@@ -50,20 +56,40 @@ def tiny_cli(command: str, run_dir, *overrides: str) -> list[str]:
     ]
 
 
-def data_dir() -> Path:
-    """The shared benchmark data: $AFT_DATA_DIR, by default ../shared/data beside the checkout."""
-    return Path(os.environ["AFT_DATA_DIR"])
+FULL_DATA_SKIP = (
+    "needs the full benchmark data: set AFT_DATA_DIR to the benchmark data folder (gsm8k/, aqua_rat/, ecqa/; "
+    "see tests/data/README.md), or lay it at ../shared/data beside the checkout"
+)
+
+
+@pytest.fixture(scope="session")
+def full_data_dir() -> Path:
+    """The full benchmark data folder, $AFT_DATA_DIR; the test is skipped when it is not set, and fails when it
+    names a missing folder (a mistake, not a clone without the data)."""
+    value = os.environ.get("AFT_DATA_DIR")
+    if not value:
+        pytest.skip(FULL_DATA_SKIP)
+    path = Path(value).resolve()
+    if path == FIXTURE_DATA.resolve():
+        pytest.skip(f"AFT_DATA_DIR names the test fixtures, not the full files; {FULL_DATA_SKIP}")
+    if not path.is_dir():
+        pytest.fail(f"AFT_DATA_DIR={value} is not a folder: set it to the benchmark data folder")
+    return path
+
+
+@pytest.fixture(scope="session")
+def fixture_data_dir() -> Path:
+    """tests/data: a few real records of every benchmark file, laid out as the full data folder."""
+    return FIXTURE_DATA
 
 
 @pytest.fixture(scope="session")
 def gsm8k_test_questions() -> list[dict]:
+    """The GSM8K test records of tests/data, in order (the first ones are the full file's first ones)."""
     import json
 
-    path = data_dir() / "gsm8k" / "test.jsonl"
-    if not path.exists():
-        pytest.fail(f"{path} not found: set AFT_DATA_DIR to the shared data folder")
-    with path.open() as f:
-        return [json.loads(line) for _, line in zip(range(50), f)]
+    with (FIXTURE_DATA / "gsm8k" / "test.jsonl").open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="session")

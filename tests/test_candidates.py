@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from aft_jax.build import load_examples, model_from_config, task_from_config, with_built_tokenizer
+from aft_jax.build import Context, sampler_and_scorer
 from aft_jax.config.load import load_config
 from aft_jax.data.groups import read_groups
 from aft_jax.data.tasks import get_task
 from aft_jax.parallel import sharding
-from aft_jax.sampling.sampler import Sampler
 from aft_jax.stages.sample import label_group, sample_candidates
 
 
@@ -31,22 +30,20 @@ def tiny_setup(tmp_path_factory):
             "data.max_length=96",
         ],
     )
-    config = with_built_tokenizer(config, task_from_config(config))
-    model, tokenizer = model_from_config(config.model, sharding.make_mesh("fsdp"), seed=0)
-    return config, model, tokenizer
+    ctx = Context.of(config)
+    return config, ctx.model(mesh=sharding.make_mesh("fsdp")), ctx.tokenizer
 
 
 def sample(config, model, tokenizer, out_dir=None, **options):
     """`sample_candidates` as `aft-jax sample` calls it (`out_dir` by default `sample.out_dir`)."""
-    task = task_from_config(config)
+    ctx = Context.of(config)
     return sample_candidates(
-        Sampler(model, tokenizer, batch_size=config.sample.batch_size, rows_per_prompt=config.sample.rows_per_prompt),
-        task,
-        load_examples(task, config.task, config.task.train_split),
+        *sampler_and_scorer(model, tokenizer, config, config.sample.batch_size),
+        ctx.task,
+        ctx.examples(config.task.train_split),
         out_dir or config.sample.out_dir,
         settings=config.sample,
         template=config.task.template,
-        data=config.data,
         seed=config.seed,
         **options,
     )

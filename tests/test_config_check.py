@@ -6,9 +6,11 @@ import subprocess
 
 import pytest
 from conftest import REPO, tiny_cli
+from ml_collections import ConfigDict
 
+from aft_jax.config.defaults import default_config
 from aft_jax.config.load import load_config
-from aft_jax.config.spec import RunConfigError
+from aft_jax.config.spec import SECTION_TYPES, RunConfig, RunConfigError, field_types, parse_config
 
 TINY = REPO / "configs" / "tiny.py"
 
@@ -23,7 +25,7 @@ TINY = REPO / "configs" / "tiny.py"
         ("model.remat_policy=some", r"model\.remat_policy='some': expected one of none, full"),
         ("model.attention=flash", r"model\.attention='flash': expected one of auto, xla, cudnn"),
         ("model.attention=cudnn", r"model\.attention='cudnn' needs model\.compute_dtype bfloat16 or float16"),
-        ("model.dtype=float8", r"model\.dtype='float8': expected one of float32, bfloat16"),
+        ("model.param_dtype=float8", r"model\.param_dtype='float8': expected one of float32, bfloat16"),
         ("data.truncation=cut", r"data\.truncation='cut': expected one of completion, drop"),
         ("pipeline.init_from=sft", r"pipeline\.init_from='sft': expected one of base, vft"),
         ("train.mesh=fsdpp", r"train\.mesh='fsdpp': unknown mesh preset"),
@@ -56,6 +58,46 @@ def test_sections_are_frozen_and_typed_and_replace_checks_again():
     assert load_config(TINY, command="vft").loss.method == "vft"
     with pytest.raises(RunConfigError, match=r"set data\.train_file to the output of `aft-jax sample`"):
         load_config(TINY, command="aft")
+
+
+RENAMED = (
+    r"^model\.dtype was renamed to model\.param_dtype \(the parameter dtype; model\.compute_dtype is the compute "
+    r"dtype\)$"
+)
+
+
+def test_the_renamed_parameter_dtype_key_names_its_new_name(tmp_path):
+    """`model.dtype` (the parameters' dtype, easy to take for ModelConfig.dtype, the compute dtype) is now
+    `model.param_dtype`: an override, a preset or a dict that still sets it fails with one line naming it."""
+    assert load_config(TINY, ["model.param_dtype=bfloat16"]).model.param_dtype == "bfloat16"
+    with pytest.raises(RunConfigError, match=RENAMED):
+        load_config(TINY, ["model.dtype=bfloat16"])
+    preset = tmp_path / "old_preset.py"
+    preset.write_text(
+        "from aft_jax.config.defaults import default_config\n\n\n"
+        "def get_config():\n"
+        "    c = default_config()\n"
+        "    c.model.path = 'smollm2'\n"
+        "    c.model.dtype = 'bfloat16'\n"
+        "    return c\n"
+    )
+    with pytest.raises(RunConfigError, match=RENAMED):
+        load_config(preset)
+    as_dict = load_config(TINY).to_dict()
+    as_dict["model"]["dtype"] = as_dict["model"].pop("param_dtype")
+    with pytest.raises(RunConfigError, match=RENAMED):
+        parse_config(as_dict)
+
+
+def test_the_section_dataclasses_are_the_defaults():
+    """`default_config()` is `RunConfig()` as a ConfigDict: the same keys, defaults and types."""
+    defaults = default_config()
+    assert RunConfig().to_dict() == defaults.to_dict()
+    for section, cls in SECTION_TYPES.items():
+        assert isinstance(getattr(RunConfig(), section), cls)
+        for key, kind in field_types(cls).items():
+            value = defaults[section][key]
+            assert isinstance(value, ConfigDict if dataclasses.is_dataclass(kind) else kind), (section, key)
 
 
 def _one_line_error(argv):

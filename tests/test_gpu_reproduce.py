@@ -1,11 +1,12 @@
 """benchmarks/gpu_reproduce.sh: the command it runs is a valid study config with the issue's protocol (every
 override names a real key), on a GPU and with `--limit N`; the slow test runs it end to end on CPU."""
 
+import os
 import shlex
 import subprocess
 
 import pytest
-from conftest import REPO
+from conftest import FIXTURE_DATA, REPO
 
 from aft_jax.config.load import load_config
 from aft_jax.study.runner import study_plan
@@ -27,7 +28,8 @@ def test_gpu_protocol():
     assert (c.sample.k, c.sample.temperature) == (6, 1.0)
     assert (c.pipeline.init_from, c.pipeline.vft_epochs, c.pipeline.align_epochs) == ("base", 1, 1)
     assert c.eval.limit == -1 and c.eval.group_questions == 200  # all 1,319 test questions
-    assert study_plan(c) == ([0], ["aft_bc", "aft_dc", "rft"], {"beta": {}, "lr": {}})
+    seeds, runs, sweeps = study_plan(c)
+    assert (seeds, [run.name for run in runs], sweeps) == ([0], ["aft_bc", "aft_dc", "rft"], {"beta": {}, "lr": {}})
 
 
 def test_cpu_limit_keeps_the_protocol_and_passes_overrides_on():
@@ -45,5 +47,7 @@ def test_cpu_limit_keeps_the_protocol_and_passes_overrides_on():
 
 @pytest.mark.slow
 def test_runs_end_to_end_on_cpu(tmp_path):
-    subprocess.run(["bash", str(SCRIPT), "--limit", "2", "--run-dir", str(tmp_path / "run")], check=True)
+    """On the first 2 GSM8K train and test questions, which tests/data holds as the full files do."""
+    env = {**os.environ, "AFT_DATA_DIR": str(FIXTURE_DATA)}
+    subprocess.run(["bash", str(SCRIPT), "--limit", "2", "--run-dir", str(tmp_path / "run")], check=True, env=env)
     assert "## The paper's claims" in (tmp_path / "run" / "study.md").read_text()

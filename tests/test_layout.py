@@ -1,4 +1,4 @@
-"""The README's layout list names every module of the package, and nothing that does not exist."""
+"""The layout list of docs/architecture.md names every module of the package, and nothing that does not exist."""
 
 import re
 from pathlib import Path
@@ -7,7 +7,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _listed() -> list[str]:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "architecture.md").read_text()
     section = text[text.index("## Layout\n") :]
     return re.findall(r"^    (aft_jax/\S+)", section, re.M)
 
@@ -22,8 +22,8 @@ def test_layout_list_matches_the_package():
     } - {"aft_jax/__init__.py"}
     unlisted = {m for m in modules if m not in listed and not any(m.startswith(f) for f in folders)}
     missing = [entry for entry in listed if not (ROOT / entry).exists()]
-    assert not unlisted, f"modules missing from the README layout list: {sorted(unlisted)}"
-    assert not missing, f"README layout entries with no such file: {missing}"
+    assert not unlisted, f"modules missing from the layout list of docs/architecture.md: {sorted(unlisted)}"
+    assert not missing, f"docs/architecture.md layout entries with no such file: {missing}"
     assert len(listed) == len(set(listed)), "an entry is listed twice"
 
 
@@ -53,4 +53,4 @@ def test_each_module_imports_only_layers_listed_before_it():
                 same_folder = target.rpartition(".")[0] == folder or target.startswith(folder + ".")
                 if not same_folder and position(target) > position(own):
                     wrong.append(f"{own} imports {target}")
-    assert not wrong, "imports of a layer listed later in the README layout: " + "; ".join(sorted(wrong))
+    assert not wrong, "imports of a layer listed later in the docs/architecture.md layout: " + "; ".join(sorted(wrong))

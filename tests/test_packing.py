@@ -40,11 +40,12 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def encoded(tokenizer):
+def encoded(tokenizer, fixture_data_dir):
     """8 GSM8K questions with the Alpaca prompt; 2 to K candidates each: the reference and other questions'
-    references (cut to different lengths), labelled at random."""
+    references (cut to different lengths), labelled at random. The first 40 train records, from tests/data."""
     task = get_task("gsm8k")
-    examples = task.load("train", limit=40)
+    examples = task.load("train", data_dir=fixture_data_dir, limit=40)
+    assert len(examples) == 40
     rng = np.random.default_rng(0)
     encoder = GroupEncoder(tokenizer, max_length=384, group_size=K)
     groups = []

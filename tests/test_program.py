@@ -5,12 +5,18 @@ import pytest
 from conftest import REPO
 from train_helpers import write_arithmetic_groups
 
-from aft_jax.build import task_from_config, with_built_tokenizer
+from aft_jax.build import Context
 from aft_jax.config.load import load_config
-from aft_jax.parallel import sharding
 from aft_jax.stages.plan import planned_program
 from aft_jax.stages.program import batch_spec
-from aft_jax.stages.train import prepare_training, shard_batch
+from aft_jax.stages.train import TrainSettings, prepare_training, shard_batch
+
+
+def _prepared(config):
+    """The batches and the prepared run of `aft-jax aft` with `config` (its starting model, its groups)."""
+    ctx = Context.of(config)
+    batcher = ctx.batcher(config.data.train_file, config.loss.method)
+    return batcher, prepare_training(ctx.model(), batcher, TrainSettings.of(config), mesh=ctx.mesh)
 
 
 @pytest.mark.parametrize("layout", ["packed", "padded"])
@@ -25,15 +31,14 @@ def test_training_compiles_the_planned_program(tmp_path, layout):
         f"data.layout={layout}",
     ]
     config = load_config(REPO / "configs" / "tiny.py", overrides)
-    config = with_built_tokenizer(config, task_from_config(config))
-    run = prepare_training(config, mesh=sharding.make_mesh(config.train.mesh))
-    batch = shard_batch(run.batcher.next_batch(), run.mesh, config.train.batch_size)
+    batcher, run = _prepared(config)
+    batch = shard_batch(batcher.next_batch(), run.program.mesh, config.train.batch_size)
     trained = run.program.lower(run.state, batch).as_text()
     if layout == "padded":
         _, planned = planned_program(config, seq_len=batch["input_ids"].shape[-1])
     else:  # packed rows depend on the data: the plan's batch spec of the real batch's rows
         rows, length = batch["input_ids"].shape
-        spec = batch_spec(run.mesh, config.train.batch_size, config.data.group_size, length, rows=rows)
+        spec = batch_spec(run.program.mesh, config.train.batch_size, config.data.group_size, length, rows=rows)
         _, planned = planned_program(config, batch=spec)
     assert planned.as_text() == trained
     assert "sharding_constraint" in trained, "the model's activation constraints are part of the training step"
@@ -48,11 +53,10 @@ def test_packed_and_padded_training_give_the_same_loss_curve(tmp_path):
         overrides = [f"run_dir={tmp_path}", "train.mesh=1,4,2", f"data.train_file={groups}", "train.max_steps=3"]
         overrides += [f"data.layout={layout}", "train.grad_accum=2", "data.tokens_per_row=160"]
         config = load_config(REPO / "configs" / "tiny.py", overrides)
-        config = with_built_tokenizer(config, task_from_config(config))
-        run = prepare_training(config, mesh=sharding.make_mesh(config.train.mesh))
+        batcher, run = _prepared(config)
         state, curves[layout] = run.state, []
         for _ in range(3):
-            batch = shard_batch(run.batcher.next_batch(), run.mesh, config.train.batch_size)
+            batch = shard_batch(batcher.next_batch(), run.program.mesh, config.train.batch_size)
             state, metrics = run.program(state, batch)
             curves[layout].append([float(metrics[k]) for k in ("loss", "vft_loss", "align_loss", "grad_norm")])
         if layout == "packed":

@@ -264,9 +264,9 @@ def test_own_cache_grows_in_quarters_to_max_new_tokens():
 
 
 def test_sampler_texts_equal_its_token_ids(smollm2_dir):
-    """`Sampler.sample` (texts, batched and padded here) and `Sampler.sample_ids` (ids given) agree greedily."""
+    """`JaxSampler.sample` (texts, batched and padded here) and `JaxSampler.sample_ids` (ids given) agree greedily."""
     model, tokenizer = _tiny_model_with_real_tokenizer(smollm2_dir, seed=2)
-    sampler = aft_jax.Sampler(model, tokenizer, batch_size=4)
+    sampler = aft_jax.JaxSampler(model, tokenizer, batch_size=4)
     prompts = ["Tom has 3 apples.", "Count to five:", "The sky is"]
     texts = sampler.sample(prompts, max_new_tokens=10)
     params = sampler.params(10)

@@ -15,7 +15,7 @@ import pytest
 from conftest import DEVICES_FLAG, REPO, tiny_cli
 
 from aft_jax.config.load import load_config
-from aft_jax.method.registry import method_settings
+from aft_jax.method.registry import AlignmentRun, alignment_run
 from aft_jax.study.report import claims_table, study_markdown
 from aft_jax.study.runner import aggregate, study_plan
 from aft_jax.study.stats import paired_t, t_interval
@@ -52,7 +52,7 @@ def test_each_seed_runs_every_stage_and_reports(straight_run):
         manifest = json.loads((run_dir / "manifest.json").read_text())
         assert all(
             manifest["stages"][s]["status"] == "done"
-            for s in ["base", "vft", "sample_train", "sample_eval", *models[1:], "eval"]
+            for s in ["tokenizer", "vft", "sample_train", "sample_eval", *models[1:], "eval"]
         )
         assert manifest["config"]["seed"] == seed
         vocab = json.loads((run_dir / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
@@ -147,10 +147,14 @@ def test_study_plan_rejects_bad_settings(override, message):
     with pytest.raises(ValueError, match=message):  # pipeline.methods is checked at load, the rest by the plan
         study_plan(load_config(REPO / "configs" / "tiny.py", [override]))
     swept = load_config(REPO / "configs" / "tiny.py", ["study.betas=0.1,0.5", "study.lrs=3e-3,1e-4"])
-    assert study_plan(swept)[1:] == (
-        ["aft_bc", "rft", "aft_bc-beta0.5", "aft_bc-lr0.0001"],
-        {"beta": {0.1: "aft_bc", 0.5: "aft_bc-beta0.5"}, "lr": {3e-3: "aft_bc", 1e-4: "aft_bc-lr0.0001"}},
-    )
+    _, runs, sweeps = study_plan(swept)
+    assert runs == [
+        alignment_run("aft_bc"),
+        alignment_run("rft"),
+        AlignmentRun("aft_bc-beta0.5", {"method": "aft", "constraint": "boundary", "beta": 0.5}),
+        AlignmentRun("aft_bc-lr0.0001", {"method": "aft", "constraint": "boundary"}, lr=1e-4),
+    ]
+    assert sweeps == {"beta": {0.1: "aft_bc", 0.5: "aft_bc-beta0.5"}, "lr": {3e-3: "aft_bc", 1e-4: "aft_bc-lr0.0001"}}
 
 
 def _result(accuracy: float, correct: list[bool], validation: float, aacc: float) -> dict:
@@ -205,14 +209,15 @@ def test_aggregate_verdicts_and_the_beta_chosen_on_validation():
 
 
 def test_method_names():
-    assert method_settings("aft_bc") == {"loss": {"method": "aft", "constraint": "boundary"}}
-    assert method_settings("aft_bc-beta0.3") == {"loss": {"method": "aft", "constraint": "boundary", "beta": 0.3}}
-    assert method_settings("rrhf_rank") == {"loss": {"method": "rrhf", "constraint": "none", "use_levels": True}}
-    assert method_settings("dpo_bc") == {"loss": {"method": "dpo", "constraint": "boundary"}}
-    assert method_settings("aft_dc-lr1e-05-beta0.2") == {
-        "loss": {"method": "aft", "constraint": "detach", "beta": 0.2},
-        "optim": {"lr": 1e-5},
-    }
+    assert alignment_run("aft_bc") == AlignmentRun("aft_bc", {"method": "aft", "constraint": "boundary"})
+    assert alignment_run("aft_bc-beta0.3").loss == {"method": "aft", "constraint": "boundary", "beta": 0.3}
+    assert alignment_run("rrhf_rank").loss == {"method": "rrhf", "constraint": "none", "use_levels": True}
+    assert alignment_run("dpo_bc").loss == {"method": "dpo", "constraint": "boundary"}
+    assert alignment_run("aft_dc-lr1e-05-beta0.2") == AlignmentRun(
+        "aft_dc-lr1e-05-beta0.2", {"method": "aft", "constraint": "detach", "beta": 0.2}, lr=1e-5
+    )
+    varied = alignment_run("aft_dc").varied(lr=1e-5).varied(beta=0.2)  # the study's runs, made as data
+    assert alignment_run(varied.name) == varied
 
 
 def test_one_seed_uses_the_bootstrap_and_a_lower_claim_can_be_contradicted():

@@ -1,4 +1,7 @@
-"""Answer extraction and checking on a table of tricky cases, and every task's real data loading."""
+"""Answer extraction and checking on a table of tricky cases, and every task's real data loading: the few
+real records of every file in tests/data always, the full files when $AFT_DATA_DIR names them."""
+
+import json
 
 import pytest
 
@@ -65,9 +68,9 @@ def test_option_letter_extraction(text, expected):
     assert extract_option_letter(text) == expected
 
 
-def test_gsm8k_rank_levels():
+def test_gsm8k_rank_levels(fixture_data_dir):
     task = get_task("gsm8k_rank")
-    [example] = [e for e in task.load("train", limit=1)]
+    [example] = [e for e in task.load("train", data_dir=fixture_data_dir, limit=1)]
     assert example.answer == "72"
     assert task.level("48/2 = 24 in May, 48+24 = 72 in total. #### 72", example) == 3
     assert task.level("48/2 = 24 in May, so 48+24 = 73.\n#### 73", example) == 2  # 24 of {24, 72}: half
@@ -84,16 +87,83 @@ def test_gsm8k_rank_levels():
         ("ecqa", "test", 2194),
     ],
 )
-def test_real_data_loads_and_references_are_correct(name, split, count):
+def test_real_data_loads_and_references_are_correct(name, split, count, full_data_dir):
     task = get_task(name)
-    examples = task.load(split)
+    examples = task.load(split, data_dir=full_data_dir)
     assert len(examples) == count
+    check_references(task, examples)
+
+
+def check_references(task, examples):
+    """Each reference is correct against its own gold answer and wrong against another one."""
     assert all(task.is_correct(e.target, e.answer) for e in examples)
+    assert not any(task.is_correct(e.target, another_answer(e.answer)) for e in examples)
 
 
-def test_ecqa_uses_answer_key_and_lists_options():
-    example = get_task("ecqa").load("train", limit=1)[0]
+def another_answer(gold: str) -> str:
+    if gold in "ABCDE":
+        return "ABCDE"[("ABCDE".index(gold) + 1) % 5]
+    return str(-float(gold)) if float(gold) else "1"  # the sign counts: -7 is not 7
+
+
+def gold_in_file(name: str, file, line: str) -> str:
+    """A record's gold answer read from its line as the data's README describes it, not by the task's loader."""
+    if name.startswith("gsm8k"):
+        return json.loads(line)["answer"].split("\n#### ")[-1].replace(",", "")
+    if file.suffix == ".tsv":  # FLAN's AQuA subset: question, "(C)", rationale
+        return line.split("\t")[1].strip("()")
+    record = json.loads(line)
+    return record["correct"] if name == "aqua_rat" else record["answer_key"]
+
+
+@pytest.mark.parametrize(
+    "name,split",
+    [(t, s) for t in ("gsm8k", "gsm8k_rank") for s in ("train", "test")]
+    + [("aqua_rat", s) for s in ("train", "dev", "test")]
+    + [("ecqa", s) for s in ("train", "dev", "test")],
+)
+def test_fixture_records_load_with_the_files_gold_answers(name, split, fixture_data_dir):
+    """Every file of tests/data: each line is an example, in order, whose gold is the record's own and whose
+    reference checks as correct (what the full-data test checks on every record of the full files)."""
+    task = get_task(name)
+    file = fixture_data_dir / task.splits[split]
+    lines = file.read_text(encoding="utf-8").splitlines()
+    examples = task.load(split, data_dir=fixture_data_dir)
+    assert [e.answer for e in examples] == [gold_in_file(name, file, line) for line in lines]
+    check_references(task, examples)
+    assert task.load(split, data_dir=fixture_data_dir, limit=3) == examples[:3]
+
+
+def test_gsm8k_answers_with_thousands_separators_and_signs(fixture_data_dir):
+    """Real answers `#### 1,080` and `#### -7` (train), `#### 2,125` and `#### -10` (test): commas dropped,
+    the sign kept; the references check as correct against them (above)."""
+    task = get_task("gsm8k")
+    train, test = (task.load(split, data_dir=fixture_data_dir) for split in ("train", "test"))
+    assert {"1080", "-7"} <= {e.answer for e in train} and {"2125", "-10"} <= {e.answer for e in test}
+    [example] = [e for e in train if e.meta["solution"].endswith("#### 1,080")]
+    assert example.answer == "1080" and example.target.endswith("#### 1,080") and "<<" not in example.target
+
+
+def test_ecqa_uses_answer_key_and_lists_options(fixture_data_dir):
+    example = get_task("ecqa").load("train", data_dir=fixture_data_dir, limit=1)[0]
     assert example.answer in "ABCDE" and "(A)" in example.question and "(E)" in example.question
+
+
+def test_ecqa_gold_is_the_answer_key_where_its_text_is_two_options(fixture_data_dir):
+    """Real records whose gold text is two of the options, the gold the later one: the gold is `answer_key`,
+    not the first option with that text."""
+    task = get_task("ecqa")
+    for split in ("train", "dev", "test"):
+        lines = (fixture_data_dir / task.splits[split]).read_text(encoding="utf-8").splitlines()
+        examples = task.load(split, data_dir=fixture_data_dir)
+        twice = 0
+        for record, example in zip(map(json.loads, lines), examples, strict=True):
+            texts = [c["text"] for c in record["choices"]]
+            if texts.count(record["answer_text"]) > 1:
+                twice += 1
+                assert example.answer == record["answer_key"] != "ABCDE"[texts.index(record["answer_text"])]
+                assert task.is_correct(f"so the answer is {record['answer_key']}", example.answer)
+        assert twice, f"tests/data ecqa/{split} should hold a record whose gold text is two options"
 
 
 def test_synthetic_is_seeded_and_has_several_orders():
@@ -156,14 +226,10 @@ def test_prompt_templates():
         format_prompt("Q?", "fancy")
 
 
-def test_ecqa_hub_layout_maps_to_the_same_example():
+def test_ecqa_hub_layout_maps_to_the_same_example(fixture_data_dir):
     task = get_task("ecqa")
-    local = task.load("test", limit=1)[0]
-    import json
-    import os
-    from pathlib import Path
-
-    record = json.loads((Path(os.environ["AFT_DATA_DIR"]) / "ecqa" / "test.jsonl").read_text().splitlines()[0])
+    local = task.load("test", data_dir=fixture_data_dir, limit=1)[0]
+    record = json.loads((fixture_data_dir / "ecqa" / "test.jsonl").read_text().splitlines()[0])
     hub = {
         "q_no": record["id"],
         "q_text": record["question"],
@@ -175,9 +241,9 @@ def test_ecqa_hub_layout_maps_to_the_same_example():
     assert (mapped.question, mapped.target, mapped.answer) == (local.question, local.target, local.answer)
 
 
-def test_mix_checks_each_example_by_its_own_task():
+def test_mix_checks_each_example_by_its_own_task(fixture_data_dir):
     task = get_task("mix")
-    examples = task.load("test", limit=3)
+    examples = task.load("test", data_dir=fixture_data_dir, limit=3)
     assert [e.meta["task"] for e in examples] == ["gsm8k"] * 3 + ["aqua_rat"] * 3 + ["ecqa"] * 3
     assert all(task.is_correct(e.target, e.answer) for e in examples)
     gsm, aqua = examples[0], examples[3]

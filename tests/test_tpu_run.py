@@ -47,6 +47,7 @@ def test_dry_run_creates_copies_sets_up_runs_and_deletes():
     setup, run = commands[3], commands[4]
     assert "--worker=all" in setup and "pip install" in setup[-1] and "jax[tpu]" in setup[-1]
     assert run[-1].endswith("aft-jax pipeline --config configs/llama2_7b_gsm8k.py --config.run_dir=gs://b/r ")
+    assert "AFT_DISTRIBUTED=auto " in run[-1], "every worker joins one jax.distributed run (initialize_distributed)"
     assert commands[5] == [
         "gcloud",
         "compute",

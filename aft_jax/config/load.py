@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 
-from aft_jax.config.spec import RunConfig, RunConfigError, check_command, parse_config
+from aft_jax.config.spec import RunConfig, RunConfigError, check_command, parse_config, renamed_message
 
 
 class UnknownKeyError(RunConfigError, KeyError):
     """An override or preset names a key the config does not have."""
 
 
-def load_config(path: str | Path, overrides: list[str] = (), command: str | None = None) -> RunConfig:
+def load_config(path: str | Path, overrides: Sequence[str] = (), command: str | None = None) -> RunConfig:
     """Loads `get_config()` (or `get_config(arg)` for `file.py:arg`) from a preset file, locks it, applies
     `a.b=value` overrides and returns it parsed and checked (`spec.parse_config`, and the rules of
     `command`; `vft` sets `loss.method = "vft"`)."""
@@ -28,6 +30,8 @@ def load_config(path: str | Path, overrides: list[str] = (), command: str | None
     if not path.is_file():
         raise FileNotFoundError(f"{path}: config file not found")
     spec = importlib.util.spec_from_file_location(f"aft_jax_config_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise RunConfigError(f"{path}: cannot be loaded as a Python config file")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
@@ -48,6 +52,8 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     if "=" not in override:
         raise RunConfigError(f"override {override!r} must look like key.sub=value")
     dotted, raw = override.split("=", 1)
+    if message := renamed_message(dotted):
+        raise RunConfigError(message)
     *parents, leaf = dotted.split(".")
     node = config
     for depth, key in enumerate(parents):
@@ -61,11 +67,11 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
         node[leaf] = _parse(raw, current, dotted)
 
 
-def _unknown(dotted: str, where: str, node) -> str:
+def _unknown(dotted: str, where: str, node: ml_collections.ConfigDict) -> str:
     return f"unknown config key {dotted!r}; valid keys{' under ' + where if where else ''}: {', '.join(sorted(node))}"
 
 
-def _parse(raw: str, current, dotted: str):
+def _parse(raw: str, current: Any, dotted: str) -> Any:
     if isinstance(current, bool):
         if raw.lower() not in ("true", "false", "1", "0"):
             raise RunConfigError(f"{dotted}: expected true or false, got {raw!r}")

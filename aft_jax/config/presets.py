@@ -4,6 +4,10 @@ the same for the instruct models people fine-tune today (Qwen2.5, Qwen3), prompt
 
 from __future__ import annotations
 
+from typing import Any
+
+import ml_collections
+
 from aft_jax.config.defaults import default_config
 from aft_jax.config.spec import RunConfigError
 
@@ -18,7 +22,7 @@ OPEN_MODELS = {  # hub name, gradient accumulation for 128 questions per step
     "qwen2.5_7b": ("Qwen/Qwen2.5-7B-Instruct", 4),
     "qwen3_8b": ("Qwen/Qwen3-8B", 4),
 }
-PAPER_TASKS = {
+PAPER_TASKS: dict[str, dict[str, dict[str, Any]]] = {
     "gsm8k": {"task": {"name": "gsm8k"}},
     "aqua_rat": {"task": {"name": "aqua_rat"}},
     "ecqa": {"task": {"name": "ecqa"}},
@@ -31,7 +35,7 @@ PAPER_TASKS = {
 }
 
 
-def paper_config(model: str, task: str, models=PAPER_MODELS):
+def paper_config(model: str, task: str, models: dict[str, tuple[str, int]] = PAPER_MODELS) -> ml_collections.ConfigDict:
     """`model` in `models` (PAPER_MODELS, or OPEN_MODELS through `open_model_config`), `task` in PAPER_TASKS."""
     if model not in models or task not in PAPER_TASKS:
         raise RunConfigError(f"unknown preset {model}-{task}; models: {sorted(models)}, tasks: {sorted(PAPER_TASKS)}")
@@ -50,7 +54,7 @@ def paper_config(model: str, task: str, models=PAPER_MODELS):
     return c
 
 
-def open_model_config(model: str, task: str):
+def open_model_config(model: str, task: str) -> ml_collections.ConfigDict:
     """`paper_config` for a model of OPEN_MODELS, prompted with its tokenizer's chat template."""
     c = paper_config(model, task, OPEN_MODELS)
     c.task.template = "chat"

@@ -1,32 +1,230 @@
 """The run configuration as frozen, typed sections, parsed once at load and checked there, before any
 model is built or data read.
 
-Each section's fields and types are those of `defaults.default_config()` (one source for keys, types and
-defaults); `CHOICES` holds every enum-like key's valid values and `check` every cross-field rule. An
-error names the key, the value and what was expected. A stage that needs other settings gets a copy
-from `RunConfig.replace(section={key: value})`, checked again.
+The section dataclasses below are the one source for keys, types and defaults (with each key's meaning);
+`defaults.default_config()` is the same as a ConfigDict, which presets (`configs/*.py`) override.
+`CHOICES` holds every enum-like key's valid values and `check` every cross-field rule. An error names the
+key, the value and what was expected. A stage that needs other settings gets a copy from
+`RunConfig.replace(section={key: value})`, checked again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import typing
+from typing import Any
 
 import ml_collections
 
-from aft_jax.config.defaults import default_config
 from aft_jax.data.batches import LAYOUTS, TRUNCATION
 from aft_jax.data.task_tokenizer import MIN_VOCAB_SIZE
 from aft_jax.data.tasks import TASKS, TEMPLATES
 from aft_jax.errors import UserError
-from aft_jax.method.registry import CONSTRAINTS, METHODS, get_method, method_names, method_settings
+from aft_jax.method.registry import CONSTRAINTS, METHODS, alignment_run, get_method, method_names
 from aft_jax.model.attention import ATTENTION_IMPLS, CUDNN_DTYPES
 from aft_jax.model.config import REMAT_POLICIES
 from aft_jax.parallel.sharding import parse_mesh_shape
 
+
+@dataclasses.dataclass(frozen=True)
+class RandomModelSection:
+    """`model.random`: the dimensions of a randomly initialised model (used when `model.path` is empty)."""
+
+    hidden_size: int = 0
+    intermediate_size: int = 0
+    num_layers: int = 0
+    num_heads: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """`model`: which model, its tokenizer, dtypes and memory layout."""
+
+    path: str = ""  # HF folder, aft_jax model folder or hub name; empty with `random` set: random init
+    tokenizer: str = ""  # a folder, hub name, "smollm2" or "build" (trained on the task); empty: model.path's own
+    build_vocab_size: int = 384  # tokenizer "build": at most this many tokens (fewer if merges run out)
+    param_dtype: str = "float32"  # the parameters' dtype (ModelConfig.param_dtype); was `model.dtype`
+    compute_dtype: str = "float32"  # activations' dtype (aft_jax.model.config.ModelConfig.dtype)
+    remat_policy: str = "none"  # none | full | dots | dots_no_batch
+    attention: str = "auto"  # auto (cudnn where it applies) | xla | cudnn: see aft_jax.model.attention
+    random: RandomModelSection = dataclasses.field(default_factory=RandomModelSection)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSection:
+    """`task`: the benchmark, its prompt template and splits."""
+
+    name: str = "gsm8k"  # gsm8k | gsm8k_rank | aqua_rat | ecqa | synthetic
+    data_dir: str = ""  # the benchmark data folder; empty: $AFT_DATA_DIR
+    template: str = "alpaca"  # alpaca | plain | chat
+    train_split: str = "train"
+    eval_split: str = "test"
+    validation_split: str = "validation"  # for choices (beta, lr, epochs); see eval.validation_limit
+    limit: int = -1  # > 0: use only the first N training questions
+    synthetic_train: int = 2000  # sizes of the generated synthetic splits
+    synthetic_validation: int = 500
+    synthetic_test: int = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSection:
+    """`sample`: drawing the candidate groups (`aft-jax sample`)."""
+
+    k: int = 6  # samples per training question
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    batch_size: int = 32  # rows (question x sample) decoding together
+    rows_per_prompt: int = 0  # rows per prompt slot, sampling and evaluation; 0: k if questions <= rows, else 1
+    shard_size: int = 256  # questions per groups shard
+    out_dir: str = ""  # empty: <run_dir>/groups
+    mesh: str = "fsdp"  # over each process's own devices (it samples its own shards)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+    """`eval`: accuracy, self-consistency and assessment accuracy on held-out questions."""
+
+    limit: int = 200  # test questions for accuracy and self-consistency (<= 0: all)
+    max_new_tokens: int = 256
+    sc_k: int = 8  # samples per question for self-consistency
+    sc_temperature: float = 0.7
+    validation_limit: int = 0  # > 0: also greedy accuracy on the first N questions of task.validation_split
+    group_questions: int = 100  # test questions whose sampled groups measure assessment accuracy
+    batch_size: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSection:
+    """`pipeline`: VFT, sampling, then each alignment method (`aft-jax pipeline`)."""
+
+    methods: str = "aft_bc,aft_dc,rft"  # alignment runs after VFT; see aft_jax.method.registry.PRESETS
+    init_from: str = "base"  # base | vft: where each alignment run starts
+    vft_epochs: int = 3
+    align_epochs: int = 3
+    align_lr: float = -1.0  # peak learning rate of the alignment runs; negative: optim.lr
+
+
+@dataclasses.dataclass(frozen=True)
+class StudySection:
+    """`study`: the pipeline over seeds and sweeps (`aft-jax study`)."""
+
+    seeds: str = "0"  # `aft-jax study`: one pipeline run per seed, in <run_dir>/seed-<n>
+    betas: str = ""  # e.g. "0.05,0.1,0.3,1.0": also AFT-BC once per beta (claim 7)
+    lrs: str = ""  # e.g. "1e-3,3e-4,1e-4": also AFT-BC once per alignment learning rate
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    """`data`: the training file and how its examples become batches."""
+
+    train_file: str = ""  # groups (file or folder of shards) or VFT pairs; empty for VFT: the task's train split
+    max_length: int = 512
+    group_size: int = 8  # K: candidate slots per group (6 samples + reference + room)
+    truncation: str = "completion"  # completion | drop
+    pad_multiple: int = 64
+    layout: str = "packed"  # packed: each prompt once, groups in rows of tokens_per_row | padded: [B, K, T]
+    tokens_per_row: int = 1024  # packed rows' token budget (>= max_length); a longer group is split over rows
+    shuffle: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSection:
+    """`loss`: the training objective (aft_jax.method)."""
+
+    method: str = "aft"  # aft_jax.method.registry.METHODS: vft | aft | rft | rrhf | pro | dpo
+    constraint: str = "boundary"  # none | detach | boundary
+    beta: float = 0.1  # boundary margin
+    beta_dpo: float = 0.1
+    lam: float = 1.0  # lambda: weight of the alignment term
+    vft_weight: float = -1.0  # weight of the NLL term; negative: method default (0 for dpo, else 1)
+    vft_targets: str = "reference"  # reference | positives
+    use_levels: bool = False  # rank by `level` (GSM8K-RANK) instead of correct / incorrect
+    logit_chunk: int = 128  # positions per chunk of the vocabulary projection
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection:
+    """`optim`: AdamW with warmup and cosine decay."""
+
+    lr: float = 2e-5
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    """`train`: steps, batches and the training mesh."""
+
+    batch_size: int = 128  # question groups per optimizer step (global)
+    grad_accum: int = 1  # micro-batches per step
+    num_epochs: int = 3
+    max_steps: int = -1  # > 0 overrides num_epochs
+    log_every: int = 1
+    mesh: str = "fsdp"  # preset name (aft_jax.sharding.MESH_PRESETS) or "data,fsdp,tensor" sizes
+    tensorboard: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    """`checkpoint`: training checkpoints and the exported model."""
+
+    save_every: int = 500
+    keep: int = 2
+    async_save: bool = True
+    export_hf: bool = False  # also write the final model as a HF folder
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The checked run configuration: `config.loss.method`, ...; `replace(loss={...})` for a copy."""
+
+    run_dir: str = "runs/default"
+    seed: int = 0
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    task: TaskSection = dataclasses.field(default_factory=TaskSection)
+    sample: SampleSection = dataclasses.field(default_factory=SampleSection)
+    eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+    pipeline: PipelineSection = dataclasses.field(default_factory=PipelineSection)
+    study: StudySection = dataclasses.field(default_factory=StudySection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    loss: LossSection = dataclasses.field(default_factory=LossSection)
+    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=indent)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with `section={key: value}` (or top-level `key=value`) changes, parsed and checked again."""
+        return parse_config(_merged(dataclasses.asdict(self), changes))
+
+
+@functools.cache
+def field_types(cls: type) -> dict[str, type]:
+    """Each field of a section (or `RunConfig`) and its type: str, int, float, bool or a section."""
+    return typing.get_type_hints(cls)
+
+
+SECTION_TYPES: dict[str, type] = {k: t for k, t in field_types(RunConfig).items() if dataclasses.is_dataclass(t)}
+
 DTYPES = ("float32", "bfloat16", "float16")
 CHOICES = {
-    "model.dtype": DTYPES,
+    "model.param_dtype": DTYPES,
     "model.compute_dtype": DTYPES,
     "model.remat_policy": REMAT_POLICIES,
     "model.attention": ATTENTION_IMPLS,
@@ -45,33 +243,48 @@ POSITIVE = (
     "eval.batch_size loss.logit_chunk optim.lr checkpoint.save_every checkpoint.keep"
 ).split()
 NON_NEGATIVE = (
-    "loss.beta loss.beta_dpo loss.lam sample.temperature sample.top_k sample.rows_per_prompt eval.sc_temperature optim.weight_decay "
-    "optim.clip_norm optim.warmup_ratio optim.min_lr_ratio"
+    "loss.beta loss.beta_dpo loss.lam sample.temperature sample.top_k sample.rows_per_prompt eval.sc_temperature "
+    "optim.weight_decay optim.clip_norm optim.warmup_ratio optim.min_lr_ratio"
 ).split()
+# Keys that were renamed: old dotted key -> (new dotted key, what it is). A config (preset, override or dict)
+# that still sets the old key fails with one line naming the new one.
+RENAMED = {
+    "model.dtype": ("model.param_dtype", "the parameter dtype; model.compute_dtype is the compute dtype"),
+}
 
 
 class RunConfigError(UserError, ValueError):
     """A run-config value that is malformed, out of range or inconsistent with another."""
 
 
-def _section_type(name: str, node: ml_collections.ConfigDict) -> type:
-    fields = [
-        (key, _section_type(key, value) if isinstance(value, ml_collections.ConfigDict) else type(value))
-        for key, value in node.items()
-    ]
-    return dataclasses.make_dataclass(name.capitalize() + "Config", fields, frozen=True)
+def renamed_message(dotted: str) -> str | None:
+    """The error for a renamed key (`RENAMED`), or None for any other key."""
+    if dotted not in RENAMED:
+        return None
+    new, what = RENAMED[dotted]
+    return f"{dotted} was renamed to {new} ({what})"
 
 
-def _section_from(cls: type, values: dict, where: str):
-    expected = {f.name: f.type for f in dataclasses.fields(cls)}
+def _section_from(cls: type, values: dict, where: str) -> Any:
+    expected = field_types(cls)
     unknown = sorted(set(values) - set(expected))
+    for key in unknown:
+        if message := renamed_message(where + key):
+            raise RunConfigError(message)
     if unknown:
         raise RunConfigError(f"unknown config key {where}{unknown[0]}; valid keys: {', '.join(sorted(expected))}")
-    parsed = {}
+    missing = sorted(set(expected) - set(values))
+    if missing:
+        raise RunConfigError(f"missing config key {where}{missing[0]}; a config needs every key of {cls.__name__}")
+    parsed: dict[str, Any] = {}
     for key, kind in expected.items():
         value, dotted = values[key], where + key
         if dataclasses.is_dataclass(kind):
-            parsed[key] = _section_from(kind, dict(value), dotted + ".")
+            if isinstance(value, ml_collections.ConfigDict):
+                value = _as_dict(value)
+            if not isinstance(value, dict):
+                raise RunConfigError(f"{dotted}={value!r}: expected a section of keys, got {type(value).__name__}")
+            parsed[key] = _section_from(kind, value, dotted + ".")
             continue
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
@@ -81,24 +294,8 @@ def _section_from(cls: type, values: dict, where: str):
     return cls(**parsed)
 
 
-def _as_dict(node) -> dict:
+def _as_dict(node: ml_collections.ConfigDict) -> dict[str, Any]:
     return {k: _as_dict(v) if isinstance(v, ml_collections.ConfigDict) else v for k, v in node.items()}
-
-
-_DEFAULTS = default_config()
-SECTION_TYPES = {k: _section_type(k, v) for k, v in _DEFAULTS.items() if isinstance(v, ml_collections.ConfigDict)}
-_TOP = {k: type(v) for k, v in _DEFAULTS.items() if k not in SECTION_TYPES}
-RunConfig = dataclasses.make_dataclass(
-    "RunConfig",
-    [(k, t) for k, t in _TOP.items()] + [(k, t) for k, t in SECTION_TYPES.items()],
-    frozen=True,
-    namespace={
-        "to_dict": lambda self: dataclasses.asdict(self),
-        "to_json": lambda self, indent=None: json.dumps(dataclasses.asdict(self), indent=indent),
-        "replace": lambda self, **changes: parse_config(_merged(dataclasses.asdict(self), changes)),
-        "__doc__": "The checked run configuration: `config.loss.method`, ...; `replace(loss={...})` for a copy.",
-    },
-)
 
 
 def _merged(base: dict, changes: dict) -> dict:
@@ -108,20 +305,20 @@ def _merged(base: dict, changes: dict) -> dict:
     return out
 
 
-def parse_config(config) -> RunConfig:
+def parse_config(config: ml_collections.ConfigDict | dict[str, Any]) -> RunConfig:
     """The typed, checked `RunConfig` of a ConfigDict (or a plain dict of the same shape)."""
     values = _as_dict(config) if isinstance(config, ml_collections.ConfigDict) else dict(config)
-    run = _section_from(RunConfig, values, "")
+    run: RunConfig = _section_from(RunConfig, values, "")
     check(run)
     return run
 
 
-def _get(config, dotted: str):
+def _get(config: RunConfig, dotted: str) -> Any:
     section, key = dotted.split(".")
     return getattr(getattr(config, section), key)
 
 
-def check(config) -> None:
+def check(config: RunConfig) -> None:
     """Every enum-like key against its choices, every range and every cross-field rule."""
     for dotted, choices in CHOICES.items():
         if _get(config, dotted) not in choices:
@@ -171,7 +368,7 @@ def check(config) -> None:
     methods = method_names(config.pipeline.methods)
     for name in methods:
         try:
-            method_settings(name)
+            alignment_run(name)
         except ValueError as err:
             raise RunConfigError(str(err)) from None
     trains_groups = get_method(config.loss.method).needs_groups or bool(methods)
@@ -181,7 +378,7 @@ def check(config) -> None:
         )
 
 
-def check_command(config, command: str) -> None:
+def check_command(config: RunConfig, command: str | None) -> None:
     """Rules of one command: `aft` trains an alignment method on a groups file."""
     if command == "aft" and not config.data.train_file and get_method(config.loss.method).needs_groups:
         raise RunConfigError(

@@ -14,7 +14,9 @@ from collections import Counter
 import numpy as np
 
 from aft_jax.data import packing
-from aft_jax.data.groups import Candidate, Group
+from aft_jax.data.groups import Candidate, DataError, Group
+from aft_jax.errors import SettingError
+from aft_jax.io.hf_files import CheckpointError
 
 log = logging.getLogger(__name__)
 TRUNCATION = ("completion", "drop")
@@ -57,9 +59,12 @@ class GroupEncoder:
         self, tokenizer, max_length: int, group_size: int, truncation: str = "completion", only_reference: bool = False
     ):
         if truncation not in TRUNCATION:
-            raise ValueError(f"truncation={truncation!r}; expected one of {TRUNCATION}")
+            raise SettingError(f"data.truncation={truncation!r}: expected one of {', '.join(TRUNCATION)}")
         if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no EOS token; completions must end with one")
+            raise CheckpointError(
+                f"{getattr(tokenizer, 'name_or_path', '') or 'the tokenizer'}: the tokenizer has no EOS token "
+                "(eos_token); completions must end with one: set model.tokenizer to a tokenizer with one"
+            )
         self.tokenizer, self.max_length, self.group_size = tokenizer, max_length, group_size
         self.truncation, self.only_reference = truncation, only_reference
         self.counts: Counter[str] = Counter()
@@ -175,7 +180,8 @@ class GroupBatcher:
     processes; identity for one). Its position, `state()`, is saved with each checkpoint and
     `restore(state)` continues exactly there. `layout="packed"` packs each batch into rows of
     `tokens_per_row` per (shard, micro-batch) unit: `shards` is the mesh's data x fsdp size and
-    `micro_batches` the train step's gradient accumulation; each process holds whole shards."""
+    `micro_batches` the train step's gradient accumulation; each process holds whole shards. `source`, the
+    groups' file (`data.train_file`), starts the message of the error for too few usable groups."""
 
     def __init__(
         self,
@@ -197,14 +203,16 @@ class GroupBatcher:
         tokens_per_row: int = 1024,
         shards: int = 1,
         micro_batches: int = 1,
+        source: str = "",
     ):
         if layout not in LAYOUTS:
-            raise ValueError(f"layout={layout!r}; expected one of {LAYOUTS}")
+            raise SettingError(f"data.layout={layout!r}: expected one of {', '.join(LAYOUTS)}")
         held = len(range(batch_size)[rows])
         if batch_size % (shards * micro_batches) or held * shards % batch_size:
-            raise ValueError(
-                f"a batch of {batch_size} groups in {shards} shards x {micro_batches} micro-batches, this process "
-                f"holding {held} of them: every shard needs whole micro-batches and every process whole shards"
+            raise SettingError(
+                f"train.batch_size={batch_size} in {shards} shards (the mesh's data x fsdp devices) x "
+                f"train.grad_accum={micro_batches} micro-batches, this process holding {held} groups: every shard "
+                "needs whole micro-batches and every process whole shards"
             )
         self.groups, self.encoder, self.batch_size, self.group_size = groups, encoder, batch_size, group_size
         self.max_length, self.pad_id, self.seed = max_length, pad_id, seed
@@ -231,7 +239,12 @@ class GroupBatcher:
         self.split_groups = int(np.sum(self.piece_lengths[1:].any(axis=0)))  # packed groups over one row
         self.usable = np.flatnonzero(self.longest > 0)
         if len(self.usable) < batch_size:
-            raise ValueError(f"{len(self.usable)} usable groups is fewer than one batch of {batch_size}")
+            dropped = len(groups) - len(self.usable)
+            raise DataError(
+                f"{source or 'the training data'}: {len(self.usable)} usable groups (of {len(groups)}; {dropped} "
+                f"dropped: a prompt of data.max_length={max_length} tokens or more, or no candidate left) is fewer "
+                f"than one batch of train.batch_size={batch_size}: give more groups or a smaller train.batch_size"
+            )
         self.epoch, self.index = 0, 0
         self.global_tokens = 0  # real tokens in the last global batch (its candidates' unpacked sequences)
 
@@ -244,7 +257,10 @@ class GroupBatcher:
 
     def restore(self, state: dict) -> None:
         if state.get("seed", self.seed) != self.seed:
-            raise ValueError(f"checkpoint data seed {state['seed']} differs from the configured {self.seed}")
+            raise SettingError(
+                f"seed={self.seed}: the checkpoint being resumed was trained with seed={state['seed']}, whose "
+                "data order differs: resume with its seed, or start a new run_dir"
+            )
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
     def _order(self, epoch: int) -> np.ndarray:

@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from aft_jax.errors import SettingError
+
 TOKEN_SCHEMA = {
     "input_ids": np.int32,
     "positions": np.int32,
@@ -49,7 +51,10 @@ def group_pieces(tokens: list[list[int]], prompt_length: int, tokens_per_row: in
     for k, seq in enumerate(tokens):
         branch = seq[prompt_length - 1 :]
         if len(shared) + len(branch) > tokens_per_row:
-            raise ValueError(f"a sequence of {len(seq)} tokens does not fit in a row of {tokens_per_row} tokens")
+            raise SettingError(
+                f"data.tokens_per_row={tokens_per_row}: a sequence of {len(seq)} tokens does not fit in a packed row; "
+                "expected at least the sequence length (data.max_length, or plan's --seq-len)"
+            )
         if not pieces or pieces[-1].length + len(branch) > tokens_per_row:
             pieces.append(Piece(shared, []))
         pieces[-1].branches.append((k, slot_base + k, branch))

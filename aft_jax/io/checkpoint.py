@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from aft_jax.io import paths
+from aft_jax.io.hf_files import CheckpointError, first_line
 from aft_jax.model.causal_lm import CausalLM, abstract_model
 from aft_jax.model.config import ModelConfig
 from aft_jax.model.families import config_to_hf
@@ -60,7 +61,13 @@ def restore_model(path: str | os.PathLike, config: ModelConfig, mesh, rules=None
         nnx.to_pure_dict(shardings),
     )
     with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(paths.for_orbax(path), target)
+        try:
+            restored = checkpointer.restore(paths.for_orbax(path), target)
+        except (ValueError, KeyError, OSError) as err:  # Orbax: a missing, partial or differently shaped state
+            raise CheckpointError(
+                f"{path}: cannot restore these parameters in the shapes of the folder's config.json "
+                f"({first_line(err)})"
+            ) from err
     nnx.replace_by_pure_dict(abstract_state, restored)
     return nnx.merge(graphdef, abstract_state)
 
@@ -75,6 +82,7 @@ class TrainCheckpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=save_every, enable_async_checkpointing=async_save, create=True
         )
+        self.directory = directory
         self._manager = ocp.CheckpointManager(paths.for_orbax(directory), options=options, item_names=("state", "data"))
 
     def latest_step(self) -> int | None:
@@ -88,7 +96,13 @@ class TrainCheckpointer:
         """Restores into the shapes, dtypes and shardings of `like_state` (arrays or ShapeDtypeStructs)."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
-        restored = self._manager.restore(step, args=args)
+        try:
+            restored = self._manager.restore(step, args=args)
+        except (ValueError, KeyError, OSError) as err:  # Orbax: a state of other shapes or structure
+            raise CheckpointError(
+                f"{self.directory}: cannot resume from step {step}: its train state does not match the configured "
+                f"model and optimizer ({first_line(err)}); resume with the run's own config, or start a new run_dir"
+            ) from err
         return restored["state"], restored["data"]
 
     def close(self) -> None:

@@ -24,6 +24,18 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint folder or tensor that cannot be loaded; the message names the file or tensor."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (a library's may run over many), for a one-line message."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def check_hub_name(name: str) -> None:
+    """A `CheckpointError` unless `name` (not a local folder) has a hub name's form, `owner/model`."""
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise CheckpointError(f"{name}: no such folder, and not a hub name of the form 'owner/model'")
+
+
 def resolve_checkpoint_dir(path_or_name: str | os.PathLike, revision: str | None = None) -> Path:
     """A local folder as is; otherwise a Hugging Face hub name, downloaded (configs, tokenizer, safetensors)."""
     path = Path(path_or_name).expanduser()
@@ -32,15 +44,16 @@ def resolve_checkpoint_dir(path_or_name: str | os.PathLike, revision: str | None
             raise CheckpointError(f"{path}: expected a checkpoint folder, found a file")
         return path
     name = str(path_or_name)
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise CheckpointError(f"{name}: no such folder, and not a hub name of the form 'owner/model'")
+    check_hub_name(name)
     try:
         from huggingface_hub import snapshot_download
 
         patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
         return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
     except Exception as err:  # the hub client raises many types; keep the cause attached
-        raise CheckpointError(f"{name}: not a local folder and could not be fetched from the hub ({err})") from err
+        raise CheckpointError(
+            f"{name}: not a local folder and could not be fetched from the hub ({first_line(err)})"
+        ) from err
 
 
 def read_config(directory: Path) -> dict[str, Any]:
@@ -58,9 +71,12 @@ def read_generation_config(directory: Path) -> dict[str, Any]:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from err
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 class TensorReader(contextlib.AbstractContextManager):
@@ -93,7 +109,7 @@ class TensorReader(contextlib.AbstractContextManager):
             try:
                 handle = safe_open(str(file), framework="numpy")
             except Exception as err:  # safetensors' own error type varies by version
-                raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from err
+                raise CheckpointError(f"{file}: not a readable safetensors file ({first_line(err)})") from err
             self._handles[file] = handle
             for name in handle.keys():
                 self._files[name] = file
@@ -102,7 +118,10 @@ class TensorReader(contextlib.AbstractContextManager):
         import torch  # only on this explicitly requested path
 
         for file in files:
-            tensors = torch.load(file, map_location="cpu", weights_only=True)
+            try:
+                tensors = torch.load(file, map_location="cpu", weights_only=True)
+            except Exception as err:  # torch's unpickler raises many types
+                raise CheckpointError(f"{file}: not a readable PyTorch weights file ({first_line(err)})") from err
             for name, tensor in tensors.items():
                 self._pickled[name] = tensor.float().numpy()
                 self._files[name] = file
@@ -124,7 +143,7 @@ class TensorReader(contextlib.AbstractContextManager):
         try:
             return self._handles[self._files[name]].get_tensor(name)
         except Exception as err:
-            raise CheckpointError(f"{self._files[name]}: cannot read tensor {name!r} ({err})") from err
+            raise CheckpointError(f"{self._files[name]}: cannot read tensor {name!r} ({first_line(err)})") from err
 
     def __exit__(self, *exc) -> None:
         self._handles.clear()

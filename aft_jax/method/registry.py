@@ -11,6 +11,7 @@ import dataclasses
 import re
 from typing import Callable
 
+from aft_jax.errors import UserError
 from aft_jax.method import losses
 
 CONSTRAINTS = ("none", "detach", "boundary")
@@ -76,20 +77,43 @@ def _presets() -> dict[str, dict]:
 PRESETS: dict[str, dict] = _presets()  # pipeline method name -> the `loss` settings it stands for
 
 
+@dataclasses.dataclass(frozen=True)
+class AlignmentRun:
+    """One alignment run of the pipeline, as data: its `name` (its folder and its model's name in reports),
+    the `loss` keys it sets and its peak learning rate `lr` (None: the pipeline's `pipeline.align_lr`)."""
+
+    name: str
+    loss: dict
+    lr: float | None = None
+
+    def varied(self, *, beta: float | None = None, lr: float | None = None) -> AlignmentRun:
+        """This run with another boundary margin or learning rate, named `<name>-beta<b>` / `-lr<lr>`."""
+        name, loss = self.name, dict(self.loss)
+        if beta is not None:
+            name, loss["beta"] = f"{name}-beta{beta:g}", beta
+        if lr is not None:
+            name, lr = f"{name}-lr{lr:g}", lr
+        return AlignmentRun(name, loss, lr if lr is not None else self.lr)
+
+
 SUFFIXES = {"beta": ("loss", "beta"), "lr": ("optim", "lr")}  # name suffix -> the (section, key) it sets
 _SUFFIX_NAMES = "|".join(SUFFIXES)
 _SUFFIX = re.compile(rf"-({_SUFFIX_NAMES})(.*?)(?=-(?:{_SUFFIX_NAMES})|$)")  # -<name><value>, to the next suffix
 _KNOWN_SUFFIXES = ", ".join(f"-{key}<value>" for key in SUFFIXES)
 
 
-def method_settings(name: str) -> dict:
-    """The config sections a method name sets: `loss` from its `PRESETS` key, and with suffixes
+class MethodNameError(UserError, ValueError):
+    """A `pipeline.methods` name that is not a preset with known suffixes."""
+
+
+def alignment_run(name: str) -> AlignmentRun:
+    """The run a `pipeline.methods` name stands for: `loss` from its `PRESETS` key, and with suffixes
     `-beta<value>` the boundary margin (`loss.beta`) and `-lr<value>` the peak learning rate of its
-    alignment run (`optim.lr`), e.g. `aft_bc-beta0.3` or `aft_bc-lr0.0003`."""
+    alignment run, e.g. `aft_bc-beta0.3` or `aft_bc-lr0.0003` (the names `AlignmentRun.varied` gives)."""
     preset = name.split("-", 1)[0]
     if preset not in PRESETS:
-        raise ValueError(f"pipeline.methods: unknown {name!r}; known: {', '.join(PRESETS)} (+ {_KNOWN_SUFFIXES})")
-    settings = {"loss": dict(PRESETS[preset])}
+        raise MethodNameError(f"pipeline.methods: unknown {name!r}; known: {', '.join(PRESETS)} (+ {_KNOWN_SUFFIXES})")
+    settings: dict = {"loss": dict(PRESETS[preset]), "optim": {}}
     rest, end = name[len(preset) :], 0
     for match in _SUFFIX.finditer(rest):
         if match.start() != end:
@@ -98,13 +122,13 @@ def method_settings(name: str) -> dict:
         try:
             value = float(text)
         except ValueError:
-            raise ValueError(f"pipeline.methods: {name!r}: {text!r} after -{key} is not a number") from None
+            raise MethodNameError(f"pipeline.methods: {name!r}: {text!r} after -{key} is not a number") from None
         section, field = SUFFIXES[key]
-        settings.setdefault(section, {})[field] = value
+        settings[section][field] = value
         end = match.end()
     if end != len(rest):
-        raise ValueError(f"pipeline.methods: {name!r}: unknown suffix {rest[end:]!r}; known: {_KNOWN_SUFFIXES}")
-    return settings
+        raise MethodNameError(f"pipeline.methods: {name!r}: unknown suffix {rest[end:]!r}; known: {_KNOWN_SUFFIXES}")
+    return AlignmentRun(name, settings["loss"], settings["optim"].get("lr"))
 
 
 def method_names(text: str) -> list[str]:
@@ -114,5 +138,5 @@ def method_names(text: str) -> list[str]:
 
 def get_method(name: str) -> Method:
     if name not in METHODS:
-        raise ValueError(f"loss.method={name!r}; expected one of {', '.join(METHODS)}")
+        raise MethodNameError(f"loss.method={name!r}; expected one of {', '.join(METHODS)}")
     return METHODS[name]

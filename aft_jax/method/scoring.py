@@ -16,7 +16,7 @@ def completion_logprobs(model, input_ids_nt, attention_mask_nt, completion_mask_
 
     Position 0 has no context and always scores 0.
     """
-    hidden_ntd, _ = model.hidden_states(input_ids_nt, attention_mask_nt)
+    hidden_ntd = model.hidden_states(input_ids_nt, attention_mask_nt)
     return token_logprobs(model, hidden_ntd, input_ids_nt, completion_mask_nt, chunk_size=chunk_size)
 
 

@@ -17,11 +17,18 @@
 - `auto` (the default): `cudnn` where it applies (a GPU backend, a bfloat16 or float16 compute dtype, a
   head size that is a multiple of 8 up to 128), else `xla`.
 
-TPU splash attention is not wired: it has not been checked here. Attention over a KV cache (decoding) is
-always `grouped_attention` or the sampler's own (`aft_jax.sampling.decode`).
+TPU splash attention is not wired: it has not been checked here.
+
+A decoder layer (`aft_jax.model.layers.Block`) takes its keys and values from a *source* (`KVSource`): called
+with the layer's queries and this call's keys/values, it returns the attention output and what the caller
+keeps. `OwnTokens` (the training forward, the prefill) attends to this call's tokens by `attend`;
+`SharedPrompt` (the sampler's decoding, `aft_jax.sampling.decode`) to a prompt cache read by several rows
+and each row's own cache, by `shared_prompt_attention`.
 """
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -88,3 +95,92 @@ def resolve_impl(impl: str, dtype, head_dim: int) -> str:
         return impl
     fits = jnp.dtype(dtype).name in CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 128
     return "cudnn" if fits and jax.default_backend() == "gpu" else "xla"
+
+
+class KVSource(Protocol):
+    """Where a layer's queries find their keys and values. Called with this call's queries `[B, T, H, Dh]` and
+    keys and values `[B, T, Hkv, Dh]` (RoPE applied), it returns the attention output `[B, T, H, Dh]` and what
+    the caller keeps (this call's keys/values, an updated cache)."""
+
+    def __call__(self, q_bthk, k_btgk, v_btgk) -> tuple[jnp.ndarray, Any]: ...
+
+
+class OwnTokens(NamedTuple):
+    """The source of the training forward and the prefill: this call's own tokens under `mask_btt`
+    (`[B, T, T]`), by `attend` with `impl`; keeps this call's keys and values."""
+
+    mask_btt: jnp.ndarray
+    impl: str = "auto"
+
+    def __call__(self, q_bthk, k_btgk, v_btgk):
+        return attend(q_bthk, k_btgk, v_btgk, self.mask_btt, self.impl), (k_btgk, v_btgk)
+
+
+class SharedPrompt(NamedTuple):
+    """The decode source (one new token per row, T = 1): rows `q * m ... (q + 1) * m - 1` (m = B / Q) share
+    prompt q's keys `[Q, Hkv, Dh, S]` and values `[Q, Hkv, S, Dh]` (seen under `prompt_mask`, `[Q, S]` or
+    `[Q, m, S]` per row), and each row has its own keys `[B, Hkv, Dh, N]` and values `[B, Hkv, N, Dh]` (seen
+    under `own_mask_bn`, which must already mark column `step`). The new key/value goes to own column `step`;
+    keeps the updated own `(keys, values)`."""
+
+    prompt_keys: jnp.ndarray
+    prompt_values: jnp.ndarray
+    prompt_mask: jnp.ndarray
+    keys: jnp.ndarray
+    values: jnp.ndarray
+    own_mask_bn: jnp.ndarray
+    step: jnp.ndarray
+
+    def __call__(self, q_b1hk, k_b1gk, v_b1gk):
+        dt = q_b1hk.dtype
+        k_bgk1 = k_b1gk.transpose(0, 2, 3, 1).astype(self.keys.dtype)
+        v_bg1k = v_b1gk.transpose(0, 2, 1, 3).astype(self.values.dtype)
+        keys = jax.lax.dynamic_update_slice(self.keys, k_bgk1, (0, 0, 0, self.step))
+        values = jax.lax.dynamic_update_slice(self.values, v_bg1k, (0, 0, self.step, 0))
+        out_bhk = shared_prompt_attention(
+            q_b1hk[:, 0], (self.prompt_keys.astype(dt), self.prompt_values.astype(dt)), self.prompt_mask,
+            (keys.astype(dt), values.astype(dt)), self.own_mask_bn,
+        )  # fmt: skip
+        return out_bhk[:, None], (keys, values)
+
+
+def shared_prompt_attention(q_bhk, prompt_kv, prompt_mask, own_kv, own_mask_bn):
+    """Attention of one query per row over two key blocks in one float32 softmax: the prompt's, shared by
+    rows `q * m ... (q + 1) * m - 1` (m = B / Q), keys `[Q, Hkv, Dh, S]` and values `[Q, Hkv, S, Dh]`
+    under `prompt_mask` (`[Q, S]`, or `[Q, m, S]` per row), and each row's own, keys `[B, Hkv, Dh, N]` and
+    values `[B, Hkv, N, Dh]` under `own_mask_bn`. Reading a prompt once for its m rows makes decoding several
+    samples per prompt cheaper than giving every row a copy; keys are stored transposed so that both products
+    are plain matrix products. Returns `[B, H, Dh]`."""
+    b, h, hd = q_bhk.shape
+    q, groups = prompt_kv[0].shape[:2]
+    m, r = b // q, h // groups
+    scale = hd**-0.5
+
+    def to_prompt_rows(x_bgr):  # [B, Hkv, r, ...] -> [Q, Hkv, m * r, ...]: a prompt's rows as one block
+        return x_bgr.reshape(q, m, groups, r, *x_bgr.shape[3:]).swapaxes(1, 2).reshape(q, groups, m * r, -1)
+
+    def to_rows(x_qgi):  # the inverse of `to_prompt_rows`
+        return x_qgi.reshape(q, groups, m, r, -1).swapaxes(1, 2).reshape(b, groups, r, -1)
+
+    q_bgrk = q_bhk.reshape(b, groups, r, hd)
+    prompt_logits = jnp.einsum(
+        "qgik,qgks->qgis", to_prompt_rows(q_bgrk), prompt_kv[0], preferred_element_type=jnp.float32
+    )
+    prompt_mask_qgis = (
+        prompt_mask[:, None, None] if prompt_mask.ndim == 2 else jnp.repeat(prompt_mask, r, axis=1)[:, None]
+    )
+    prompt_logits = jnp.where(prompt_mask_qgis, prompt_logits * scale, MASKED)
+    own_logits = jnp.einsum("bgrk,bgkn->bgrn", q_bgrk, own_kv[0], preferred_element_type=jnp.float32)
+    own_logits = jnp.where(own_mask_bn[:, None, None], own_logits * scale, MASKED)
+    # The softmax statistics move between the two layouts; the logits stay in their own.
+    prompt_top_bgr1 = to_rows(jnp.max(prompt_logits, axis=-1, keepdims=True))
+    top_bgr1 = jnp.maximum(prompt_top_bgr1, jnp.max(own_logits, axis=-1, keepdims=True))
+    prompt_weights = jnp.exp(prompt_logits - to_prompt_rows(top_bgr1))
+    own_weights = jnp.exp(own_logits - top_bgr1)
+    prompt_total_bgr1 = to_rows(jnp.sum(prompt_weights, axis=-1, keepdims=True))
+    total_bgr1 = prompt_total_bgr1 + jnp.sum(own_weights, axis=-1, keepdims=True)
+    dt = own_kv[1].dtype
+    prompt_out = to_rows(jnp.einsum("qgis,qgsk->qgik", prompt_weights.astype(dt), prompt_kv[1]))
+    own_out = jnp.einsum("bgrn,bgnk->bgrk", own_weights.astype(dt), own_kv[1])
+    out_bgrk = (prompt_out + own_out) / total_bgr1.astype(dt)
+    return out_bgrk.reshape(b, h, hd)

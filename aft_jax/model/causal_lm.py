@@ -1,10 +1,12 @@
 """The causal LM of every family in `aft_jax.model.families` in Flax NNX, with scanned (optionally
-rematerialised) layers and a KV cache.
+rematerialised) layers.
 
-`CausalLM(input_ids, attention_mask)` returns float32 logits `[B, T, V]`. Passing `cache=` (see
-`init_cache`) also returns the updated cache: a prefill followed by one-token steps equals the full
-forward (`CausalLM.prefill` builds the cache of a batch of prompts in one pass). Default positions come from
-the attention mask (`cumsum(mask) - 1`), so left padding does not shift positions.
+`CausalLM(input_ids, attention_mask)` returns float32 logits `[B, T, V]`. Default positions come from the
+attention mask (`cumsum(mask) - 1`), so left padding does not shift positions. For sampling,
+`CausalLM.prefill` gives a batch of prompts' hidden states and keys/values (`KVCache`), and
+`CausalLM.decode` runs one new token per row through the layers, each attending to a decode source
+(`aft_jax.model.attention.SharedPrompt`, kept by `aft_jax.sampling.decode`): a prefill followed by decode
+steps equals the full forward.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from aft_jax.model.attention import causal_mask, packed_mask, window_mask
+from aft_jax.model.attention import KVSource, OwnTokens, causal_mask, packed_mask, window_mask
 from aft_jax.model.config import ModelConfig
 from aft_jax.model.layers import Block, RMSNorm, make_param
 from aft_jax.model.rope import inverse_frequencies, rope_tables
@@ -30,24 +32,12 @@ _REMAT = {
 
 
 class KVCache(NamedTuple):
-    """Explicit decode state: keys/values `[L, B, S, Hkv, Dh]`, `valid_bs` marks real (non-pad) slots,
-    `end` is the number of slots written so far (the same for every row)."""
+    """What `CausalLM.prefill` keeps of its prompts: keys/values `[L, B, T, Hkv, Dh]`, and `valid_bs` `[B, T]`
+    marking the real (non-pad) tokens."""
 
     keys: jnp.ndarray
     values: jnp.ndarray
     valid_bs: jnp.ndarray
-    end: jnp.ndarray
-
-
-def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
-    shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
-    dtype = jnp.dtype(dtype or config.dtype)
-    return KVCache(
-        jnp.zeros(shape, dtype),
-        jnp.zeros(shape, dtype),
-        jnp.zeros((batch_size, max_length), bool),
-        jnp.zeros((), jnp.int32),
-    )
 
 
 class CausalLM(nnx.Module):
@@ -61,10 +51,8 @@ class CausalLM(nnx.Module):
         if not config.tie_word_embeddings:
             self.lm_head = make_param(rngs, config, (config.hidden_size, config.vocab_size), ("embed", "vocab"), None)
 
-    def __call__(self, input_ids_bt, attention_mask_bt=None, positions_bt=None, cache: KVCache | None = None):
-        hidden_btd, new_cache = self.hidden_states(input_ids_bt, attention_mask_bt, positions_bt, cache)
-        logits_btv = self.logits(hidden_btd)
-        return logits_btv if cache is None else (logits_btv, new_cache)
+    def __call__(self, input_ids_bt, attention_mask_bt=None, positions_bt=None):
+        return self.logits(self.hidden_states(input_ids_bt, attention_mask_bt, positions_bt))
 
     def logits(self, hidden_btd: jnp.ndarray) -> jnp.ndarray:
         """float32 logits of final hidden states (any leading shape)."""
@@ -79,27 +67,13 @@ class CausalLM(nnx.Module):
         """Token embeddings `[B, T, D]` in the compute dtype."""
         return jnp.take(self.embed[...], input_ids_bt, axis=0).astype(self.config.dtype)
 
-    def hidden_states(self, input_ids_bt, attention_mask_bt=None, positions_bt=None, cache=None):
-        """Final-norm hidden states `[B, T, D]` in the compute dtype, and the updated cache (or None)."""
+    def hidden_states(self, input_ids_bt, attention_mask_bt=None, positions_bt=None):
+        """Final-norm hidden states `[B, T, D]` in the compute dtype."""
         b, t = input_ids_bt.shape
         mask_bt = jnp.ones((b, t), bool) if attention_mask_bt is None else attention_mask_bt.astype(bool)
-        offset_b = jnp.zeros((b,), jnp.int32) if cache is None else jnp.sum(cache.valid_bs, axis=-1, dtype=jnp.int32)
         if positions_bt is None:
-            positions_bt = jnp.maximum(offset_b[:, None] + jnp.cumsum(mask_bt, axis=-1) - 1, 0)
-        if cache is None:
-            return self._forward(input_ids_bt, causal_mask(mask_bt), positions_bt)[0], None
-        # The cache is read layer by layer; only this call's new slots come out of the scan, and are
-        # written into the cache with one update (in place inside a decode loop).
-        kv, cache_mask_bts = (cache.keys, cache.values), cache.valid_bs[:, None, :]
-        cache_positions_bs = jnp.cumsum(cache.valid_bs, axis=-1, dtype=jnp.int32) - 1
-        hidden_btd, new_kv = self._forward(
-            input_ids_bt, causal_mask(mask_bt), positions_bt, kv, cache_mask_bts, cache_positions_bs, keep_new_kv=True
-        )
-        start = (0, 0, cache.end, 0, 0)
-        keys = jax.lax.dynamic_update_slice(cache.keys, new_kv[0].astype(cache.keys.dtype), start)
-        values = jax.lax.dynamic_update_slice(cache.values, new_kv[1].astype(cache.values.dtype), start)
-        valid_bs = jax.lax.dynamic_update_slice(cache.valid_bs, mask_bt, (0, cache.end))
-        return hidden_btd, KVCache(keys, values, valid_bs, cache.end + t)
+            positions_bt = jnp.maximum(jnp.cumsum(mask_bt, axis=-1) - 1, 0)
+        return self._forward(input_ids_bt, causal_mask(mask_bt), positions_bt)[0]
 
     def packed_hidden_states(self, input_ids_rt, positions_rt, segment_ids_rt, branch_ids_rt):
         """Final-norm hidden states `[R, T, D]` of packed rows (`aft_jax.data.packing`) under `packed_mask`,
@@ -107,30 +81,32 @@ class CausalLM(nnx.Module):
         return self._forward(input_ids_rt, packed_mask(segment_ids_rt, branch_ids_rt), positions_rt)[0]
 
     def prefill(self, input_ids_bt, attention_mask_bt):
-        """Hidden states `[B, T, D]` of prompts and a cache of exactly their T slots: what `hidden_states`
-        gives with an empty `init_cache(config, B, T)`, without attending to the empty slots."""
+        """Hidden states `[B, T, D]` of left-padded prompts (as `hidden_states`) and their keys and values."""
         mask_bt = attention_mask_bt.astype(bool)
         positions_bt = jnp.maximum(jnp.cumsum(mask_bt, axis=-1) - 1, 0)
-        hidden_btd, new_kv = self._forward(input_ids_bt, causal_mask(mask_bt), positions_bt, keep_new_kv=True)
-        return hidden_btd, KVCache(new_kv[0], new_kv[1], mask_bt, jnp.asarray(mask_bt.shape[1], jnp.int32))
+        hidden_btd, kv = self._forward(input_ids_bt, causal_mask(mask_bt), positions_bt, keep_kv=True)
+        return hidden_btd, KVCache(kv[0], kv[1], mask_bt)
 
-    def _forward(
-        self, input_ids_bt, mask_btt, positions_bt, kv=None, cache_mask_bts=None, cache_positions_bs=None,
-        keep_new_kv=False,
-    ):  # fmt: skip
-        """The scanned layers over `T` new tokens at `positions_bt`, attending to each other under `mask_btt`
-        and to earlier tokens' keys/values `kv` (`[L, B, S, Hkv, Dh]` each, at `cache_positions_bs`) under
-        `cache_mask_bts`, within the window in the config's sliding layers: final-norm hidden states and,
-        with `keep_new_kv`, the new tokens' keys/values `[L, B, T, Hkv, Dh]` (else None)."""
+    def decode(self, layers: list[Block], token_b, positions_b, sources: list[KVSource]):
+        """float32 logits `[B, V]` of one new token per row (`token_b` at `positions_b`, `[B]`) through `layers`
+        (the decoder layers one module each, `aft_jax.sampling.decode.unstack_layers`), layer i attending to
+        `sources[i]`; and what each source keeps, per layer."""
+        cos_b1d, sin_b1d = rope_tables(positions_b[:, None], inverse_frequencies(self.config))
+        x_b1d, kept = self.embed_tokens(token_b[:, None]), []
+        for block, source in zip(layers, sources, strict=True):
+            x_b1d, layer_kept = block(x_b1d, cos_b1d, sin_b1d, source)
+            kept.append(layer_kept)
+        return self.logits(self.final_norm(x_b1d)[:, 0]), kept
+
+    def _forward(self, input_ids_bt, mask_btt, positions_bt, keep_kv=False):
+        """The scanned layers over `T` tokens at `positions_bt`, attending to each other under `mask_btt`
+        (within the window in the config's sliding layers): final-norm hidden states and, with `keep_kv`,
+        the tokens' keys/values `[L, B, T, Hkv, Dh]` (else None)."""
         cfg = self.config
         cos_btd, sin_btd = rope_tables(positions_bt, inverse_frequencies(cfg))
-        full = windowed = (mask_btt, cache_mask_bts)
+        windowed_btt = mask_btt
         if cfg.sliding_layers:
-            w = cfg.sliding_window
-            windowed = (
-                mask_btt & window_mask(positions_bt, positions_bt, w),
-                None if kv is None else cache_mask_bts & window_mask(positions_bt, cache_positions_bs, w),
-            )
+            windowed_btt = mask_btt & window_mask(positions_bt, positions_bt, cfg.sliding_window)
         mixed = len(cfg.sliding_layers) not in (0, cfg.num_layers)
         sliding_l = jnp.asarray([cfg.window_of(i) is not None for i in range(cfg.num_layers)])
 
@@ -139,19 +115,18 @@ class CausalLM(nnx.Module):
         block_def, block_state = nnx.split(self.layers)
 
         def layer(x_btd, layer_inputs):
-            layer_state, layer_kv, sliding = layer_inputs
-            self_mask, cache_mask = windowed  # every layer's (both are `full` without a window)
-            if mixed:  # this layer's
-                self_mask, cache_mask = jax.tree.map(lambda f, w: jnp.where(sliding, w, f), full, windowed)
+            layer_state, sliding = layer_inputs
+            # every layer's mask (`mask_btt` without a window), or this layer's
+            layer_mask_btt = jnp.where(sliding, windowed_btt, mask_btt) if mixed else windowed_btt
             block = nnx.merge(block_def, layer_state)
-            x_btd, new_kv = block(x_btd, cos_btd, sin_btd, self_mask, layer_kv, cache_mask)
+            x_btd, kv = block(x_btd, cos_btd, sin_btd, OwnTokens(layer_mask_btt, cfg.attention))
             x_btd = sharding.constrain(x_btd, ("activation_batch", "activation_length", "activation_embed"))
-            return x_btd, (new_kv if keep_new_kv else None)
+            return x_btd, (kv if keep_kv else None)
 
         if cfg.remat_policy != "none":
             layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
-        x_btd, new_kv = jax.lax.scan(layer, x_btd, (block_state, kv, sliding_l))
-        return self.final_norm(x_btd), new_kv
+        x_btd, kv = jax.lax.scan(layer, x_btd, (block_state, sliding_l))
+        return self.final_norm(x_btd), kv
 
 
 def abstract_model(config: ModelConfig) -> CausalLM:

@@ -150,6 +150,25 @@ def supported() -> str:
     return ", ".join(f"{f.model_type} ({f.architecture})" for f in FAMILIES.values())
 
 
+_INTEGER_FIELDS = (
+    "vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads num_key_value_heads head_dim "
+    "max_position_embeddings"
+).split()
+_REAL_FIELDS = ("rms_norm_eps", "initializer_range", "rope_theta")
+
+
+def _check_numbers(hf: Mapping[str, Any], source: str) -> None:
+    """Every size field a positive integer (or absent / null where it has a default), every real a number."""
+    for key in _INTEGER_FIELDS:
+        value = hf.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ConfigError(f"{source}: {key}={value!r}; expected a positive integer")
+    for key in _REAL_FIELDS:
+        value = hf.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"{source}: {key}={value!r}; expected a number")
+
+
 def config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json", **overrides) -> ModelConfig:
     """A `ModelConfig` from a Hugging Face `config.json` dict (transformers 4 or 5 layout) of any family in
     `FAMILIES`; `overrides` replace fields (dtypes, remat policy)."""
@@ -167,6 +186,7 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json", **over
     missing = [k for k in required if k not in hf]
     if missing:
         raise ConfigError(f"{source}: missing required field(s) {missing}")
+    _check_numbers(hf, source)
     num_heads, num_layers = int(hf["num_attention_heads"]), int(hf["num_hidden_layers"])
     rope_theta, rope_scaling = _rope_from_hf(hf, source)
     fields = dict(

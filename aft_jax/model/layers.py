@@ -1,8 +1,9 @@
-"""The decoder block in Flax NNX: RMSNorm, grouped-query attention over an optional KV cache (with the q/k/v
-biases and q/k norms of the families that have them), SwiGLU.
+"""The decoder block in Flax NNX: RMSNorm, grouped-query attention (with the q/k/v biases and q/k norms of the
+families that have them), SwiGLU.
 
-The pieces are public for decoders that compose them (as `aft_jax.sampling.decode` does): `Attention.project`
-(q/k/v with RoPE), `Attention.output`, the norms, the MLP.
+The block's structure (pre-norm, residuals) is written once, in `Block.__call__`; where the attention's keys
+and values come from is the caller's `source` (`aft_jax.model.attention.KVSource`): this call's own tokens in
+the training forward and the prefill, the shared-prompt cache in the sampler's decoding.
 
 Every weight is an `nnx.Param` carrying logical axis names in its `axes` metadata; `aft_jax.parallel.sharding`
 maps them to mesh axes. A module built with `stack=L` holds L layers' weights with a leading `layers`
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from aft_jax.model.attention import attend, grouped_attention
+from aft_jax.model.attention import KVSource
 from aft_jax.model.config import ModelConfig
 from aft_jax.model.rope import apply_rope
 
@@ -56,14 +57,15 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    """Causal grouped-query attention; query head h reads key/value head h // (num_heads / num_kv_heads).
+    """Grouped-query attention over a source's keys and values (the source's masks make it causal); query
+    head h reads key/value head h // (num_heads / num_kv_heads).
     With `qkv_bias` the projections add `q_bias` `[H, Dh]`, `k_bias` and `v_bias` `[Hkv, Dh]`; with `qk_norm`
     queries and keys are RMS-normalised per head (`q_norm`, `k_norm` over `Dh`) before RoPE."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, stack: int | None = None):
         d, h, kv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         self.dtype = jnp.dtype(config.dtype)
-        self.qkv_bias, self.qk_norm, self.impl = config.qkv_bias, config.qk_norm, config.attention
+        self.qkv_bias, self.qk_norm = config.qkv_bias, config.qk_norm
         self.q_proj = make_param(rngs, config, (d, h, hd), ("embed", "q_heads", "head_dim"), stack)
         self.k_proj = make_param(rngs, config, (d, kv, hd), ("embed", "kv_heads", "head_dim"), stack)
         self.v_proj = make_param(rngs, config, (d, kv, hd), ("embed", "kv_heads", "head_dim"), stack)
@@ -76,25 +78,9 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(config, rngs=rngs, stack=stack, dim=hd)
             self.k_norm = RMSNorm(config, rngs=rngs, stack=stack, dim=hd)
 
-    def __call__(self, x_btd, cos_btd, sin_btd, mask_btt, kv_cache=None, cache_mask_bts=None):
-        """Returns the attention output `[B, T, D]` and this call's keys/values `[B, T, Hkv, Dh]`.
-
-        The queries attend to this call's own tokens under `mask_btt` and, with a cache (this layer's
-        `(keys, values)` `[B, S, Hkv, Dh]`), to the cached slots under `cache_mask_bts`, in one softmax.
-        The cache is only read here; the caller stores the new keys/values. Without a cache the attention
-        is `attend`'s, by `ModelConfig.attention`.
-        """
-        dt = self.dtype
-        q_bthk, k_btgk, v_btgk = self.project(x_btd, cos_btd, sin_btd)
-        if kv_cache is None:
-            out_bthk = attend(q_bthk, k_btgk, v_btgk, mask_btt, self.impl)
-        else:
-            cached = (kv_cache[0].astype(dt), kv_cache[1].astype(dt), cache_mask_bts)
-            out_bthk = grouped_attention(q_bthk, [cached, (k_btgk, v_btgk, mask_btt)])
-        return self.output(out_bthk), (k_btgk, v_btgk)
-
-    def project(self, x_btd, cos_btd, sin_btd):
-        """Queries `[B, T, H, Dh]`, keys and values `[B, T, Hkv, Dh]`, RoPE applied to queries and keys."""
+    def __call__(self, x_btd, cos_btd, sin_btd, source: KVSource):
+        """The attention output `[B, T, D]` of `x_btd` (RoPE by `cos_btd`/`sin_btd`, `[B, T, Dh]`) over the keys
+        and values of `source`, and what `source` keeps."""
         dt = self.dtype
         q_bthk = jnp.einsum("btd,dhk->bthk", x_btd, self.q_proj[...].astype(dt))
         k_btgk = jnp.einsum("btd,dgk->btgk", x_btd, self.k_proj[...].astype(dt))
@@ -105,11 +91,9 @@ class Attention(nnx.Module):
             v_btgk = v_btgk + self.v_bias[...].astype(dt)
         if self.qk_norm:
             q_bthk, k_btgk = self.q_norm(q_bthk), self.k_norm(k_btgk)
-        return apply_rope(q_bthk, cos_btd, sin_btd), apply_rope(k_btgk, cos_btd, sin_btd), v_btgk
-
-    def output(self, out_bthk):
-        """The output projection of per-head attention outputs `[B, T, H, Dh]`: `[B, T, D]`."""
-        return jnp.einsum("bthk,hkd->btd", out_bthk, self.o_proj[...].astype(self.dtype))
+        q_bthk, k_btgk = apply_rope(q_bthk, cos_btd, sin_btd), apply_rope(k_btgk, cos_btd, sin_btd)
+        out_bthk, kept = source(q_bthk, k_btgk, v_btgk)
+        return jnp.einsum("bthk,hkd->btd", out_bthk, self.o_proj[...].astype(dt)), kept
 
 
 class MLP(nnx.Module):
@@ -130,7 +114,9 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm decoder layer: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+    """Pre-norm decoder layer: `x + attn(norm(x))`, then `x + mlp(norm(x))`, the attention over `source`'s keys
+    and values (`aft_jax.model.attention`: `OwnTokens` in the forward and the prefill, `SharedPrompt` in
+    decoding)."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, stack: int | None = None):
         self.attn_norm = RMSNorm(config, rngs=rngs, stack=stack)
@@ -138,7 +124,8 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config, rngs=rngs, stack=stack)
         self.mlp = MLP(config, rngs=rngs, stack=stack)
 
-    def __call__(self, x_btd, cos_btd, sin_btd, mask_btt, kv_cache=None, cache_mask_bts=None):
-        attn_out, new_kv = self.attn(self.attn_norm(x_btd), cos_btd, sin_btd, mask_btt, kv_cache, cache_mask_bts)
+    def __call__(self, x_btd, cos_btd, sin_btd, source: KVSource):
+        """The layer's output `[B, T, D]` and what `source` keeps (see `Attention.__call__`)."""
+        attn_out, kept = self.attn(self.attn_norm(x_btd), cos_btd, sin_btd, source)
         x_btd = x_btd + attn_out
-        return x_btd + self.mlp(self.mlp_norm(x_btd)), new_kv
+        return x_btd + self.mlp(self.mlp_norm(x_btd)), kept

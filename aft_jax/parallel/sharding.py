@@ -18,6 +18,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from aft_jax.errors import SettingError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
@@ -107,37 +109,48 @@ def put_global(x, target: NamedSharding) -> jax.Array:
 
 def parse_mesh_shape(spec: Sequence[int] | str) -> tuple[int, int, int]:
     """(data, fsdp, tensor) sizes from a preset name (`MESH_PRESETS`), "data,fsdp,tensor" sizes, or a shape;
-    at most one size is -1 (all remaining devices)."""
+    at most one size is -1 (all remaining devices). The run config checks `train.mesh` and `sample.mesh`
+    with it at load, naming the key before the error's message."""
     if isinstance(spec, str) and "," not in spec:
         if spec not in MESH_PRESETS:
-            raise ValueError(
+            raise SettingError(
                 f"unknown mesh preset {spec!r}; expected one of {sorted(MESH_PRESETS)} or data,fsdp,tensor"
             )
         return MESH_PRESETS[spec]
     try:
         shape = tuple(int(x) for x in spec.split(",")) if isinstance(spec, str) else tuple(spec)
     except ValueError:
-        raise ValueError(f"mesh {spec!r}: expected a preset name or three integers data,fsdp,tensor") from None
+        raise SettingError(f"mesh {spec!r}: expected a preset name or three integers data,fsdp,tensor") from None
     if len(shape) != 3 or shape.count(-1) > 1 or any(s < 1 and s != -1 for s in shape):
-        raise ValueError(f"mesh shape {list(shape)} must have 3 sizes (data, fsdp, tensor) >= 1, at most one -1")
+        raise SettingError(f"mesh shape {list(shape)} must have 3 sizes (data, fsdp, tensor) >= 1, at most one -1")
     return shape
 
 
-def make_mesh(shape: Sequence[int] | str = "fsdp", devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+    shape: Sequence[int] | str = "fsdp", devices: Sequence[jax.Device] | None = None, name: str = "mesh"
+) -> Mesh:
     """A (data, fsdp, tensor) mesh with Auto axis types over `devices` (default: every device of every
-    process), shaped as `parse_mesh_shape` reads `shape`."""
+    process), shaped as `parse_mesh_shape` reads `shape`; `name` is the setting's key (`train.mesh`, ...),
+    for the error's message."""
     devices = list(devices if devices is not None else jax.devices())
-    shape = list(parse_mesh_shape(shape))
-    if -1 in shape:
-        known = math.prod(s for s in shape if s != -1)
+    try:
+        sizes = list(parse_mesh_shape(shape))
+    except SettingError as err:
+        raise SettingError(f"{name}={shape!r}: {err}") from None
+    if -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
         if len(devices) % known:
-            raise ValueError(f"mesh shape {shape} does not divide {len(devices)} devices")
-        shape[shape.index(-1)] = len(devices) // known
-    if math.prod(shape) > len(devices):
-        raise ValueError(f"mesh shape {shape} needs {math.prod(shape)} devices, only {len(devices)} available")
-    devices = devices[: math.prod(shape)]
+            raise SettingError(
+                f"{name}={shape!r}: mesh shape {sizes} (-1: the rest) does not divide the {len(devices)} devices"
+            )
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) > len(devices):
+        raise SettingError(
+            f"{name}={shape!r}: mesh shape {sizes} needs {math.prod(sizes)} devices, only {len(devices)} available"
+        )
+    devices = devices[: math.prod(sizes)]
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=auto, devices=devices)
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
 
 
 def single_device_mesh() -> Mesh:

@@ -3,9 +3,9 @@ inside one jitted `lax.while_loop` (static shapes throughout).
 
 The work is Q prompts, k samples each (sample `w = question * k + j`). G prompt slots hold one question's
 prompt keys/values each, and m rows each (`rows_per_prompt`; B = G * m), which read that one prompt copy
-(`decode.shared_prompt_attention`). A slot runs a share of its question's samples (all k when admitted):
-a row that stops (EOS or `max_new_tokens`) starts the share's next sample at once (`start_samples`: no
-prefill, the prompt's last logits are kept). A slot whose share has all started and whose rows have all
+(`aft_jax.model.attention.SharedPrompt`). A slot runs a share of its question's samples (all k when
+admitted): a row that stops (EOS or `max_new_tokens`) starts the share's next sample at once (`start_samples`:
+no prefill, the prompt's last logits are kept). A slot whose share has all started and whose rows have all
 stopped is free; free slots take the next questions once `width` of them are free (or as soon as there are
 slots for all the questions left), prefilled together (`admit`); once no question is pending, a free slot
 takes the later half of the unstarted samples of the slot with the most, with a copy of its prompt

@@ -1,14 +1,18 @@
-"""Sampling with the KV cache: `Sampler(model, tokenizer)` is what the stages receive.
+"""Sampling: the `Sampler` interface the stages call, and `JaxSampler`, this package's, with the KV cache.
 
-`Sampler.sample` (texts in, texts out) runs the continuous loop (`aft_jax.sampling.continuous`: a row that
-stops starts the next sample at once); `Sampler.sample_ids` (prompt ids and mask in, tokens and
-lengths out) runs one static batch (`aft_jax.sampling.static`); `generate` is the one-call form of
-`Sampler.sample`. Each draw's key is that of its (question, sample, step) (`aft_jax.sampling.next_token`),
+`Sampler` is what step 2 and evaluation need of a sampler: prompts (text) and settings in, completions
+(text) out, seeded. Anything with that method is one: `JaxSampler`, or a sampler that calls a vLLM server
+or another process. `JaxSampler.sample` runs the continuous loop (`aft_jax.sampling.continuous`: a row that
+stops starts the next sample at once); `JaxSampler.sample_ids` (prompt ids and mask in, tokens and lengths
+out) runs one static batch (`aft_jax.sampling.static`); `generate` is the one-call form of
+`JaxSampler.sample`. Each draw's key is that of its (question, sample, step) (`aft_jax.sampling.next_token`),
 so samples do not depend on the batch size. The decode step shared by both loops is
 `aft_jax.sampling.decode`.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import jax
 import numpy as np
@@ -19,14 +23,33 @@ from aft_jax.sampling.next_token import SamplingParams
 from aft_jax.sampling.static import sample_token_ids
 
 
-class Sampler:
-    """Samples completions from `model`, made once per model and tokenizer and passed to what samples
-    (`aft_jax.stages.sample`, `aft_jax.stages.evaluate`). Stops at the model's and the tokenizer's EOS ids and
-    pads with the tokenizer's pad id (else the first EOS id). `sample` decodes in `batch_size` rows, in prompt
-    slots of `rows_per_prompt` rows (0: as `continuous.slot_shape` chooses) that read one prompt copy and start its next sample
-    as each row stops (`aft_jax.sampling.continuous`); prompts are left-padded to a multiple of
-    `pad_multiple` and prefilled once. Each call copies the decoder weights once (`decode_layers`), so the
-    model may change between calls; `progress` shows a bar of samples done (on process 0)."""
+class Sampler(Protocol):
+    """Completions of prompts: what the stages (`aft_jax.stages.sample`, `aft_jax.stages.evaluate`) call."""
+
+    def sample(
+        self,
+        prompts: list[str],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        num_samples: int = 1,
+        seed: int = 0,
+    ) -> list[list[str]]:
+        """`num_samples` completions per prompt (the text after the prompt, without the EOS), greedy at
+        temperature 0; the same `seed` gives the same completions whatever the batching."""
+        ...
+
+
+class JaxSampler:
+    """The `Sampler` of `model` (an `aft_jax.CausalLM`) and its tokenizer, made once per model. Stops at the
+    model's and the tokenizer's EOS ids and pads with the tokenizer's pad id (else the first EOS id). `sample`
+    decodes in `batch_size` rows, in prompt slots of `rows_per_prompt` rows (0: as `continuous.slot_shape`
+    chooses) that read one prompt copy and start its next sample as each row stops
+    (`aft_jax.sampling.continuous`); prompts are left-padded to a multiple of `pad_multiple` and prefilled
+    once. Each call copies the decoder weights once (`decode_layers`), so the model may change between
+    calls; `progress` shows a bar of samples done (on process 0)."""
 
     def __init__(
         self, model, tokenizer, *, batch_size: int = 32, rows_per_prompt: int = 0, pad_multiple: int = 64,
@@ -100,8 +123,8 @@ def generate(
     batch_size: int = 32,
     pad_multiple: int = 64,
 ) -> list[list[str]]:
-    """`num_samples` completions per prompt, seeded: `Sampler(model, tokenizer, ...).sample(prompts, ...)`."""
-    sampler = Sampler(model, tokenizer, batch_size=batch_size, pad_multiple=pad_multiple)
+    """`num_samples` completions per prompt, seeded: `JaxSampler(model, tokenizer, ...).sample(prompts, ...)`."""
+    sampler = JaxSampler(model, tokenizer, batch_size=batch_size, pad_multiple=pad_multiple)
     settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p}
     return sampler.sample(prompts, num_samples=num_samples, seed=seed, **settings)
 

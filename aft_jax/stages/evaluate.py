@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,7 +19,10 @@ from aft_jax.data.tasks import Example, Task
 from aft_jax.io.paths import Path
 from aft_jax.method import losses
 from aft_jax.sampling.sampler import Sampler
-from aft_jax.stages.score import score_groups
+from aft_jax.stages.score import Scorer
+
+if TYPE_CHECKING:
+    from aft_jax.config.spec import EvalSection
 
 
 def majority_vote(answers: list[str | None]) -> str | None:
@@ -51,11 +55,11 @@ def group_assessment(groups: list[Group]) -> dict:
 
 
 def greedy_correct(
-    sampler: Sampler, task: Task, examples: list[Example], *, template: str, max_new_tokens: int
+    sampler: Sampler, task: Task, examples: list[Example], *, template: str, max_new_tokens: int, tokenizer=None
 ) -> tuple[list[str], list[bool]]:
-    """Greedy completions of `examples` (prompts in `template`, at most `max_new_tokens`) by `sampler`, and
-    whether each one's answer is right."""
-    prompts = [task.prompt(x, template, sampler.tokenizer) for x in examples]
+    """Greedy completions of `examples` (prompts in `template`, formatted with `tokenizer` where the
+    template needs one, at most `max_new_tokens`) by `sampler`, and whether each one's answer is right."""
+    prompts = [task.prompt(x, template, tokenizer) for x in examples]
     greedy = sampler.sample(prompts, max_new_tokens=max_new_tokens)
     texts = [out[0] for out in greedy]
     return texts, [task.is_correct(t, x.answer) for t, x in zip(texts, examples)]
@@ -63,24 +67,25 @@ def greedy_correct(
 
 def evaluate_model(
     sampler: Sampler,
+    scorer: Scorer,
     task: Task,
     examples: list[Example],
     groups: list[Group],
     validation=(),
     *,
-    settings,
+    settings: EvalSection,
     template: str,
-    data,
     seed: int,
 ) -> dict:
-    """Every metric of section 6 of `sampler`'s model on `examples` (test) and `groups` (held-out, rescored
-    in batches of `settings.batch_size` as the `data` section says: max_length, layout, tokens_per_row); with `validation` questions, also their
-    greedy accuracy (`validation_accuracy`), the number to make choices on. `settings` is the `eval` section
-    (max_new_tokens, sc_k, sc_temperature, batch_size); self-consistency samples with seed `seed + 1`.
-    `sampler` generates every completion."""
-    e = settings
-    prompts = [task.prompt(x, template, sampler.tokenizer) for x in examples]
-    greedy, correct = greedy_correct(sampler, task, examples, template=template, max_new_tokens=e.max_new_tokens)
+    """Every metric of section 6 of one model on `examples` (test) and `groups` (held-out): `sampler`
+    generates every completion and `scorer` rescores the groups (its tokenizer formats the prompts, in
+    `template`); with `validation` questions, also their greedy accuracy (`validation_accuracy`), the number
+    to make choices on. `settings` is the `eval` section (max_new_tokens, sc_k, sc_temperature);
+    self-consistency samples with seed `seed + 1`."""
+    e, tokenizer = settings, scorer.tokenizer
+    greedy_options = dict(template=template, max_new_tokens=e.max_new_tokens, tokenizer=tokenizer)
+    prompts = [task.prompt(x, template, tokenizer) for x in examples]
+    greedy, correct = greedy_correct(sampler, task, examples, **greedy_options)
     sampled = sampler.sample(
         prompts,
         max_new_tokens=e.max_new_tokens,
@@ -90,15 +95,7 @@ def evaluate_model(
     )
     votes = [majority_vote([task.extract_for(t, x) for t in outs]) for outs, x in zip(sampled, examples)]
     consistent = [v is not None and task.answers_match(v, x.answer) for v, x in zip(votes, examples)]
-    rescored = score_groups(
-        sampler.model,
-        sampler.tokenizer,
-        groups,
-        max_length=data.max_length,
-        batch_size=e.batch_size,
-        layout=data.layout,
-        tokens_per_row=data.tokens_per_row,
-    )
+    rescored = scorer.score(groups)
     per_task = {}
     for name in sorted({x.meta.get("task") for x in examples} - {None}):
         rows = [i for i, x in enumerate(examples) if x.meta.get("task") == name]
@@ -121,18 +118,20 @@ def evaluate_model(
             "correct": [bool(c) for c in correct],
             "self_consistent": [bool(c) for c in consistent],
         },
-        **validation_accuracy(sampler, task, list(validation), template=template, max_new_tokens=e.max_new_tokens),
+        **validation_accuracy(sampler, task, list(validation), **greedy_options),
     }
 
 
 def validation_accuracy(
-    sampler: Sampler, task: Task, validation: list[Example], *, template: str, max_new_tokens: int
+    sampler: Sampler, task: Task, validation: list[Example], *, template: str, max_new_tokens: int, tokenizer=None
 ) -> dict:
-    """`validation_accuracy` and `validation_questions` (greedy, by `sampler`), or nothing without
-    validation questions."""
+    """`validation_accuracy` and `validation_questions` (greedy, by `sampler`; `greedy_correct`), or nothing
+    without validation questions."""
     if not validation:
         return {}
-    _, correct = greedy_correct(sampler, task, validation, template=template, max_new_tokens=max_new_tokens)
+    _, correct = greedy_correct(
+        sampler, task, validation, template=template, max_new_tokens=max_new_tokens, tokenizer=tokenizer
+    )
     return {"validation_accuracy": float(np.mean(correct)), "validation_questions": len(validation)}
 
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from typing import Any
 
+from aft_jax.config.spec import RunConfig
+from aft_jax.errors import SettingError
 from aft_jax.model.config import ModelConfig, RopeScaling
 from aft_jax.model.families import config_from_hf
 
@@ -26,7 +29,7 @@ _LLAMA_7B = dict(
     head_dim=128,
     rms_norm_eps=1e-5,
 )
-KNOWN_MODELS = {
+KNOWN_MODELS: dict[str, dict[str, Any]] = {
     "huggyllama/llama-7b": {**_LLAMA_7B, "rms_norm_eps": 1e-6},
     "meta-llama/Llama-2-7b-hf": _LLAMA_7B,
     "meta-llama/Llama-2-13b-hf": {
@@ -72,13 +75,13 @@ def request_host_devices(count: int) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-def model_config(config) -> ModelConfig:
+def model_config(config: RunConfig) -> ModelConfig:
     """The model's shape from a known hub id, an HF/aft_jax folder's config.json, or `model.random`."""
     from aft_jax.build import resolve_model_path
     from aft_jax.io.hf_files import read_config
 
     m = config.model
-    common = dict(param_dtype=m.dtype, dtype=m.compute_dtype, remat_policy=m.remat_policy)
+    common: dict[str, Any] = dict(param_dtype=m.param_dtype, dtype=m.compute_dtype, remat_policy=m.remat_policy)
     if m.path in KNOWN_MODELS:
         return ModelConfig(**KNOWN_MODELS[m.path], **common)
     if m.path:
@@ -105,7 +108,7 @@ class MemoryPlan:
     compile_s: float
 
 
-def planned_batch(config, mesh, batch_size: int, seq_len: int, prompt_len: int) -> dict:
+def planned_batch(config: RunConfig, mesh, batch_size: int, seq_len: int, prompt_len: int) -> dict[str, Any]:
     """Abstract batch of `batch_size` groups of K candidates of `seq_len` tokens each (`prompt_len` of them the
     shared prompt), in `data.layout`: padded `[B, K, seq_len]`, or packed rows as the batcher packs them."""
     from aft_jax.data import packing
@@ -116,7 +119,10 @@ def planned_batch(config, mesh, batch_size: int, seq_len: int, prompt_len: int) 
     if config.data.layout == "padded":
         return batch_spec(mesh, batch_size, k, seq_len)
     if not 0 < prompt_len < seq_len:
-        raise ValueError(f"prompt length {prompt_len} must be in (0, {seq_len}), the sequence length")
+        raise SettingError(
+            f"--prompt-len={prompt_len}: expected a prompt length in (0, {seq_len}), {seq_len} being the sequence "
+            "length (--seq-len, or data.max_length)"
+        )
     budget, accum = config.data.tokens_per_row, config.train.grad_accum
     pieces = packing.group_pieces([[0] * seq_len] * k, prompt_len, budget)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -126,7 +132,11 @@ def planned_batch(config, mesh, batch_size: int, seq_len: int, prompt_len: int) 
 
 
 def planned_program(
-    config, batch_size: int | None = None, seq_len: int | None = None, prompt_len: int | None = None, batch=None
+    config: RunConfig,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    prompt_len: int | None = None,
+    batch: dict[str, Any] | None = None,
 ):
     """`(program, lowered)`: the training program of `config` (`stages.program`, as training builds it) and
     its step lowered for an abstract state and `batch`, by default `planned_batch` (`train.batch_size`
@@ -135,7 +145,7 @@ def planned_program(
     from aft_jax.parallel import sharding
     from aft_jax.stages.program import build_train_program, check_batch
 
-    mesh = sharding.make_mesh(config.train.mesh)
+    mesh = sharding.make_mesh(config.train.mesh, name="train.mesh")
     b = batch_size or config.train.batch_size
     check_batch(b, config.train.grad_accum, mesh)
     total_steps = config.train.max_steps if config.train.max_steps > 0 else 1000
@@ -148,7 +158,7 @@ def planned_program(
 
 
 def plan_memory(
-    config, batch_size: int | None = None, seq_len: int | None = None, prompt_len: int | None = None
+    config: RunConfig, batch_size: int | None = None, seq_len: int | None = None, prompt_len: int | None = None
 ) -> MemoryPlan:
     """Compiles the train step for `config` on its mesh with abstract inputs (`planned_program`) and reads
     per-device memory."""
@@ -188,7 +198,7 @@ def plan_memory(
     )
 
 
-def recommend(plan: MemoryPlan, hbm_gb: float, config) -> str:
+def recommend(plan: MemoryPlan, hbm_gb: float, config: RunConfig) -> str:
     if not hbm_gb:
         return "no HBM size given (--hbm-gb or --chip): nothing to compare against"
     if plan.total_gb <= 0.85 * hbm_gb:

@@ -15,6 +15,7 @@ from flax import nnx
 
 from aft_jax.data.batches import CANDIDATE_SCHEMA, PADDED_SCHEMA
 from aft_jax.data.packing import TOKEN_SCHEMA
+from aft_jax.errors import SettingError
 from aft_jax.method.objective import finalize_metrics, normalisers, objective
 from aft_jax.model.causal_lm import abstract_model
 from aft_jax.parallel import sharding
@@ -93,9 +94,9 @@ def check_batch(batch_size: int, grad_accum: int, mesh) -> None:
     """Every device needs whole groups of every micro-batch."""
     data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % (grad_accum * data_ways):
-        raise ValueError(
-            f"train.batch_size={batch_size} must be a multiple of train.grad_accum x data x fsdp = "
-            f"{grad_accum} x {data_ways}: every device needs whole groups"
+        raise SettingError(
+            f"train.batch_size={batch_size} must be a multiple of train.grad_accum x the mesh's data x fsdp "
+            f"devices = {grad_accum} x {mesh.shape['data']} x {mesh.shape['fsdp']}: every device needs whole groups"
         )
 
 

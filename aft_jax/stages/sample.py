@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -22,7 +23,10 @@ from aft_jax.data.tasks import Example, Task
 from aft_jax.io.paths import Path, write_atomically
 from aft_jax.parallel.sharding import is_main_process, sync
 from aft_jax.sampling.sampler import Sampler
-from aft_jax.stages.score import score_groups
+from aft_jax.stages.score import Scorer
+
+if TYPE_CHECKING:
+    from aft_jax.config.spec import SampleSection
 
 
 def normalise(text: str) -> str:
@@ -63,25 +67,25 @@ def group_statistics(groups: list[Group], duplicates: int, samples: int) -> dict
 
 def sample_candidates(
     sampler: Sampler,
+    scorer: Scorer,
     task: Task,
     examples: list[Example],
     out_dir: str | Path,
     *,
-    settings,
+    settings: SampleSection,
     template: str,
-    data,
     seed: int,
     stop_after_shards: int | None = None,
 ) -> Path:
     """Writes `<out_dir>/shard-NNNNN.jsonl` (with a `.meta.json` of its counts and timing) for every shard
     of `examples` (questions of `task`) not yet complete, then `stats.json`; returns `out_dir`.
-    `sampler` generates the candidates and its model and tokenizer score them; `settings` is the `sample`
-    section (k, temperature, top_k, top_p, max_new_tokens, batch_size, shard_size); prompts use `template`,
-    scoring (`stages.score`) follows the `data` section (max_length, layout, tokens_per_row), and shard `i` is sampled with seed `seed * 1_000_003 + i`.
-    `stop_after_shards` ends the run early (as an interruption would) after that many new shards.
-    With several processes each samples its share of the shards (`sampler` is its own, on local devices)
-    and process 0 writes `stats.json` once every shard is there."""
-    model, tokenizer, s = sampler.model, sampler.tokenizer, settings
+    `sampler` generates the candidates and `scorer` scores them (its tokenizer formats the prompts, in
+    `template`); `settings` is the `sample` section (k, temperature, top_k, top_p, max_new_tokens,
+    shard_size), and shard `i` is sampled with seed `seed * 1_000_003 + i`. `stop_after_shards` ends the
+    run early (as an interruption would) after that many new shards. With several processes each samples
+    its share of the shards (`sampler` and `scorer` are its own, on local devices) and process 0 writes
+    `stats.json` once every shard is there."""
+    tokenizer, s = scorer.tokenizer, settings
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shard_count = -(-len(examples) // s.shard_size)
@@ -110,15 +114,7 @@ def sample_candidates(
         seconds = time.perf_counter() - began
         tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for row in samples for t in row)
         labelled = [label_group(task, e, p, row) for e, p, row in zip(chunk, prompts, samples)]
-        groups = score_groups(
-            model,
-            tokenizer,
-            [g for g, _ in labelled],
-            max_length=data.max_length,
-            batch_size=s.batch_size,
-            layout=data.layout,
-            tokens_per_row=data.tokens_per_row,
-        )
+        groups = scorer.score([g for g, _ in labelled])
         meta = {
             "duplicates": sum(d for _, d in labelled),
             "samples": len(chunk) * s.k,

@@ -1,10 +1,13 @@
 """Scoring candidate groups with a model (after sampling, and the held-out groups in evaluation): each
 candidate's summed and mean completion log-prob, float32, from packed rows (each prompt once; the default)
-or from padded sequences (the reference layout)."""
+or from padded sequences (the reference layout). `Scorer` is what the stages receive: a model, its
+tokenizer and the layout, so that no stage reaches through a sampler to a model."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any
 
 import jax
 import numpy as np
@@ -32,6 +35,31 @@ def _compiled(graphdef, layout: str):
         return token_logprobs(model, hidden, ids, rows["completion_mask"])
 
     return jax.jit(packed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scorer:
+    """`score(groups)`: `score_groups` of `model` with its `tokenizer`, sequences cut at `max_length`, in
+    `layout` (`packed` rows of `tokens_per_row`, or `padded`), `batch_size` sequences' worth per call. The
+    tokenizer is also the one prompts are formatted with (a chat template)."""
+
+    model: Any
+    tokenizer: Any
+    max_length: int
+    batch_size: int
+    layout: str = "packed"
+    tokens_per_row: int = 1024
+
+    def score(self, groups: list[Group]) -> list[Group]:
+        return score_groups(
+            self.model,
+            self.tokenizer,
+            groups,
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+            layout=self.layout,
+            tokens_per_row=self.tokens_per_row,
+        )
 
 
 def score_groups(

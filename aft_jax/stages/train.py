@@ -1,28 +1,58 @@
-"""VFT and AFT training: the loop around the training program (`program.py`): data, logging, checkpoints,
-resumption and the export of the final model."""
+"""VFT and AFT training: the loop around the training program (`program.py`): batches, logging, checkpoints,
+resumption and the export of the final model.
+
+A run receives what it trains (the model and its tokenizer), what it trains on (a `GroupBatcher`, made by
+`make_batcher` from candidate groups or, for VFT, `reference_groups`) and its `TrainSettings`; nothing here
+reads the run config or loads a model.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import time
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from aft_jax.build import load_examples, model_from_config
-from aft_jax.config.spec import check_command
 from aft_jax.data.batches import GroupBatcher, GroupEncoder
-from aft_jax.data.groups import Candidate, DataError, Group, read_training_file
-from aft_jax.data.tasks import Task
+from aft_jax.data.groups import Candidate, DataError, Group
+from aft_jax.data.tasks import Example, Task
 from aft_jax.io.paths import Path
 from aft_jax.method.registry import get_method
 from aft_jax.parallel import sharding
 from aft_jax.stages.program import TrainProgram, TrainState, build_train_program, check_batch
 
+if TYPE_CHECKING:
+    from aft_jax.config.spec import CheckpointSection, DataSection, LossSection, OptimSection, TrainSection
+
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """What one training run needs of the run config: the `loss`, `optim`, `train` and `checkpoint`
+    sections, and the seed of its state's random key."""
+
+    loss: LossSection
+    optim: OptimSection
+    train: TrainSection
+    checkpoint: CheckpointSection
+    seed: int = 0
+
+    @classmethod
+    def of(cls, config) -> TrainSettings:
+        """The settings of a run config (`aft_jax.config.spec.RunConfig`)."""
+        return cls(config.loss, config.optim, config.train, config.checkpoint, config.seed)
+
+    def total_steps(self, batcher: GroupBatcher) -> int:
+        """`train.max_steps` when positive, else `train.num_epochs` epochs of `batcher`."""
+        t = self.train
+        return t.max_steps if t.max_steps > 0 else t.num_epochs * batcher.steps_per_epoch
 
 
 def matmul_params(c) -> int:
@@ -53,53 +83,40 @@ def shard_batch(batch: dict, mesh, global_groups: int | None = None) -> dict:
 
 
 class PreparedRun(NamedTuple):
-    mesh: Any
-    model_config: Any
-    tokenizer: Any
-    batcher: GroupBatcher
-    total_steps: int
     program: TrainProgram
     state: TrainState  # step 0
+    total_steps: int
 
 
-def prepare_training(config, *, mesh, task: Task | None = None) -> PreparedRun:
-    """The starting model, the batches and the training program of `config` on `mesh` (the caller's, of
-    `train.mesh`), before any step. `task` is needed only by VFT without `data.train_file`."""
-    check_batch(config.train.batch_size, config.train.grad_accum, mesh)
-    model, tokenizer = model_from_config(config.model, mesh, seed=config.seed)
-    batcher = make_batcher(config, tokenizer, mesh, task)
-    total_steps = (
-        config.train.max_steps if config.train.max_steps > 0 else config.train.num_epochs * batcher.steps_per_epoch
-    )
+def prepare_training(model, batcher: GroupBatcher, settings: TrainSettings, *, mesh) -> PreparedRun:
+    """The training program for `model` on `mesh` and its state at step 0 (the model's weights placed in
+    the program's shardings: the first step donates them, so `model` is not to be used afterwards)."""
+    t = settings.train
+    total_steps = settings.total_steps(batcher)
     program = build_train_program(
-        model.config, mesh, config.loss, config.optim, total_steps=total_steps, grad_accum=config.train.grad_accum
+        model.config, mesh, settings.loss, settings.optim, total_steps=total_steps, grad_accum=t.grad_accum
     )
-    return PreparedRun(
-        mesh, model.config, tokenizer, batcher, total_steps, program, program.init_state(model, config.seed)
-    )
+    return PreparedRun(program, program.init_state(model, settings.seed), total_steps)
 
 
-def run_training(config, *, mesh, task: Task | None = None) -> Path:
-    """Trains as `config` (this run's own config, written to `<run_dir>/config.json`) says, on `mesh`;
-    resumes from the run directory's latest checkpoint. `task` is needed only by VFT without
-    `data.train_file` (it trains on the task's training split). Returns the folder of the exported final
-    model (config.json, tokenizer, Orbax params)."""
+def run_training(model, tokenizer, batcher: GroupBatcher, settings: TrainSettings, run_dir, *, mesh) -> Path:
+    """Trains `model` (its weights are donated to the first step) on `batcher`'s batches as `settings` say,
+    on `mesh`, in `run_dir` (checkpoints, metrics, `settings.json`); resumes from the run directory's latest
+    checkpoint. Returns the folder of the exported final model (config.json, `tokenizer`, Orbax params)."""
     from aft_jax.io.checkpoint import TrainCheckpointer
     from aft_jax.io.metrics import MetricsWriter
 
-    run_dir = Path(config.run_dir)
+    run_dir = Path(run_dir)
     main = sharding.is_main_process()
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(config.to_json(indent=2) + "\n")
-    run = prepare_training(config, mesh=mesh, task=task)
-    program, state, batcher, total_steps = run.program, run.state, run.batcher, run.total_steps
-    model_config = run.model_config
+        (run_dir / "settings.json").write_text(json.dumps(dataclasses.asdict(settings), indent=2) + "\n")
+    model_config = model.config
+    program, state, total_steps = prepare_training(model, batcher, settings, mesh=mesh)
+    del model
+    c = settings.checkpoint
     checkpointer = TrainCheckpointer(
-        run_dir / "checkpoints",
-        save_every=config.checkpoint.save_every,
-        keep=config.checkpoint.keep,
-        async_save=config.checkpoint.async_save,
+        run_dir / "checkpoints", save_every=c.save_every, keep=c.keep, async_save=c.async_save
     )
     start = checkpointer.latest_step() or 0
     if start:
@@ -107,18 +124,19 @@ def run_training(config, *, mesh, task: Task | None = None) -> Path:
         state = TrainState(*restored)
         batcher.restore(data_state)
         log.info("resumed from step %d", start)
-    writer = MetricsWriter(run_dir, resume_step=start, tensorboard=config.train.tensorboard, enabled=main)
+    t = settings.train
+    writer = MetricsWriter(run_dir, resume_step=start, tensorboard=t.tensorboard, enabled=main)
     devices = mesh.devices.size
     bar = tqdm(
         total=total_steps,
         initial=start,
-        desc=f"{config.loss.method} ({sharding.describe(mesh)})",
+        desc=f"{settings.loss.method} ({sharding.describe(mesh)})",
         unit="step",
         disable=not main,
     )
     try:
         for step in range(start + 1, total_steps + 1):
-            batch = shard_batch(batcher.next_batch(), mesh, config.train.batch_size)
+            batch = shard_batch(batcher.next_batch(), mesh, t.batch_size)
             began = time.perf_counter()
             state, metrics = program(state, batch)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -130,7 +148,7 @@ def run_training(config, *, mesh, task: Task | None = None) -> Path:
                 "epoch": batcher.epoch,
             }
             checkpointer.save(step, state, batcher.state(), force=step == total_steps)
-            if step % config.train.log_every == 0 or step == total_steps:
+            if step % t.log_every == 0 or step == total_steps:
                 writer.write(step, metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:,.0f}")
             bar.update(1)
@@ -138,73 +156,80 @@ def run_training(config, *, mesh, task: Task | None = None) -> Path:
         bar.close()
         writer.close()
         checkpointer.close()
-    return export_final(state, program.graphdef, run.tokenizer, run_dir, config)
+    return export_final(state, program.graphdef, tokenizer, run_dir, export_hf=c.export_hf)
 
 
-def training_groups(config, task: Task | None, tokenizer) -> list[Group]:
-    """`data.train_file` if set; for VFT without one, `task`'s training split as (prompt, reference)."""
-    if config.data.train_file:
-        return read_training_file(config.data.train_file)
-    check_command(config, "aft")  # only VFT trains without a groups file
-    if task is None:
-        raise ValueError(
-            f"loss.method={config.loss.method!r} without data.train_file trains on the task's training split: "
-            "pass the task"
-        )
+def reference_groups(task: Task, examples: list[Example], template: str, tokenizer) -> list[Group]:
+    """VFT's training data: each question of `task` with its reference chain of thought as its one
+    candidate, the prompt in `template` (formatted with `tokenizer` where the template needs one)."""
     return [
         Group(
             e.id,
-            task.prompt(e, config.task.template, tokenizer),
+            task.prompt(e, template, tokenizer),
             e.answer,
             (Candidate(e.target, correct=True, level=1, reference=True),),
         )
-        for e in load_examples(task, config.task, config.task.train_split)
+        for e in examples
     ]
 
 
-def make_batcher(config, tokenizer, mesh, task: Task | None = None) -> GroupBatcher:
-    groups = training_groups(config, task, tokenizer)
-    method = get_method(config.loss.method)
-    if method.needs_reference_logps:
-        missing = [g.id for g in groups for c in g.candidates if c.logp_sum is None]
+def make_batcher(
+    groups: list[Group],
+    tokenizer,
+    mesh,
+    *,
+    data: DataSection,
+    method: str,
+    batch_size: int,
+    grad_accum: int,
+    seed: int,
+    source: str = "the training groups",
+) -> GroupBatcher:
+    """The `GroupBatcher` of `groups` for `method` (`loss.method`) on `mesh`: tokenised with `tokenizer` as
+    the `data` section says, `batch_size` groups per step in `grad_accum` micro-batches, shuffled with
+    `seed`. `source` names the groups in errors (a file)."""
+    check_batch(batch_size, grad_accum, mesh)
+    m = get_method(method)
+    if m.needs_reference_logps:
+        missing = list(dict.fromkeys(g.id for g in groups for c in g.candidates if c.logp_sum is None))
         if missing:
             raise DataError(
-                f"{config.data.train_file}: loss.method={method.name} needs each candidate's reference log-prob "
-                "(logp_sum); "
+                f"{source}: loss.method={m.name} needs each candidate's reference log-prob (logp_sum); "
                 f"missing in groups {missing[:5]}"
             )
-    only_reference = not method.needs_groups
-    group_size = 1 if only_reference else config.data.group_size
-    encoder = GroupEncoder(tokenizer, config.data.max_length, group_size, config.data.truncation, only_reference)
+    only_reference = not m.needs_groups
+    group_size = 1 if only_reference else data.group_size
+    encoder = GroupEncoder(tokenizer, data.max_length, group_size, data.truncation, only_reference)
     batcher = GroupBatcher(
         groups,
         encoder,
-        batch_size=config.train.batch_size,
+        batch_size=batch_size,
         group_size=group_size,
-        max_length=config.data.max_length,
+        max_length=data.max_length,
         pad_id=tokenizer.pad_token_id or 0,
-        seed=config.seed,
-        pad_multiple=config.data.pad_multiple,
-        shuffle=config.data.shuffle,
-        rows=sharding.process_rows(mesh, config.train.batch_size),
+        seed=seed,
+        pad_multiple=data.pad_multiple,
+        shuffle=data.shuffle,
+        rows=sharding.process_rows(mesh, batch_size),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         combine=sharding.sum_over_processes,
-        layout=config.data.layout,
-        tokens_per_row=config.data.tokens_per_row,
+        layout=data.layout,
+        tokens_per_row=data.tokens_per_row,
         shards=mesh.shape["data"] * mesh.shape["fsdp"],
-        micro_batches=config.train.grad_accum,
+        micro_batches=grad_accum,
+        source=source,
     )
     counts = encoder.counts_array()
     counts = dict(zip(encoder.COUNTS, sharding.sum_over_processes(counts).tolist()))
-    if config.data.layout == "packed":
+    if data.layout == "packed":
         counts["groups_split_over_rows"] = batcher.split_groups
-    log.info("data: %d of %d groups kept (%s layout); %s", len(batcher.usable), len(groups), config.data.layout, counts)
+    log.info("data: %d of %d groups kept (%s layout); %s", len(batcher.usable), len(groups), data.layout, counts)
     return batcher
 
 
-def export_final(state: TrainState, graphdef, tokenizer, run_dir: Path, config) -> Path:
-    """The params-only model for the next step: `run_dir/model` (and `run_dir/model_hf` if asked)."""
+def export_final(state: TrainState, graphdef, tokenizer, run_dir: Path, *, export_hf: bool = False) -> Path:
+    """The params-only model for the next step: `run_dir/model` (and `run_dir/model_hf` with `export_hf`)."""
     from aft_jax.io.checkpoint import save_model_folder
     from aft_jax.io.hf import save_pretrained
 
@@ -213,6 +238,6 @@ def export_final(state: TrainState, graphdef, tokenizer, run_dir: Path, config) 
     sharding.sync("export")  # every process decides alike whether the export is still to do
     if not (out / "params").exists():
         save_model_folder(model, tokenizer, out)
-    if config.checkpoint.export_hf and sharding.is_main_process():
+    if export_hf and sharding.is_main_process():
         save_pretrained(model, tokenizer, run_dir / "model_hf")
     return out

@@ -21,10 +21,11 @@ import math
 
 import numpy as np
 
+from aft_jax.config.spec import RunConfig
 from aft_jax.io.paths import Path, write_atomically
-from aft_jax.method.registry import method_names
+from aft_jax.method.registry import AlignmentRun, alignment_run
 from aft_jax.parallel import sharding
-from aft_jax.pipeline import align_lr, log, run_pipeline
+from aft_jax.pipeline import align_lr, alignment_runs, log, run_pipeline
 from aft_jax.study.claims import MISALIGNED_BELOW, paper_claims, verdict
 from aft_jax.study.stats import paired_bootstrap, paired_t, t_interval
 
@@ -45,14 +46,16 @@ def _numbers(text: str, what: str, kind=float) -> list:
     return values
 
 
-def study_plan(config) -> tuple[list[int], list[str], dict[str, dict[float, str]]]:
-    """The seeds, the alignment methods each seed runs, and the sweeps of AFT-BC as
-    `{"beta": {beta: method name}, "lr": {learning rate: method name}}`; a ValueError names the bad setting."""
+def study_plan(config: RunConfig) -> tuple[list[int], list[AlignmentRun], dict[str, dict[float, str]]]:
+    """The seeds, the alignment runs each seed runs (`pipeline.methods`, then AFT-BC once per other swept
+    value: `AlignmentRun.varied`), and the sweeps of AFT-BC as `{"beta": {beta: run name}, "lr": {learning
+    rate: run name}}`; a ValueError names the bad setting."""
     seeds = _numbers(config.study.seeds, "study.seeds", int)
     if not seeds:
         raise ValueError(f"study.seeds={config.study.seeds!r}: expected distinct integers, e.g. 0,1,2")
-    methods = method_names(config.pipeline.methods)  # each checked at load (`config.spec`)
-    sweeps = {}
+    runs = alignment_runs(config)  # each name checked at load (`config.spec`)
+    aft_bc = next((run for run in runs if run.name == "aft_bc"), None)
+    sweeps: dict[str, dict[float, str]] = {}
     for key, own, what in (
         ("beta", config.loss.beta, "a boundary margin"),
         ("lr", align_lr(config), "a learning rate"),
@@ -62,23 +65,21 @@ def study_plan(config) -> tuple[list[int], list[str], dict[str, dict[float, str]
         for value in _numbers(text, setting):
             if value <= 0:
                 raise ValueError(f"{setting}={text!r}: {what} must be positive")
-            name = "aft_bc" if value == own and "aft_bc" in methods else f"aft_bc-{key}{value:g}"
-            sweeps[key][value] = name
-            methods += [name] if name not in methods else []
-    return seeds, methods, sweeps
+            run = aft_bc if value == own and aft_bc else alignment_run("aft_bc").varied(**{key: value})
+            sweeps[key][value] = run.name
+            runs += [run] if run.name not in {r.name for r in runs} else []
+    return seeds, runs, sweeps
 
 
-def run_study(config) -> dict:
-    seeds, methods, sweeps = study_plan(config)
+def run_study(config: RunConfig) -> dict:
+    seeds, runs, sweeps = study_plan(config)
     run_dir = Path(config.run_dir)
     results = {}
     for i, seed in enumerate(seeds):
         log(f"study: seed {seed} ({i + 1} of {len(seeds)})")
-        seed_config = config.replace(
-            seed=seed, run_dir=str(run_dir / f"seed-{seed}"), pipeline={"methods": ",".join(methods)}
-        )
-        results[seed] = run_pipeline(seed_config)  # every model's evaluation, as in <seed dir>/eval/
-    models = ["vft", *methods]
+        seed_config = config.replace(seed=seed, run_dir=str(run_dir / f"seed-{seed}"))
+        results[seed] = run_pipeline(seed_config, runs)  # every model's evaluation, as in <seed dir>/eval/
+    models = ["vft", *(run.name for run in runs)]
     study = aggregate(results, models, sweeps)
     study["protocol"] = protocol(config, seeds, results[seeds[0]]["vft"]["questions"])
     if sharding.is_main_process():
@@ -103,7 +104,7 @@ def _seconds(seed_dir: Path) -> float:
     return sum(s.get("seconds", 0.0) for s in stages)
 
 
-def protocol(config, seeds, test_questions: int) -> dict:
+def protocol(config: RunConfig, seeds: list[int], test_questions: int) -> dict:
     p = config.pipeline
     return {
         "seeds": seeds,
@@ -126,7 +127,7 @@ def _interval(interval) -> dict:
 def aggregate(results: dict[int, dict[str, dict]], models: list[str], sweeps: dict[str, dict[float, str]]) -> dict:
     """`results[seed][model]` (evaluation JSON) -> the summary, paired differences, sweeps and claims."""
     seeds = list(results)
-    summary = {}
+    summary: dict[str, dict] = {}
     for m in models:
         summary[m] = {}
         for metric in METRICS:

@@ -7,13 +7,14 @@ from aft_jax.data.tasks.gsm8k import GSM8K
 from aft_jax.data.tasks.gsm8k_rank import GSM8KRank
 from aft_jax.data.tasks.mix import Mix
 from aft_jax.data.tasks.synthetic import Synthetic
+from aft_jax.errors import SettingError
 
 TASKS = {cls.name: cls for cls in (GSM8K, GSM8KRank, AquaRat, ECQA, Synthetic, Mix)}
 
 
 def get_task(name: str, **options) -> Task:
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
+        raise SettingError(f"task.name={name!r}: expected one of {', '.join(sorted(TASKS))}")
     return TASKS[name](**options)
 
 

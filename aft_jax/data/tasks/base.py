@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from aft_jax.errors import UserError
+from aft_jax.errors import SettingError, UserError
 
 TEMPLATES = ("alpaca", "plain", "chat")
 ALPACA_HEADER = (
@@ -22,6 +22,15 @@ ALPACA_HEADER = (
 
 class TaskDataError(UserError, ValueError):
     """A data file that does not have the expected layout; the message names file and line."""
+
+
+def no_split(task: str, split: str, splits) -> SettingError:
+    """The error for a split name (`task.train_split`, `task.eval_split` or `task.validation_split`) that
+    `task` does not have."""
+    return SettingError(
+        f"task {task!r} has no split {split!r} (task.train_split, task.eval_split or task.validation_split); "
+        f"expected one of {', '.join(sorted(splits))}"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,11 +52,16 @@ def format_prompt(question: str, template: str = "alpaca", tokenizer=None) -> st
         return f"Question: {question}\nAnswer: "
     if template == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError("template 'chat' needs a tokenizer with a chat template")
+            name = getattr(tokenizer, "name_or_path", "")
+            found = "no tokenizer was given" if tokenizer is None else f"the tokenizer {name!r} has none"
+            raise SettingError(
+                f"task.template='chat' needs a tokenizer with a chat template; {found}: set task.template to "
+                "alpaca or plain, or model.tokenizer to a tokenizer with a chat template"
+            )
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True, enable_thinking=False
         )
-    raise ValueError(f"template={template!r}; expected one of {TEMPLATES}")
+    raise SettingError(f"task.template={template!r}: expected one of {', '.join(TEMPLATES)}")
 
 
 class Task:
@@ -80,7 +94,7 @@ class Task:
 
     def _split_file(self, split: str, data_dir) -> Path | None:
         if split not in self.splits:
-            raise ValueError(f"task {self.name!r} has no split {split!r}; splits: {sorted(self.splits)}")
+            raise no_split(self.name, split, self.splits)
         root = Path(data_dir or os.environ.get("AFT_DATA_DIR", ""))
         file = root / self.splits[split]
         if file.is_file():

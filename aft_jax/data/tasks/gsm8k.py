@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from aft_jax.data.tasks.base import Example, Task, all_numbers, numbers_equal, parse_number, require
+from aft_jax.data.tasks.base import Example, Task, TaskDataError, all_numbers, numbers_equal, parse_number, require
 
 CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")
 ANSWER_IS = re.compile(r"answer\s+is\s*:?", re.IGNORECASE)
@@ -38,7 +38,7 @@ class GSM8K(Task):
     def parse_record(self, record, where, index):
         question, solution = require(record, "question", where), require(record, "answer", where)
         if "####" not in solution:
-            raise ValueError(f"{where}: answer has no '####' line")
+            raise TaskDataError(f"{where}: field 'answer' has no '#### <answer>' line")
         gold = solution.rsplit("####", 1)[1].strip().replace(",", "")
         return Example(
             id=f"{self.name}-{index}",

@@ -7,10 +7,11 @@ are checked by that task's rules (a gold option letter means a multiple-choice q
 from __future__ import annotations
 
 from aft_jax.data.tasks.aqua_rat import AquaRat
-from aft_jax.data.tasks.base import Example, Task
+from aft_jax.data.tasks.base import Example, Task, no_split
 from aft_jax.data.tasks.choice import LETTERS
 from aft_jax.data.tasks.ecqa import ECQA
 from aft_jax.data.tasks.gsm8k import GSM8K
+from aft_jax.errors import SettingError
 
 
 class Mix(Task):
@@ -20,9 +21,11 @@ class Mix(Task):
 
     def load(self, split, *, data_dir=None, path=None, limit=None):
         if path:
-            raise ValueError("task mix reads the shared data folder; it takes no single file")
+            raise SettingError(
+                f"task mix: path={str(path)!r}: mix reads the shared data folder (task.data_dir), not a single file"
+            )
         if split not in self.splits:
-            raise ValueError(f"task mix has no split {split!r}; splits: {sorted(self.splits)}")
+            raise no_split(self.name, split, self.splits)
         examples = []
         for part in self.parts:
             for e in part.load(split, data_dir=data_dir, limit=limit):

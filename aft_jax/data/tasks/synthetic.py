@@ -20,8 +20,9 @@ from __future__ import annotations
 import random
 import re
 
-from aft_jax.data.tasks.base import Example
+from aft_jax.data.tasks.base import Example, no_split
 from aft_jax.data.tasks.gsm8k import GSM8K
+from aft_jax.errors import SettingError
 
 NAMES = ["Ann", "Ben", "Cara", "Dan", "Eve", "Finn", "Gus", "Hana", "Ivy", "Jon"]
 ITEMS = ["apples", "pens", "cards", "shells", "stamps", "marbles", "books", "coins"]
@@ -103,7 +104,10 @@ class Synthetic(GSM8K):
             if question in exclude:
                 repeats += 1
                 if repeats > 100 * count:
-                    raise ValueError(f"synthetic {split}: cannot draw {count} new questions (too few distinct ones)")
+                    raise SettingError(
+                        f"task.synthetic_{split}={count}: cannot draw that many new synthetic questions (too few "
+                        "distinct ones); expected a smaller size"
+                    )
                 continue
             exclude.add(question)
             examples.append(
@@ -121,7 +125,7 @@ class Synthetic(GSM8K):
         """The first `limit` questions of `split`; a later split in train, validation, test never repeats
         a question of an earlier one (each is generated whole, so limits do not change the questions)."""
         if split not in self.sizes:
-            raise ValueError(f"task synthetic has no split {split!r}; splits: {sorted(self.sizes)}")
+            raise no_split(self.name, split, self.sizes)
         seen: set[str] = set()
         for name in SPLIT_SEEDS:
             examples = self._generate(name, self.sizes[name], seen)
