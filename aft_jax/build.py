@@ -158,20 +158,6 @@ def sampler_and_scorer(model, tokenizer, config: RunConfig, batch_size: int) -> 
     return sampler, Scorer(model, tokenizer, d.max_length, batch_size, d.layout, d.tokens_per_row)
 
 
-def make_training_batcher(
-    groups: list[Group], tokenizer, mesh, config: RunConfig, method: str, source: str
-) -> GroupBatcher:
-    """`stages.train.make_batcher` of `groups` (from `source`) for `method` with the run's `data` section,
-    `train.batch_size`, `train.grad_accum` and seed."""
-    from aft_jax.stages.train import make_batcher
-
-    t = config.train
-    return make_batcher(
-        groups, tokenizer, mesh, data=config.data, method=method, batch_size=t.batch_size,
-        grad_accum=t.grad_accum, seed=config.seed, source=source,
-    )  # fmt: skip
-
-
 @dataclasses.dataclass
 class Context:
     """What the stages of one command or pipeline run share, built once from its config: the `task`, and
@@ -229,7 +215,13 @@ class Context:
         return reference_groups(self.task, self.examples(t.train_split), t.template, self.tokenizer)
 
     def batcher(self, train_file: str, method: str) -> GroupBatcher:
-        """The training batches of `training_groups(train_file, method)` on the training mesh."""
-        groups = self.training_groups(train_file, method)
-        source = train_file or f"task {self.task.name} split {self.config.task.train_split!r}"
-        return make_training_batcher(groups, self.tokenizer, self.mesh, self.config, method, source)
+        """`stages.train.make_batcher` of `training_groups(train_file, method)` on the training mesh, with the
+        run's `data` section, `train.batch_size`, `train.grad_accum` and seed."""
+        from aft_jax.stages.train import make_batcher
+
+        c, t = self.config, self.config.train
+        return make_batcher(
+            self.training_groups(train_file, method), self.tokenizer, self.mesh, data=c.data, method=method,
+            batch_size=t.batch_size, grad_accum=t.grad_accum, seed=c.seed,
+            source=train_file or f"task {self.task.name} split {c.task.train_split!r}",
+        )  # fmt: skip

@@ -65,8 +65,7 @@ def restore_model(path: str | os.PathLike, config: ModelConfig, mesh, rules=None
             restored = checkpointer.restore(paths.for_orbax(path), target)
         except (ValueError, KeyError, OSError) as err:  # Orbax: a missing, partial or differently shaped state
             raise CheckpointError(
-                f"{path}: cannot restore these parameters in the shapes of the folder's config.json "
-                f"({first_line(err)})"
+                f"{path}: cannot restore these parameters in the shapes of the folder's config.json ({first_line(err)})"
             ) from err
     nnx.replace_by_pure_dict(abstract_state, restored)
     return nnx.merge(graphdef, abstract_state)
