@@ -1,7 +1,7 @@
 """Bulk sampling of one work list (Q questions x k samples) three ways, side by side in one run: the
-continuous loop (`aft_jax.sampling.continuous`, what `Sampler.sample` runs), the static loop
+continuous loop (`aft_jax.sampling.continuous`, what `JaxSampler.sample` runs), the static loop
 (`aft_jax.sampling.static`: batches of `rows // k` questions, each until its longest sample is done, as
-`Sampler.sample` ran before continuous batching) and transformers `generate` (torch, the same batches).
+`JaxSampler.sample` ran before continuous batching) and transformers `generate` (torch, the same batches).
 
     .venv/bin/python benchmarks/continuous_sampling.py                    # SmolLM2-135M, GSM8K, 256 new tokens
     .venv/bin/python benchmarks/continuous_sampling.py --model runs/demo/seed-0/vft/model --task synthetic \\
@@ -95,7 +95,7 @@ def main() -> None:
     key, k, n = jax.random.key(0), args.k, args.max_new_tokens
     layers = decode_layers(model)
 
-    # The continuous loop over the whole list, as Sampler.sample pads it, at each number of rows per prompt
+    # The continuous loop over the whole list, as JaxSampler.sample pads it, at each number of rows per prompt
     # slot; each program compiled first, without decoding a step.
     ids, mask = left_pad(encoded, len(encoded), params.pad_id, 64)
     runs = {}

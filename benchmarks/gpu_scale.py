@@ -11,7 +11,7 @@
    computes (6 N per token plus the full T x T attention term, remat's recomputation not counted) over the
    step time and the bfloat16 peak (989 TFLOP/s dense on the H100 / H200, and the 8192^3 product measured
    here).
-3. `sampling`: the continuous sampler (`Sampler.sample`'s loop) in bfloat16 at 256 to 4,096 rows, k = 6 samples
+3. `sampling`: the continuous sampler (`JaxSampler.sample`'s loop) in bfloat16 at 256 to 4,096 rows, k = 6 samples
    of GSM8K training questions with the Alpaca prompt (two waves of questions), 256 new tokens at
    temperature 1, for SmolLM2-135M's and Llama-3.2-1B's shapes; generated tokens per second against the
    memory-bandwidth bound: a decode step must read every weight once (bfloat16) and the keys/values of

@@ -11,7 +11,7 @@ benchmarks/results/sampling_<rows>_rows_<max_new_tokens>_tokens.json. Both decod
 together, batch after batch, the two sides taking turns so that both run on the machine in the same state;
 how many tokens a batch yields depends on where its samples stop, so several batches are run to even that
 out. Each side pads a batch's prompts to a common length, transformers to the longest, aft_jax (as
-`Sampler` does) to the next multiple of 64; aft_jax is timed after one warm-up batch per padded
+`JaxSampler` does) to the next multiple of 64; aft_jax is timed after one warm-up batch per padded
 length, which compiles its program. aft_jax prefills each question once and its k samples read that one
 prompt cache, while transformers prefills and caches every row.
 
