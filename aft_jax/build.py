@@ -46,10 +46,10 @@ def load_tokenizer(name: str, key: str = "model.tokenizer"):
     from aft_jax.io.hf_files import CheckpointError, check_hub_name, first_line
     from aft_jax.io.paths import fetched_dir, is_remote
 
-    name = resolve_model_path(name)
-    if not is_remote(name) and not os.path.exists(os.path.expanduser(name)):
-        check_hub_name(name)
-    with fetched_dir(name, skip=("params",)) as local:
+    path = resolve_model_path(name)
+    if not is_remote(path) and not os.path.exists(os.path.expanduser(path)):
+        check_hub_name(path)
+    with fetched_dir(path, skip=("params",)) as local:
         if os.path.isdir(local) and not any(os.path.exists(os.path.join(local, f)) for f in TOKENIZER_FILES):
             raise RunConfigError(f"{key}={name!r}: {local} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
         try:
