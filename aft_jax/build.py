@@ -112,7 +112,33 @@ def tokenizer_from_config(config: RunConfig, task: Task):
 def model_from_config(model_cfg: ModelSection, mesh, tokenizer=None, *, seed: int = 0, path: str = ""):
     """The model of `model_cfg` (the `model` section) on `mesh`: loaded from `path` (default `model.path`;
     "smollm2" names the built-in checkpoint), or randomly initialised from `model.random` with `seed`,
-    sized for `tokenizer`. Weights in `model.param_dtype`, compute in `model.compute_dtype`."""
+    sized for `tokenizer`. Weights in `model.param_dtype`, compute in `model.compute_dtype`.
+
+    With adapters (`model.lora.rank` > 0, or `path` a PEFT adapter folder such as a LoRA run's output), the
+    base model (`model.path`, the adapter's own base when that is the folder, or random) carries them:
+    the folder's, `model.lora.init_from`'s, or new ones from `seed`, the base stored as
+    `model.lora.quantize` says."""
+    from aft_jax.io.peft import is_adapter_dir, read_adapter, read_adapter_config
+    from aft_jax.model.adapters import with_adapters
+
+    path = path or model_cfg.path
+    lora, adapter = model_cfg.lora.lora_config(), model_cfg.lora.init_from
+    if is_adapter_dir(path):
+        adapter, path = path, model_cfg.path
+        if path == adapter:
+            path = read_adapter_config(adapter)[1]
+            if not path:
+                raise ConfigError(f"model.path={adapter!r} is an adapter with no base_model_name_or_path; name its base")
+    base = _base_model(model_cfg, mesh, tokenizer, seed, path)
+    if not adapter and lora is None:
+        return base
+    adapters = None
+    if adapter:
+        lora, adapters = read_adapter(adapter, base.config, model_cfg.lora.quantize)
+    return with_adapters(base, lora, seed=seed, adapters=adapters, mesh=mesh)
+
+
+def _base_model(model_cfg: ModelSection, mesh, tokenizer, seed: int, path: str):
     import jax
 
     from aft_jax.io.hf import from_pretrained
@@ -120,7 +146,6 @@ def model_from_config(model_cfg: ModelSection, mesh, tokenizer=None, *, seed: in
 
     if model_cfg.attention == "cudnn" and jax.default_backend() != "gpu":
         raise ConfigError(f"model.attention='cudnn' needs an NVIDIA GPU; JAX's backend is {jax.default_backend()!r}")
-    path = path or model_cfg.path
     if path:
         model, _ = from_pretrained(
             resolve_model_path(path),
@@ -149,10 +174,16 @@ def model_from_config(model_cfg: ModelSection, mesh, tokenizer=None, *, seed: in
 def sampler_and_scorer(model, tokenizer, config: RunConfig, batch_size: int) -> tuple[JaxSampler, Scorer]:
     """The `JaxSampler` of `model` (`batch_size` rows: `sample.batch_size` for step 2, `eval.batch_size` for
     evaluation; `sample.rows_per_prompt` rows per prompt) and its `Scorer` (the `data` section's layout,
-    `batch_size` sequences' worth per call)."""
+    `batch_size` sequences' worth per call). A model with adapters is merged first when
+    `model.lora.merge_for_sampling` is set and its base is not quantized."""
     from aft_jax.sampling.sampler import JaxSampler
     from aft_jax.stages.score import Scorer
 
+    lora = model.config.lora
+    if lora and lora.quantize == "none" and config.model.lora.merge_for_sampling:
+        from aft_jax.model.adapters import merge_adapters
+
+        model = merge_adapters(model)
     d = config.data
     sampler = JaxSampler(model, tokenizer, batch_size=batch_size, rows_per_prompt=config.sample.rows_per_prompt)
     return sampler, Scorer(model, tokenizer, d.max_length, batch_size, d.layout, d.tokens_per_row)

@@ -111,14 +111,24 @@ class PipelineContext(Context):
         return self.run_dir / "eval" / f"{name}.json"
 
     def model_done(self, name: str) -> bool:
-        return (self.model_dir(name) / "params").is_dir()
+        from aft_jax.io.peft import WEIGHTS_FILE
+
+        return (self.model_dir(name) / "params").is_dir() or (self.model_dir(name) / WEIGHTS_FILE).exists()
+
+    def trained_model(self, name: str):
+        """`(model, tokenizer)` of the trained model `name` on this process's devices: its folder, or for a
+        LoRA run the run's base model with the run's adapter."""
+        from aft_jax.io.hf import from_pretrained
+        from aft_jax.io.peft import is_adapter_dir
+
+        if is_adapter_dir(self.model_dir(name)):
+            return self.model(self.sampling_mesh, str(self.model_dir(name))), self.tokenizer
+        return from_pretrained(self.model_dir(name), mesh=self.sampling_mesh)
 
     @functools.cached_property
     def vft_sampling(self):
         """`(sampler, scorer)` of the VFT model on this process's devices."""
-        from aft_jax.io.hf import from_pretrained
-
-        model, tokenizer = from_pretrained(self.model_dir("vft"), mesh=self.sampling_mesh)
+        model, tokenizer = self.trained_model("vft")
         return sampler_and_scorer(model, tokenizer, self.config, self.config.sample.batch_size)
 
 
@@ -175,7 +185,9 @@ def train_vft(ctx: PipelineContext) -> None:
         train=dataclasses.replace(c.train, num_epochs=c.pipeline.vft_epochs),
     )
     batcher = ctx.batcher("", "vft")
-    run_training(ctx.model(), ctx.tokenizer, batcher, settings, ctx.run_dir / "vft", mesh=ctx.mesh)
+    run_training(
+        ctx.model(), ctx.tokenizer, batcher, settings, ctx.run_dir / "vft", mesh=ctx.mesh, base_name=c.model.path
+    )
 
 
 def sampled(ctx: PipelineContext, split: str) -> bool:
@@ -216,7 +228,10 @@ def align(ctx: PipelineContext, run: AlignmentRun) -> None:
     )
     start = "" if c.pipeline.init_from == "base" else str(ctx.model_dir("vft"))
     batcher = ctx.batcher(str(ctx.groups_dir("train")), settings.loss.method)
-    run_training(ctx.model(path=start), ctx.tokenizer, batcher, settings, ctx.run_dir / run.name, mesh=ctx.mesh)
+    run_training(
+        ctx.model(path=start), ctx.tokenizer, batcher, settings, ctx.run_dir / run.name, mesh=ctx.mesh,
+        base_name=c.model.path,
+    )  # fmt: skip
 
 
 def pending(ctx: PipelineContext, models: list[str]) -> list[str]:
@@ -228,7 +243,6 @@ def evaluate_models(ctx: PipelineContext, names: list[str]) -> None:
     """Evaluation of each model of `names` (`stages.evaluate.evaluate_model`): each process evaluates every
     P-th on its own devices; all of them load every one, since each Orbax restore waits for all processes."""
     from aft_jax.data.groups import read_groups
-    from aft_jax.io.hf import from_pretrained
     from aft_jax.stages.evaluate import evaluate_model
 
     c = ctx.config
@@ -236,7 +250,7 @@ def evaluate_models(ctx: PipelineContext, names: list[str]) -> None:
     validation = ctx.examples(c.task.validation_split)[: c.eval.validation_limit] if c.eval.validation_limit > 0 else []
     eval_groups = read_groups(ctx.groups_dir("eval"))
     for i, name in enumerate(names):
-        model, tokenizer = from_pretrained(ctx.model_dir(name), mesh=ctx.sampling_mesh)
+        model, tokenizer = ctx.trained_model(name)
         if i % jax.process_count() != jax.process_index():
             continue
         result = evaluate_model(

@@ -24,7 +24,7 @@ from aft_jax.data.tasks import TASKS, TEMPLATES
 from aft_jax.errors import UserError
 from aft_jax.method.registry import CONSTRAINTS, METHODS, alignment_run, get_method, method_names
 from aft_jax.model.attention import ATTENTION_IMPLS, CUDNN_DTYPES
-from aft_jax.model.config import REMAT_POLICIES
+from aft_jax.model.config import LORA_TARGETS, QUANTIZATIONS, REMAT_POLICIES, ConfigError, LoraConfig
 from aft_jax.parallel.sharding import parse_mesh_shape
 
 
@@ -41,6 +41,26 @@ class RandomModelSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraSection:
+    """`model.lora`: low-rank adapters (`aft_jax.model.lora`); rank 0 trains every weight."""
+
+    rank: int = 0  # > 0: train adapters of this rank only
+    alpha: float = 16.0  # the adapter's output is scaled by alpha / rank (PEFT's lora_alpha)
+    targets: str = ",".join(LORA_TARGETS)  # comma-separated projections among q,k,v,o,gate,up,down
+    dropout: float = 0.0  # only 0 (no dropout on the adapter's input) is implemented
+    quantize: str = "none"  # none | int8 | nf4: how the frozen base projections are stored (QLoRA)
+    init_from: str = ""  # a PEFT adapter folder to start from (else new adapters: A random, B = 0)
+    merge_for_sampling: bool = True  # sample and evaluate with W + scale * A B merged once (not with nf4/int8)
+
+    def lora_config(self) -> LoraConfig | None:
+        """The model's `LoraConfig`, or None at rank 0."""
+        if self.rank == 0:
+            return None
+        targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
+        return LoraConfig(self.rank, self.alpha, targets, self.quantize)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelSection:
     """`model`: which model, its tokenizer, dtypes and memory layout."""
 
@@ -52,6 +72,7 @@ class ModelSection:
     remat_policy: str = "none"  # none | full | dots | dots_no_batch
     attention: str = "auto"  # auto (cudnn where it applies) | xla | cudnn: see aft_jax.model.attention
     random: RandomModelSection = dataclasses.field(default_factory=RandomModelSection)
+    lora: LoraSection = dataclasses.field(default_factory=LoraSection)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,6 +249,7 @@ CHOICES = {
     "model.compute_dtype": DTYPES,
     "model.remat_policy": REMAT_POLICIES,
     "model.attention": ATTENTION_IMPLS,
+    "model.lora.quantize": QUANTIZATIONS,
     "task.name": tuple(TASKS),
     "task.template": TEMPLATES,
     "data.truncation": TRUNCATION,
@@ -244,7 +266,7 @@ POSITIVE = (
 ).split()
 NON_NEGATIVE = (
     "loss.beta loss.beta_dpo loss.lam sample.temperature sample.top_k sample.rows_per_prompt eval.sc_temperature "
-    "optim.weight_decay optim.clip_norm optim.warmup_ratio optim.min_lr_ratio"
+    "optim.weight_decay optim.clip_norm optim.warmup_ratio optim.min_lr_ratio model.lora.rank model.lora.alpha"
 ).split()
 # Keys that were renamed: old dotted key -> (new dotted key, what it is). A config (preset, override or dict)
 # that still sets the old key fails with one line naming the new one.
@@ -314,8 +336,10 @@ def parse_config(config: ml_collections.ConfigDict | dict[str, Any]) -> RunConfi
 
 
 def _get(config: RunConfig, dotted: str) -> Any:
-    section, key = dotted.split(".")
-    return getattr(getattr(config, section), key)
+    value: Any = config
+    for key in dotted.split("."):
+        value = getattr(value, key)
+    return value
 
 
 def check(config: RunConfig) -> None:
@@ -355,6 +379,20 @@ def check(config: RunConfig) -> None:
     if m.attention == "cudnn" and m.compute_dtype not in CUDNN_DTYPES:
         raise RunConfigError(
             f"model.attention='cudnn' needs model.compute_dtype bfloat16 or float16, not {m.compute_dtype!r}"
+        )
+    if m.lora.dropout != 0:
+        raise RunConfigError(
+            f"model.lora.dropout={m.lora.dropout!r}: only 0 is implemented (the training objective carries no "
+            "random key into the forward)"
+        )
+    try:
+        m.lora.lora_config()
+    except ConfigError as err:
+        raise RunConfigError(f"model.lora: {err}") from None
+    if m.lora.rank == 0 and (m.lora.quantize != "none" or m.lora.init_from):
+        raise RunConfigError(
+            f"model.lora.quantize={m.lora.quantize!r}, model.lora.init_from={m.lora.init_from!r} need adapters: "
+            "set model.lora.rank > 0"
         )
     if m.tokenizer == "build" and m.build_vocab_size < MIN_VOCAB_SIZE:
         raise RunConfigError(

@@ -169,8 +169,13 @@ def save_pretrained(
     """Writes safetensors (sharded with an index when large), config.json and the tokenizer files.
 
     Tensors are gathered one layer at a time. Files are written to a temporary folder first and moved
-    into `out_dir` at the end, so an interrupted export never leaves a half-written checkpoint.
+    into `out_dir` at the end, so an interrupted export never leaves a half-written checkpoint. A model
+    with adapters is written merged (`aft_jax.model.adapters.merge_adapters`).
     """
+    if model.config.lora is not None:
+        from aft_jax.model.adapters import merge_adapters
+
+        model = merge_adapters(model)
     config: ModelConfig = model.config
     if paths.is_remote(out_dir):  # e.g. gs://: written locally, then uploaded file by file
         with tempfile.TemporaryDirectory(prefix="aft_jax_export_") as local:

@@ -12,6 +12,8 @@ from aft_jax.errors import UserError
 from aft_jax.model.attention import ATTENTION_IMPLS, CUDNN_DTYPES
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections an adapter can sit on
+QUANTIZATIONS = ("none", "int8", "nf4")  # how a LoRA model stores its frozen base projections
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
@@ -41,6 +43,31 @@ class RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (`aft_jax.model.lora`): each projection in `targets` adds `scale * x A B`, with `A`
+    `[in, rank]` and `B` `[rank, out]`, `scale = alpha / rank` (PEFT's LoRA). `quantize` stores the frozen
+    base projections as int8 (per output channel) or NF4 (blocks of 64 inputs), QLoRA's base."""
+
+    rank: int
+    alpha: float = 16.0
+    targets: tuple[str, ...] = LORA_TARGETS
+    quantize: str = "none"
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ConfigError(f"lora rank={self.rank}; expected a positive rank")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
+            raise ConfigError(f"lora targets={list(self.targets)}; expected distinct names among {LORA_TARGETS}")
+        if self.quantize not in QUANTIZATIONS:
+            raise ConfigError(f"lora quantize={self.quantize!r}; expected one of {QUANTIZATIONS}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of a pre-norm decoder with grouped-query attention, RoPE and SwiGLU, and the
     options by which the families of `aft_jax.model.families` differ:
@@ -52,6 +79,8 @@ class ModelConfig:
 
     `attention` is how the training forward and the prefill compute attention (`aft_jax.model.attention`:
     `auto`, `xla` everywhere, or `cudnn` on NVIDIA GPUs in bfloat16 / float16).
+
+    `lora` adds low-rank adapters (`LoraConfig`), the only weights a LoRA run trains; None: no adapters.
 
     `param_dtype` is the storage dtype of the weights, `dtype` the compute dtype of activations;
     logits and scores are always float32. Hashable, so it can sit in a static graph definition.
@@ -82,6 +111,7 @@ class ModelConfig:
     qk_norm: bool = False
     sliding_window: int | None = None
     sliding_layers: tuple[int, ...] = ()
+    lora: LoraConfig | None = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

@@ -7,7 +7,8 @@ the training forward and the prefill, the shared-prompt cache in the sampler's d
 
 Every weight is an `nnx.Param` carrying logical axis names in its `axes` metadata; `aft_jax.parallel.sharding`
 maps them to mesh axes. A module built with `stack=L` holds L layers' weights with a leading `layers`
-axis, ready to be scanned.
+axis, ready to be scanned. The seven projections go through `aft_jax.model.lora` (`init_projection`,
+`project`): the plain weight, or with `config.lora` a (quantized) base and its adapter.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from flax import nnx
 
 from aft_jax.model.attention import KVSource
 from aft_jax.model.config import ModelConfig
+from aft_jax.model.lora import init_projection, project
 from aft_jax.model.rope import apply_rope
 
 
@@ -66,10 +68,14 @@ class Attention(nnx.Module):
         d, h, kv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         self.dtype = jnp.dtype(config.dtype)
         self.qkv_bias, self.qk_norm = config.qkv_bias, config.qk_norm
-        self.q_proj = make_param(rngs, config, (d, h, hd), ("embed", "q_heads", "head_dim"), stack)
-        self.k_proj = make_param(rngs, config, (d, kv, hd), ("embed", "kv_heads", "head_dim"), stack)
-        self.v_proj = make_param(rngs, config, (d, kv, hd), ("embed", "kv_heads", "head_dim"), stack)
-        self.o_proj = make_param(rngs, config, (h, hd, d), ("q_heads", "head_dim", "embed"), stack)
+        self.lora_scale = config.lora.scale if config.lora else None
+        for target, shape, axes in (
+            ("q", (d, h, hd), ("embed", "q_heads", "head_dim")),
+            ("k", (d, kv, hd), ("embed", "kv_heads", "head_dim")),
+            ("v", (d, kv, hd), ("embed", "kv_heads", "head_dim")),
+            ("o", (h, hd, d), ("q_heads", "head_dim", "embed")),
+        ):
+            init_projection(self, target, make_param(rngs, config, shape, axes, stack), config, rngs, bool(stack))
         if config.qkv_bias:
             self.q_bias = make_param(rngs, config, (h, hd), ("q_heads", "head_dim"), stack)
             self.k_bias = make_param(rngs, config, (kv, hd), ("kv_heads", "head_dim"), stack)
@@ -82,9 +88,7 @@ class Attention(nnx.Module):
         """The attention output `[B, T, D]` of `x_btd` (RoPE by `cos_btd`/`sin_btd`, `[B, T, Dh]`) over the keys
         and values of `source`, and what `source` keeps."""
         dt = self.dtype
-        q_bthk = jnp.einsum("btd,dhk->bthk", x_btd, self.q_proj[...].astype(dt))
-        k_btgk = jnp.einsum("btd,dgk->btgk", x_btd, self.k_proj[...].astype(dt))
-        v_btgk = jnp.einsum("btd,dgk->btgk", x_btd, self.v_proj[...].astype(dt))
+        q_bthk, k_btgk, v_btgk = (project(self, target, x_btd, dt) for target in "qkv")
         if self.qkv_bias:
             q_bthk = q_bthk + self.q_bias[...].astype(dt)
             k_btgk = k_btgk + self.k_bias[...].astype(dt)
@@ -93,7 +97,7 @@ class Attention(nnx.Module):
             q_bthk, k_btgk = self.q_norm(q_bthk), self.k_norm(k_btgk)
         q_bthk, k_btgk = apply_rope(q_bthk, cos_btd, sin_btd), apply_rope(k_btgk, cos_btd, sin_btd)
         out_bthk, kept = source(q_bthk, k_btgk, v_btgk)
-        return jnp.einsum("bthk,hkd->btd", out_bthk, self.o_proj[...].astype(dt)), kept
+        return project(self, "o", out_bthk, dt), kept
 
 
 class MLP(nnx.Module):
@@ -102,15 +106,15 @@ class MLP(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, stack: int | None = None):
         d, f = config.hidden_size, config.intermediate_size
         self.dtype = jnp.dtype(config.dtype)
-        self.gate_proj = make_param(rngs, config, (d, f), ("embed", "mlp"), stack)
-        self.up_proj = make_param(rngs, config, (d, f), ("embed", "mlp"), stack)
-        self.down_proj = make_param(rngs, config, (f, d), ("mlp", "embed"), stack)
+        self.lora_scale = config.lora.scale if config.lora else None
+        for target, shape, axes in (("gate", (d, f), ("embed", "mlp")), ("up", (d, f), ("embed", "mlp")),
+                                    ("down", (f, d), ("mlp", "embed"))):  # fmt: skip
+            init_projection(self, target, make_param(rngs, config, shape, axes, stack), config, rngs, bool(stack))
 
     def __call__(self, x_btd):
         dt = self.dtype
-        gate = jnp.einsum("btd,df->btf", x_btd, self.gate_proj[...].astype(dt))
-        up = jnp.einsum("btd,df->btf", x_btd, self.up_proj[...].astype(dt))
-        return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self.down_proj[...].astype(dt))
+        gate, up = project(self, "gate", x_btd, dt), project(self, "up", x_btd, dt)
+        return project(self, "down", jax.nn.silu(gate) * up, dt)
 
 
 class Block(nnx.Module):

@@ -35,6 +35,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("layers", None),
     ("norm", None),
+    ("lora_rank", None),
 )
 
 # Mesh shapes as (data, fsdp, tensor); -1 takes all remaining devices.

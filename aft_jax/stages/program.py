@@ -1,7 +1,11 @@
 """The training program, built in one place for `run_training`, `aft-jax plan` and the tests: the optimizer,
-the pure `train_step(state, batch) -> (state, metrics)`, the state's shardings (from abstract shapes and
-the logical-axis rules, so no weights are needed) and the step under one `jax.jit`, traced inside
-`sharding.use_mesh` so the model's activation constraints are active."""
+the pure `train_step(state, batch, frozen) -> (state, metrics)`, the state's shardings (from abstract shapes
+and the logical-axis rules, so no weights are needed) and the step under one `jax.jit`, traced inside
+`sharding.use_mesh` so the model's activation constraints are active.
+
+The state holds the weights the run trains (`aft_jax.model.lora.trainable`: every parameter, or a LoRA
+model's adapters) and their optimizer state; the rest of the model (a LoRA model's frozen, possibly
+quantized base) is the step's `frozen` argument: read, never differentiated, updated or checkpointed."""
 
 from __future__ import annotations
 
@@ -18,12 +22,13 @@ from aft_jax.data.packing import TOKEN_SCHEMA
 from aft_jax.errors import SettingError
 from aft_jax.method.objective import finalize_metrics, normalisers, objective
 from aft_jax.model.causal_lm import abstract_model
+from aft_jax.model.lora import trainable
 from aft_jax.parallel import sharding
 
 
 class TrainState(NamedTuple):
     step: jax.Array  # int32 scalar
-    params: dict  # nnx.to_pure_dict of the model's parameters
+    params: dict  # nnx.to_pure_dict of the trained parameters (all, or a LoRA model's adapters)
     opt_state: Any
     rng: jax.Array  # uint32 [2], raw key data
 
@@ -60,11 +65,12 @@ def make_train_step(graphdef, loss_cfg, tx, schedule, grad_accum: int):
     """The pure step: gradients summed over `grad_accum` micro-batches (each normalised by the global
     batch's totals, so the sum is the full-batch gradient), then one optimizer update."""
 
-    def loss_fn(params, micro, norm):
-        return objective(nnx.merge(graphdef, params), micro, norm, loss_cfg)
-
-    def gradients(params, batch, norm):
+    def gradients(params, frozen, batch, norm):
         """Summed statistics and gradients, accumulated over micro-batches when grad_accum > 1."""
+
+        def loss_fn(params, micro, norm):
+            return objective(nnx.merge(graphdef, params, frozen), micro, norm, loss_cfg)
+
         if grad_accum == 1:
             (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, norm)
             return grads, sums
@@ -80,8 +86,8 @@ def make_train_step(graphdef, loss_cfg, tx, schedule, grad_accum: int):
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (params, zero_sums))
         return jax.lax.scan(accumulate, zeros, micro)[0]
 
-    def train_step(state: TrainState, batch: dict):
-        grads, sums = gradients(state.params, batch, normalisers(batch, loss_cfg))
+    def train_step(state: TrainState, batch: dict, frozen: dict):
+        grads, sums = gradients(state.params, frozen, batch, normalisers(batch, loss_cfg))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = finalize_metrics(sums) | {"grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
@@ -120,39 +126,57 @@ class TrainProgram:
     mesh: Any
     tx: Any
     abstract_state: TrainState  # ShapeDtypeStructs carrying the state's shardings
+    abstract_frozen: dict  # ShapeDtypeStructs of the frozen weights (empty: all are trained)
     step: Any  # the jitted train step; call through `__call__` / `lower`, inside the mesh
 
     @property
     def state_shardings(self) -> TrainState:
         return jax.tree.map(lambda x: x.sharding, self.abstract_state)
 
+    def frozen(self, model) -> dict:
+        """The model's weights this program does not train, in their shardings (the step's `frozen`)."""
+        _, _, frozen = nnx.split(model, trainable(model.config), ...)
+        shardings = jax.tree.map(lambda x: x.sharding, self.abstract_frozen)
+        return jax.device_put(nnx.to_pure_dict(frozen), shardings)
+
+    def model(self, state: TrainState, frozen: dict):
+        """The model of a state and the frozen weights."""
+        return nnx.merge(self.graphdef, state.params, frozen)
+
     def init_state(self, model, seed: int) -> TrainState:
-        """Step 0: the model's parameters and the optimizer state in the program's shardings."""
+        """Step 0: the model's trained parameters and the optimizer state in the program's shardings."""
         shardings = self.state_shardings
-        params = jax.device_put(nnx.to_pure_dict(nnx.state(model, nnx.Param)), shardings.params)
+        params = jax.device_put(nnx.to_pure_dict(nnx.state(model, trainable(model.config))), shardings.params)
         opt_state = jax.jit(self.tx.init, out_shardings=shardings.opt_state)(params)
         step, rng = jnp.zeros((), jnp.int32), jax.random.key_data(jax.random.key(seed))
         step, rng = (sharding.put_global(x, sharding.replicated(self.mesh)) for x in (step, rng))
         return TrainState(step, params, opt_state, rng)
 
-    def __call__(self, state: TrainState, batch: dict):
+    def __call__(self, state: TrainState, batch: dict, frozen: dict | None = None):
+        """One step; `frozen` (`frozen(model)`) may be left out when the program trains every weight."""
         with sharding.use_mesh(self.mesh):
-            return self.step(state, batch)
+            return self.step(state, batch, {} if frozen is None else frozen)
 
-    def lower(self, state: TrainState, batch: dict):
-        """The step lowered for concrete or abstract `(state, batch)`; `.compile()` it, or read `.as_text()`."""
+    def lower(self, state: TrainState, batch: dict, frozen: dict | None = None):
+        """The step lowered for concrete or abstract `(state, batch, frozen)` (`abstract_frozen` when left
+        out); `.compile()` it, or read `.as_text()`."""
         with sharding.use_mesh(self.mesh):
-            return self.step.lower(state, batch)
+            return self.step.lower(state, batch, self.abstract_frozen if frozen is None else frozen)
 
 
 def build_train_program(model_config, mesh, loss_cfg, optim_cfg, total_steps: int, grad_accum: int) -> TrainProgram:
     """The program for a model of `model_config` on `mesh`: state shardings from the logical-axis rules,
     optimizer-state shardings from those of the parameters, batches over (data, fsdp), state donated."""
-    graphdef, abstract = nnx.split(abstract_model(model_config))
-    param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract, mesh))
-    params = jax.tree.map(
-        lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), nnx.to_pure_dict(abstract), param_shardings
-    )
+    graphdef, abstract, abstract_frozen = nnx.split(abstract_model(model_config), trainable(model_config), ...)
+
+    def with_shardings(state):
+        shardings = nnx.to_pure_dict(sharding.state_shardings(state, mesh))
+        return jax.tree.map(
+            lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), nnx.to_pure_dict(state), shardings
+        )
+
+    params, frozen = with_shardings(abstract), with_shardings(abstract_frozen)
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
     tx, schedule = build_optimizer(optim_cfg, total_steps)
     replicated = sharding.replicated(mesh)
     opt_shapes = jax.eval_shape(tx.init, params)
@@ -169,8 +193,9 @@ def build_train_program(model_config, mesh, loss_cfg, optim_cfg, total_steps: in
     shardings = jax.tree.map(lambda x: x.sharding, state)
     step = jax.jit(
         make_train_step(graphdef, loss_cfg, tx, schedule, grad_accum),
-        in_shardings=(shardings, sharding.batch_sharding(mesh, 1)),  # prefix: every batch array's leading axis
+        # the batch's sharding is a prefix: every batch array's leading axis
+        in_shardings=(shardings, sharding.batch_sharding(mesh, 1), jax.tree.map(lambda x: x.sharding, frozen)),
         out_shardings=(shardings, replicated),
         donate_argnums=(0,),
     )
-    return TrainProgram(graphdef, mesh, tx, state, step)
+    return TrainProgram(graphdef, mesh, tx, state, frozen, step)

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
 from aft_jax.data.batches import GroupBatcher, GroupEncoder
@@ -85,24 +84,29 @@ def shard_batch(batch: dict, mesh, global_groups: int | None = None) -> dict:
 class PreparedRun(NamedTuple):
     program: TrainProgram
     state: TrainState  # step 0
+    frozen: dict  # the weights the program does not train (the step's `frozen`)
     total_steps: int
 
 
 def prepare_training(model, batcher: GroupBatcher, settings: TrainSettings, *, mesh) -> PreparedRun:
     """The training program for `model` on `mesh` and its state at step 0 (the model's weights placed in
-    the program's shardings: the first step donates them, so `model` is not to be used afterwards)."""
+    the program's shardings: the first step donates them, so `model` is not to be used afterwards) and
+    the weights it does not train."""
     t = settings.train
     total_steps = settings.total_steps(batcher)
     program = build_train_program(
         model.config, mesh, settings.loss, settings.optim, total_steps=total_steps, grad_accum=t.grad_accum
     )
-    return PreparedRun(program, program.init_state(model, settings.seed), total_steps)
+    return PreparedRun(program, program.init_state(model, settings.seed), program.frozen(model), total_steps)
 
 
-def run_training(model, tokenizer, batcher: GroupBatcher, settings: TrainSettings, run_dir, *, mesh) -> Path:
-    """Trains `model` (its weights are donated to the first step) on `batcher`'s batches as `settings` say,
-    on `mesh`, in `run_dir` (checkpoints, metrics, `settings.json`); resumes from the run directory's latest
-    checkpoint. Returns the folder of the exported final model (config.json, `tokenizer`, Orbax params)."""
+def run_training(
+    model, tokenizer, batcher: GroupBatcher, settings: TrainSettings, run_dir, *, mesh, base_name: str = ""
+) -> Path:
+    """Trains `model` (its trained weights are donated to the first step) on `batcher`'s batches as
+    `settings` say, on `mesh`, in `run_dir` (checkpoints, metrics, `settings.json`); resumes from the run
+    directory's latest checkpoint. Returns the folder of the exported final model (`export_final`;
+    `base_name` names a LoRA model's base in its adapter config)."""
     from aft_jax.io.checkpoint import TrainCheckpointer
     from aft_jax.io.metrics import MetricsWriter
 
@@ -112,7 +116,7 @@ def run_training(model, tokenizer, batcher: GroupBatcher, settings: TrainSetting
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "settings.json").write_text(json.dumps(dataclasses.asdict(settings), indent=2) + "\n")
     model_config = model.config
-    program, state, total_steps = prepare_training(model, batcher, settings, mesh=mesh)
+    program, state, frozen, total_steps = prepare_training(model, batcher, settings, mesh=mesh)
     del model
     c = settings.checkpoint
     checkpointer = TrainCheckpointer(
@@ -138,7 +142,7 @@ def run_training(model, tokenizer, batcher: GroupBatcher, settings: TrainSetting
         for step in range(start + 1, total_steps + 1):
             batch = shard_batch(batcher.next_batch(), mesh, t.batch_size)
             began = time.perf_counter()
-            state, metrics = program(state, batch)
+            state, metrics = program(state, batch, frozen)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             seconds = time.perf_counter() - began
             metrics |= {
@@ -156,7 +160,7 @@ def run_training(model, tokenizer, batcher: GroupBatcher, settings: TrainSetting
         bar.close()
         writer.close()
         checkpointer.close()
-    return export_final(state, program.graphdef, tokenizer, run_dir, export_hf=c.export_hf)
+    return export_final(program.model(state, frozen), tokenizer, run_dir, export_hf=c.export_hf, base_name=base_name)
 
 
 def reference_groups(task: Task, examples: list[Example], template: str, tokenizer) -> list[Group]:
@@ -228,15 +232,20 @@ def make_batcher(
     return batcher
 
 
-def export_final(state: TrainState, graphdef, tokenizer, run_dir: Path, *, export_hf: bool = False) -> Path:
-    """The params-only model for the next step: `run_dir/model` (and `run_dir/model_hf` with `export_hf`)."""
+def export_final(model, tokenizer, run_dir: Path, *, export_hf: bool = False, base_name: str = "") -> Path:
+    """The model for the next step: `run_dir/model`, an aft_jax model folder, or for a model with adapters
+    a PEFT adapter folder (its base named `base_name`); with `export_hf` also the merged HF model in
+    `run_dir/model_hf`."""
     from aft_jax.io.checkpoint import save_model_folder
     from aft_jax.io.hf import save_pretrained
+    from aft_jax.io.peft import WEIGHTS_FILE, save_adapter
 
-    model = nnx.merge(graphdef, state.params)
     out = run_dir / "model"
     sharding.sync("export")  # every process decides alike whether the export is still to do
-    if not (out / "params").exists():
+    if model.config.lora is not None:
+        if not (out / WEIGHTS_FILE).exists() and sharding.is_main_process():
+            save_adapter(model, out, base_name=base_name, tokenizer=tokenizer)
+    elif not (out / "params").exists():
         save_model_folder(model, tokenizer, out)
     if export_hf and sharding.is_main_process():
         save_pretrained(model, tokenizer, run_dir / "model_hf")
