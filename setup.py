@@ -29,7 +29,7 @@ setup(
     ],
     extras_require={
         "gguf": GGUF,
-        "test": GGUF + ["pytest>=8", "pytest-xdist>=3.5"],
+        "test": GGUF + ["pytest>=8", "pytest-xdist>=3.5", "peft>=0.18"],
     },
     entry_points={"console_scripts": ["aft-jax=aft_jax.cli:main"]},
 )

@@ -128,7 +128,10 @@ def model_from_config(model_cfg: ModelSection, mesh, tokenizer=None, *, seed: in
         if path == adapter:
             path = read_adapter_config(adapter)[1]
             if not path:
-                raise ConfigError(f"model.path={adapter!r} is an adapter with no base_model_name_or_path; name its base")
+                raise ConfigError(
+                    f"model.path={adapter!r} is an adapter whose adapter_config.json names no base model: set "
+                    "model.path to its base (empty for a random one) and model.lora.init_from to the adapter"
+                )
     base = _base_model(model_cfg, mesh, tokenizer, seed, path)
     if not adapter and lora is None:
         return base

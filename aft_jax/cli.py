@@ -12,15 +12,56 @@ from pathlib import Path
 
 def _convert(args) -> None:
     import aft_jax
+    from aft_jax.errors import SettingError
     from aft_jax.io import checkpoint
+    from aft_jax.io.peft import is_adapter_dir, read_adapter, read_adapter_config, save_adapter
 
-    model, tokenizer = aft_jax.from_pretrained(args.src, dtype=args.dtype, allow_pickle=args.allow_pickle)
-    dst = Path(args.dst)
+    dst = args.dst
+    if not is_adapter_dir(args.src):
+        if args.to == "peft":
+            raise SettingError(
+                f"convert --to peft: {args.src} is a full model, which has no adapters; the source of --to peft "
+                "is a PEFT adapter folder (adapter_config.json)"
+            )
+        if args.base:
+            raise SettingError(
+                f"convert --base={args.base!r}: --base names an adapter's base; {args.src} is no adapter"
+            )
+        model, tokenizer = aft_jax.from_pretrained(args.src, dtype=args.dtype, allow_pickle=args.allow_pickle)
+        if args.to == "hf":
+            aft_jax.save_pretrained(model, tokenizer, dst)
+        else:
+            checkpoint.save_model_folder(model, tokenizer, dst)
+        print(f"wrote {args.to} model to {dst}")
+        return
+    if args.to == "orbax":
+        raise SettingError(
+            f"convert --to orbax: {args.src} is a PEFT adapter folder; convert it --to hf (the merged full model) "
+            "or --to peft (the adapter)"
+        )
+    from aft_jax.io.hf import TOKENIZER_FILES, load_tokenizer
+    from aft_jax.model.adapters import with_adapters
+
+    base = args.base or read_adapter_config(args.src)[1]
+    if not base:
+        raise SettingError(
+            f"convert: the adapter {args.src} names no base model (base_model_name_or_path); give --base"
+        )
+    from aft_jax.build import resolve_model_path
+
+    model, tokenizer = aft_jax.from_pretrained(
+        resolve_model_path(base), dtype=args.dtype, allow_pickle=args.allow_pickle
+    )
+    lora, adapters = read_adapter(args.src, model.config)
+    model = with_adapters(model, lora, adapters=adapters)
+    if any((Path(args.src) / name).exists() for name in TOKENIZER_FILES):
+        tokenizer = load_tokenizer(Path(args.src))  # the adapter's own (a LoRA run's output has one)
     if args.to == "hf":
         aft_jax.save_pretrained(model, tokenizer, dst)
+        print(f"wrote the merged hf model (base {base} + adapter {args.src}) to {dst}")
     else:
-        checkpoint.save_model_folder(model, tokenizer, dst)
-    print(f"wrote {args.to} model to {dst}")
+        save_adapter(model, dst, base_name=str(base), tokenizer=tokenizer)
+        print(f"wrote the peft adapter (base {base}) to {dst}")
 
 
 def _load(args):
@@ -36,7 +77,10 @@ def _train(args) -> None:
     config = _load(args)
     ctx = Context.of(config)
     batcher = ctx.batcher(config.data.train_file, config.loss.method)
-    out = run_training(ctx.model(), ctx.tokenizer, batcher, TrainSettings.of(config), config.run_dir, mesh=ctx.mesh)
+    out = run_training(
+        ctx.model(), ctx.tokenizer, batcher, TrainSettings.of(config), config.run_dir, mesh=ctx.mesh,
+        base_name=config.model.path,
+    )  # fmt: skip
     print(f"exported the final model to {out}")
 
 
@@ -112,13 +156,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser(
         "convert",
-        help="convert a model between Hugging Face and Orbax formats",
-        description="HF folder (or hub name) -> aft_jax Orbax model folder, or back.",
+        help="convert a model between Hugging Face, Orbax and PEFT adapter formats",
+        description="HF folder (or hub name) -> aft_jax Orbax model folder, or back; a PEFT LoRA adapter "
+        "folder (a LoRA run's output) -> its base with the adapter merged in (--to hf) or the adapter "
+        "(--to peft).",
     )
-    convert.add_argument("--to", choices=["orbax", "hf"], required=True, help="target format")
-    convert.add_argument("src", help="source: HF checkpoint folder, hub name, or aft_jax model folder")
+    convert.add_argument(
+        "--to",
+        choices=["orbax", "hf", "peft"],
+        required=True,
+        help="target format: orbax, hf (an adapter source: the merged full model), or peft (an adapter source only)",
+    )
+    convert.add_argument(
+        "src", help="source: HF checkpoint folder, hub name, aft_jax model folder, or PEFT adapter folder"
+    )
     convert.add_argument("dst", help="destination folder")
     convert.add_argument("--dtype", default="float32", help="parameter dtype (float32 or bfloat16)")
+    convert.add_argument(
+        "--base",
+        default="",
+        help="an adapter source's base model: HF folder, hub name, or aft_jax model folder "
+        "(default: the adapter's base_model_name_or_path)",
+    )
     convert.add_argument(
         "--allow-pickle",
         action="store_true",

@@ -28,10 +28,19 @@ PREFIX = "base_model.model.model.layers.{i}."
 # adapter_config.json keys whose non-default values aft_jax does not implement: key -> default
 UNSUPPORTED = {"use_dora": False, "use_rslora": False, "bias": "none", "fan_in_fan_out": False,
                "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}  # fmt: skip
+# more such keys, of newer PEFT versions (0.14 on): checked on reading, not written (older versions lack them)
+UNSUPPORTED_NEWER = {"lora_bias": False, "use_qalora": False, "alora_invocation_tokens": None,
+                     "layer_replication": None, "trainable_token_indices": None, "target_parameters": None,
+                     "arrow_config": None, "kasa_config": None}  # fmt: skip
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:
     return bool(path) and (paths.Path(path) / CONFIG_FILE).exists()
+
+
+def _modules(targets) -> list[str]:
+    """PEFT's `target_modules` of aft_jax's `targets`."""
+    return [HF_MODULES[t].split(".")[-1] for t in targets]
 
 
 def tensor_names(target: str, layer: int) -> tuple[str, str]:
@@ -57,7 +66,7 @@ def save_adapter(model, out_dir: str | os.PathLike, *, base_name: str = "", toke
         "r": lora.rank,
         "lora_alpha": lora.alpha,
         "lora_dropout": 0.0,
-        "target_modules": [HF_MODULES[t].split(".")[-1] for t in lora.targets],
+        "target_modules": _modules(lora.targets),
         "inference_mode": True,
         "init_lora_weights": True,
     } | UNSUPPORTED
@@ -78,14 +87,16 @@ def save_adapter(model, out_dir: str | os.PathLike, *, base_name: str = "", toke
 
 def read_adapter_config(folder: str | os.PathLike, quantize: str = "none") -> tuple[LoraConfig, str]:
     """The `LoraConfig` of a PEFT folder (its base stored as `quantize` says) and its base model's name."""
-    file = Path(folder) / CONFIG_FILE
+    file = paths.Path(folder) / CONFIG_FILE
     try:
         raw = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{file}: not a readable adapter config ({err})") from err
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file}: not a readable adapter config (expected a JSON object)")
     if raw.get("peft_type") != "LORA":
         raise CheckpointError(f"{file}: peft_type={raw.get('peft_type')!r}; only LORA adapters can be read")
-    for key, default in UNSUPPORTED.items():
+    for key, default in (UNSUPPORTED | UNSUPPORTED_NEWER).items():
         value = raw.get(key, default)
         if value != default and not (value in (None, {}, []) and not default):
             raise CheckpointError(f"{file}: {key}={raw[key]!r} is not supported (expected {default!r})")
@@ -106,18 +117,23 @@ def read_adapter_config(folder: str | os.PathLike, quantize: str = "none") -> tu
 
 
 def read_adapter(folder: str | os.PathLike, config: ModelConfig, quantize: str = "none"):
-    """`(LoraConfig, {target: (A, B)})` of a PEFT folder for a base model of `config`, the arrays stacked
-    over layers in aft_jax's shapes; every tensor is checked against the shape `config` implies."""
+    """`(LoraConfig, {target: (A, B)})` of a PEFT folder (local or a URI) for a base model of `config`, the
+    arrays stacked over layers in aft_jax's shapes; every tensor is checked against the shape `config`
+    implies, and a tensor no adapter uses (a DoRA magnitude, a LoRA bias) is refused."""
     lora, _ = read_adapter_config(folder, quantize)
     from aft_jax.model.causal_lm import abstract_model
 
     layers = abstract_model(config).layers
     adapters = {}
-    with TensorReader(Path(folder)) as reader:
+    with paths.fetched_dir(folder) as local, TensorReader(Path(local)) as reader:
         names = set(reader.names())
+
+        def where(tensor: str):  # its file, named as the user gave the folder
+            return paths.Path(folder) / reader.file_of(tensor).name
+
         for target in lora.targets:
             module, name, n_in, _ = PROJECTIONS[target]
-            shape = getattr(getattr(layers, module), name)[...].shape[1:]
+            shape = getattr(getattr(layers, module), name).get_value().shape[1:]
             in_shape, out_shape = shape[:n_in], shape[n_in:]
             a_layers, b_layers = [], []
             for i in range(config.num_layers):
@@ -128,12 +144,20 @@ def read_adapter(folder: str | os.PathLike, config: ModelConfig, quantize: str =
                     ((*in_shape, lora.rank), (lora.rank, *out_shape)),
                 ):
                     if tensor not in names:
-                        raise CheckpointError(f"{Path(folder) / WEIGHTS_FILE}: missing tensor {tensor!r}")
+                        raise CheckpointError(f"{paths.Path(folder) / WEIGHTS_FILE}: missing tensor {tensor!r}")
                     if reader.shape(tensor) != want:
                         raise CheckpointError(
-                            f"{reader.file_of(tensor)}: tensor {tensor!r} has shape {list(reader.shape(tensor))}; "
+                            f"{where(tensor)}: tensor {tensor!r} has shape {list(reader.shape(tensor))}; "
                             f"a rank-{lora.rank} adapter of this base model needs {list(want)}"
                         )
                     into.append(np.asarray(reader.read(tensor), np.float32).T.reshape(dims))
+                    names.discard(tensor)
             adapters[target] = (np.stack(a_layers), np.stack(b_layers))
+        if names:
+            extra = sorted(names)
+            more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+            raise CheckpointError(
+                f"{where(extra[0])}: tensor {extra[0]!r}{more} is no LoRA A or B weight of the target_modules "
+                f"{_modules(lora.targets)}; only plain LoRA adapters can be read"
+            )
     return lora, adapters
