@@ -141,6 +141,13 @@ def model_from_config(model_cfg: ModelSection, mesh, tokenizer=None, *, seed: in
     return with_adapters(base, lora, seed=seed, adapters=adapters, mesh=mesh)
 
 
+def base_model_name(model_cfg: ModelSection) -> str:
+    """The name of the base model under `model.path` (the adapter's base when it is an adapter folder)."""
+    from aft_jax.io.peft import is_adapter_dir, read_adapter_config
+
+    return read_adapter_config(model_cfg.path)[1] if is_adapter_dir(model_cfg.path) else model_cfg.path
+
+
 def _base_model(model_cfg: ModelSection, mesh, tokenizer, seed: int, path: str):
     import jax
 

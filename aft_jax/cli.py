@@ -71,7 +71,7 @@ def _load(args):
 
 
 def _train(args) -> None:
-    from aft_jax.build import Context
+    from aft_jax.build import Context, base_model_name
     from aft_jax.stages.train import TrainSettings, run_training
 
     config = _load(args)
@@ -79,7 +79,7 @@ def _train(args) -> None:
     batcher = ctx.batcher(config.data.train_file, config.loss.method)
     out = run_training(
         ctx.model(), ctx.tokenizer, batcher, TrainSettings.of(config), config.run_dir, mesh=ctx.mesh,
-        base_name=config.model.path,
+        base_name=base_model_name(config.model),
     )  # fmt: skip
     print(f"exported the final model to {out}")
 

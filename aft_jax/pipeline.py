@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Callable
 
 import jax
 
-from aft_jax.build import Context, sampler_and_scorer
+from aft_jax.build import Context, base_model_name, sampler_and_scorer
 from aft_jax.io.metrics import read_metrics
 from aft_jax.io.paths import Path, write_atomically
 from aft_jax.method.registry import AlignmentRun, alignment_run, method_names
@@ -186,7 +186,13 @@ def train_vft(ctx: PipelineContext) -> None:
     )
     batcher = ctx.batcher("", "vft")
     run_training(
-        ctx.model(), ctx.tokenizer, batcher, settings, ctx.run_dir / "vft", mesh=ctx.mesh, base_name=c.model.path
+        ctx.model(),
+        ctx.tokenizer,
+        batcher,
+        settings,
+        ctx.run_dir / "vft",
+        mesh=ctx.mesh,
+        base_name=base_model_name(c.model),
     )
 
 
@@ -230,7 +236,7 @@ def align(ctx: PipelineContext, run: AlignmentRun) -> None:
     batcher = ctx.batcher(str(ctx.groups_dir("train")), settings.loss.method)
     run_training(
         ctx.model(path=start), ctx.tokenizer, batcher, settings, ctx.run_dir / run.name, mesh=ctx.mesh,
-        base_name=c.model.path,
+        base_name=base_model_name(c.model),
     )  # fmt: skip
 
 
