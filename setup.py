@@ -29,7 +29,7 @@ setup(
     ],
     extras_require={
         "gguf": GGUF,
-        "test": GGUF + ["pytest>=8", "pytest-xdist>=3.5", "peft>=0.18"],
+        "test": GGUF + ["pytest>=8", "pytest-xdist>=3.5", "peft>=0.18", "qwix==0.1.8"],
     },
     entry_points={"console_scripts": ["aft-jax=aft_jax.cli:main"]},
 )
