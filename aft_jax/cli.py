@@ -212,9 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--devices", type=int, default=0, help="devices to simulate (default: the mesh's sizes)")
     plan.add_argument(
         "--chip",
-        choices=["v4", "v5e", "v5p", "h100", "h200", "cpu"],
+        choices=["v4", "v5e", "v5p", "h100", "h200", "l4", "cpu"],  # aft_jax.stages.plan.HBM_GB
         default="cpu",
-        help="accelerator whose HBM the plan is compared with",
+        help="accelerator whose HBM the plan is compared with (l4: any 24 GB GPU)",
     )
     plan.add_argument("--hbm-gb", type=float, default=0.0, help="HBM per device, overriding --chip")
     plan.add_argument("--batch-size", type=int, default=0, help="groups per step (default: train.batch_size)")

@@ -35,7 +35,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("layers", None),
     ("norm", None),
-    ("lora_rank", None),
+    ("lora_rank", "fsdp"),  # an adapter's B (and A where its input axes are not on fsdp) is split over it
 )
 
 # Mesh shapes as (data, fsdp, tensor); -1 takes all remaining devices.

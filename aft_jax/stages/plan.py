@@ -2,8 +2,13 @@
 ahead-of-time compilation on simulated devices with abstract shapes (no weights are loaded or created).
 
 The mesh needs that many devices: on a CPU, `plan` asks XLA for `--devices` host devices (set before the
-backend starts). Parameters and optimizer state are counted per device from their shardings; the
-activations and temporaries are XLA's `temp_size` for the compiled step.
+backend starts). Parameters (the trained ones and, for a LoRA model, the frozen and possibly quantized
+base) and optimizer state are counted per device from their shardings; the activations and temporaries are
+XLA's `temp_size` for the compiled step, less what only XLA:CPU spends (`cpu_upcast_bytes`): having no
+bfloat16 matrix product, it multiplies in float32 and converts each bfloat16 (or float16) weight it
+multiplies to a float32 copy, hoisted out of the layer loop, so the copies of every layer's weights are
+held for the whole step (twice a bfloat16 base's bytes: e.g. 25 GB for a 7B LoRA base on one device). TPUs
+and GPUs multiply bfloat16 directly.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from typing import Any
 
 from aft_jax.config.spec import RunConfig
@@ -65,7 +71,8 @@ KNOWN_MODELS |= {
         "intermediate_size": 12288, "num_layers": 36, "num_heads": 32, "num_kv_heads": 8,
     },
 }  # fmt: skip
-HBM_GB = {"v4": 32, "v5e": 16, "v5p": 95, "h100": 80, "h200": 141, "cpu": 0}
+# GB of accelerator memory per device; "l4" stands for any 24 GB GPU (NVIDIA L4, A10G, RTX 4090, RTX 3090).
+HBM_GB = {"v4": 32, "v5e": 16, "v5p": 95, "h100": 80, "h200": 141, "l4": 24, "cpu": 0}
 
 
 def request_host_devices(count: int) -> None:
@@ -76,12 +83,15 @@ def request_host_devices(count: int) -> None:
 
 
 def model_config(config: RunConfig) -> ModelConfig:
-    """The model's shape from a known hub id, an HF/aft_jax folder's config.json, or `model.random`."""
+    """The model's shape from a known hub id, an HF/aft_jax folder's config.json, or `model.random`, with
+    the adapters of `model.lora` (`LoraConfig`, None at rank 0)."""
     from aft_jax.build import resolve_model_path
     from aft_jax.io.hf_files import read_config
 
     m = config.model
-    common: dict[str, Any] = dict(param_dtype=m.param_dtype, dtype=m.compute_dtype, remat_policy=m.remat_policy)
+    common: dict[str, Any] = dict(
+        param_dtype=m.param_dtype, dtype=m.compute_dtype, remat_policy=m.remat_policy, lora=m.lora.lora_config()
+    )
     if m.path in KNOWN_MODELS:
         return ModelConfig(**KNOWN_MODELS[m.path], **common)
     if m.path:
@@ -97,15 +107,61 @@ def model_config(config: RunConfig) -> ModelConfig:
 
 @dataclasses.dataclass
 class MemoryPlan:
+    """Per-device memory of one train step, in GiB (1024^3 bytes)."""
+
     layout: str
     computed_tokens: int  # tokens of the step's token arrays, padding and filler included
     devices: int
     mesh: str
-    params_gb: float
-    optimizer_gb: float
-    temporaries_gb: float
+    params_gb: float  # every weight: the trained ones and the frozen base (`frozen_gb` of it)
+    optimizer_gb: float  # the trained weights' optimizer state (AdamW: two float32 moments each)
+    temporaries_gb: float  # activations and temporaries (XLA's temp_size, less `cpu_upcast_gb`)
     total_gb: float
     compile_s: float
+    frozen_gb: float = 0.0  # of params_gb, a LoRA model's frozen (possibly quantized) base; 0: all trained
+    trained_params: int = 0  # number of trained weights, all devices together (a LoRA model's adapters)
+    cpu_upcast_gb: float = 0.0  # float32 copies of low-precision weights only XLA:CPU makes (not counted above)
+
+
+_HEADER = re.compile(r"^(ENTRY )?%(\S+) \(")
+_LOW_PARAM = re.compile(r"^\s*%(\S+) = (?:bf16|f16)\[([\d,]*)\]\S* parameter\(")
+_TO_F32 = re.compile(
+    r"^\s*%\S+ = f32\[([\d,]*)\]\S* (convert|fusion)\(%([^,)\s]+)\)(?:, kind=kLoop, calls=%([^,\s]+))?"
+)
+_CONVERT_ROOT = re.compile(r"^\s*ROOT %\S+ = f32\[[\d,]*\]\S* convert\(%\S+\)")
+
+
+def cpu_upcast_bytes(hlo: str) -> int:
+    """Bytes of the float32 copies of whole bfloat16 / float16 arguments of the step (its weights) in the
+    entry computation of optimized HLO `hlo`: a `convert`, or a fusion of one convert, of an argument to
+    float32 of the same shape. XLA:CPU makes them to multiply in float32 (see the module docstring)."""
+    computations: dict[str, list[str]] = {}
+    entry, body = "", None
+    for line in hlo.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            body = computations.setdefault(header.group(2), [])
+            entry = header.group(2) if header.group(1) else entry
+        elif line.startswith("}"):
+            body = None
+        elif body is not None and line.strip():
+            body.append(line)
+
+    def only_converts(name: str) -> bool:
+        lines = computations.get(name, [])
+        return len(lines) == 2 and bool(_CONVERT_ROOT.match(lines[1]))
+
+    arguments, total = {}, 0
+    for line in computations.get(entry, []):
+        argument = _LOW_PARAM.match(line)
+        if argument:
+            arguments[argument.group(1)] = argument.group(2)
+            continue
+        upcast = _TO_F32.match(line)
+        if upcast and arguments.get(upcast.group(3)) == upcast.group(1):
+            if upcast.group(2) == "convert" or only_converts(upcast.group(4) or ""):
+                total += 4 * math.prod(int(d) for d in upcast.group(1).split(",") if d)
+    return total
 
 
 def planned_batch(config: RunConfig, mesh, batch_size: int, seq_len: int, prompt_len: int) -> dict[str, Any]:
@@ -182,8 +238,10 @@ def plan_memory(
         )
 
     gb = 1024**3
-    params_b, opt_b = per_device(program.abstract_state.params), per_device(program.abstract_state.opt_state)
-    temp_b = float(getattr(analysis, "temp_size_in_bytes", 0))
+    trained_b, frozen_b = per_device(program.abstract_state.params), per_device(program.abstract_frozen)
+    params_b, opt_b = trained_b + frozen_b, per_device(program.abstract_state.opt_state)
+    upcast_b = cpu_upcast_bytes(compiled.as_text()) if jax.default_backend() == "cpu" else 0
+    temp_b = float(getattr(analysis, "temp_size_in_bytes", 0)) - upcast_b
     token_arrays = lowered.args_info[0][1]["input_ids"].shape  # (rows, length) packed, (B, K, T) padded
     return MemoryPlan(
         layout=config.data.layout,
@@ -195,6 +253,9 @@ def plan_memory(
         temporaries_gb=temp_b / gb,
         total_gb=(params_b + opt_b + temp_b) / gb,
         compile_s=seconds,
+        frozen_gb=frozen_b / gb,
+        trained_params=sum(math.prod(x.shape) for x in jax.tree.leaves(program.abstract_state.params)),
+        cpu_upcast_gb=upcast_b / gb,
     )
 
 
@@ -209,6 +270,20 @@ def recommend(plan: MemoryPlan, hbm_gb: float, config: RunConfig) -> str:
     devices = plan.devices
     if config.train.batch_size % (2 * config.train.grad_accum * devices) == 0:
         advice.append(f"train.grad_accum={2 * config.train.grad_accum} (half the micro-batch)")
-    if plan.params_gb + plan.optimizer_gb > 0.5 * hbm_gb:
+    weights = plan.params_gb + plan.optimizer_gb
+    if weights > 0.5 * hbm_gb or weights > plan.temporaries_gb:  # the weights and their optimizer state dominate
+        lora, dtype = config.model.lora, config.model.param_dtype
+        if lora.rank == 0:
+            advice.append(
+                "LoRA: model.lora.rank=16 (only the adapters are trained: no gradients or optimizer state for "
+                "the base weights)"
+            )
+        if lora.quantize != "nf4":
+            advice.append(
+                ("QLoRA: model.lora.rank=16 " if lora.rank == 0 else "QLoRA: ")
+                + "model.lora.quantize=nf4 (the base projections at 4.5 bits a weight)"
+            )
+        if dtype == "float32" and (lora.rank == 0 or lora.quantize == "none"):
+            advice.append("model.param_dtype=bfloat16 (half the bytes of every weight held in param_dtype)")
         advice.append("more devices on the fsdp axis (parameters and optimizer state are split over it)")
     return f"does not fit: {plan.total_gb:.1f} GB per device > 85% of {hbm_gb} GB; try " + "; ".join(advice)
