@@ -79,6 +79,24 @@ def test_two_processes_train_like_one(tmp_path):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=0)
 
 
+def test_two_processes_train_lora_like_one(tmp_path):
+    """A LoRA run: the adapters are gathered from both processes for the PEFT export."""
+    from safetensors.numpy import load_file
+
+    groups = tmp_path / "groups.jsonl"
+    write_arithmetic_groups(groups)
+    overrides = (f"data.train_file={groups}", "train.max_steps=2", "train.mesh=1,-1,1", "model.lora.rank=4")
+    _run_one_and_two(lambda name: tiny_cli("aft", tmp_path / name, *overrides))
+
+    for a, b in zip(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")):
+        np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5, err_msg=f"step {a['step']}")
+    one = load_file(tmp_path / "one" / "model" / "adapter_model.safetensors")
+    two = load_file(tmp_path / "two" / "model" / "adapter_model.safetensors")
+    assert sorted(one) == sorted(two) and len(one) == 2 * 7 * 2  # A and B of 7 projections in 2 layers
+    for name in one:
+        np.testing.assert_allclose(two[name], one[name], atol=1e-5, rtol=0, err_msg=name)
+
+
 def test_two_processes_sample_the_same_groups_as_one(tmp_path):
     def command(name):
         # One sampling device per process in both runs: a random model's near-uniform next-token

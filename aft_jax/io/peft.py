@@ -20,6 +20,7 @@ from aft_jax.io import paths
 from aft_jax.io.hf_files import CheckpointError, TensorReader
 from aft_jax.model.config import LORA_TARGETS, LoraConfig, ModelConfig
 from aft_jax.model.lora import PROJECTIONS
+from aft_jax.parallel import sharding
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 HF_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
@@ -51,7 +52,8 @@ def tensor_names(target: str, layer: int) -> tuple[str, str]:
 
 def save_adapter(model, out_dir: str | os.PathLike, *, base_name: str = "", tokenizer=None) -> Path:
     """Writes `model`'s adapters as a PEFT folder at `out_dir` (with `tokenizer`'s files when given); the
-    weights file is written last, so its presence marks the folder complete."""
+    weights file is written last, so its presence marks the folder complete. With several processes every
+    one calls it (the adapters are gathered) and process 0 writes."""
     from safetensors.numpy import save_file
 
     from aft_jax.model.adapters import adapter_arrays
@@ -71,12 +73,16 @@ def save_adapter(model, out_dir: str | os.PathLike, *, base_name: str = "", toke
         "init_lora_weights": True,
     } | UNSUPPORTED
     tensors = {}
+    replicate = jax.jit(lambda x: x, out_shardings=sharding.replicated(sharding.mesh_of(model.embed[...])))
     for target, (a, b) in adapter_arrays(model).items():
-        a, b = np.asarray(jax.device_get(a), np.float32), np.asarray(jax.device_get(b), np.float32)
+        # every process gathers (a collective), process 0 writes
+        a, b = (np.asarray(replicate(x).addressable_data(0), np.float32) for x in (a, b))
         for i in range(a.shape[0]):
             name_a, name_b = tensor_names(target, i)
             tensors[name_a] = np.ascontiguousarray(a[i].reshape(-1, lora.rank).T)
             tensors[name_b] = np.ascontiguousarray(b[i].reshape(lora.rank, -1).T)
+    if not sharding.is_main_process():
+        return paths.Path(out_dir)
     with paths.staged_dir(out_dir) as local:
         if tokenizer is not None:
             tokenizer.save_pretrained(local)

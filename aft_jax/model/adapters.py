@@ -19,11 +19,6 @@ def _in_axes(n_in: int) -> tuple[int, ...]:
     return tuple(range(1, 1 + n_in))  # after the `layers` axis
 
 
-def mesh_of(model: CausalLM):
-    """The mesh the model's weights are on."""
-    return model.embed[...].sharding.mesh
-
-
 def _place(config: ModelConfig, mesh, build, *args) -> CausalLM:
     """The model of `config` whose parameters `build(*args)` returns (a pure dict), in their shardings."""
     graphdef, abstract = nnx.split(abstract_model(config))
@@ -50,13 +45,15 @@ def with_adapters(model: CausalLM, lora: LoraConfig, *, seed: int = 0, adapters:
             if lora.quantize != "none":
                 group[name], group[name + "_scale"] = quantize(w, _in_axes(n_in), lora.quantize)
             if target in lora.targets:
-                a, b = adapters[target] if adapters else new_adapter(
-                    jax.random.fold_in(key, index), w.shape, _in_axes(n_in), lora.rank
+                a, b = (
+                    adapters[target]
+                    if adapters
+                    else new_adapter(jax.random.fold_in(key, index), w.shape, _in_axes(n_in), lora.rank)
                 )
                 group[name + "_lora_a"], group[name + "_lora_b"] = a.astype(jnp.float32), b.astype(jnp.float32)
         return params
 
-    return _place(model.config.replace(lora=lora), mesh or mesh_of(model), build, base, adapters)
+    return _place(model.config.replace(lora=lora), mesh or sharding.mesh_of(model.embed[...]), build, base, adapters)
 
 
 def adapter_arrays(model: CausalLM) -> dict[str, tuple[jax.Array, jax.Array]]:
@@ -99,5 +96,4 @@ def merge_adapters(model: CausalLM, mesh=None) -> CausalLM:
             group[name] = w.astype(dtype)
         return out
 
-    return _place(model.config.replace(lora=None), mesh or mesh_of(model), build, params)
-
+    return _place(model.config.replace(lora=None), mesh or sharding.mesh_of(model.embed[...]), build, params)

@@ -243,7 +243,7 @@ def export_final(model, tokenizer, run_dir: Path, *, export_hf: bool = False, ba
     out = run_dir / "model"
     sharding.sync("export")  # every process decides alike whether the export is still to do
     if model.config.lora is not None:
-        if not (out / WEIGHTS_FILE).exists() and sharding.is_main_process():
+        if not (out / WEIGHTS_FILE).exists():  # every process: the adapters are gathered, then written by one
             save_adapter(model, out, base_name=base_name, tokenizer=tokenizer)
     elif not (out / "params").exists():
         save_model_folder(model, tokenizer, out)
