@@ -18,12 +18,10 @@ from aft_jax.config.spec import RunConfigError
 # 2e-5, would barely move adapters whose B starts at zero.
 LORA_LR = 2e-4
 # The memory settings `aft-jax plan` finds for a v5e-8 (8 chips x 16 GB, train.mesh=fsdp: all 8 on the fsdp
-# axis) at 128 groups per step: layers recomputed, 8 micro-batches. `aft-jax plan --config
-# configs/qwen.py:qwen2.5_7b-gsm8k-lora --devices 8 --chip v5e` (2026-12-05, machine F) with all 8 slots of
-# every group at data.max_length = 512 tokens: 10.9 GB a chip for LoRA, 9.8 for QLoRA (Qwen3-8B: 13.1 and
-# 11.9); at GSM8K's mean lengths (--seq-len 192 --prompt-len 96) 7.2 and 6.1 GB, where 2 micro-batches would
-# fit too (benchmarks/memory_plan.py --lora, docs/models.md). Other models keep their full fine-tuning
-# settings; plan them with `aft-jax plan` before a run.
+# axis) at 128 groups per step: layers recomputed, 8 micro-batches, which fit even with every candidate at
+# data.max_length = 512 tokens (`aft-jax plan --config configs/qwen.py:qwen2.5_7b-gsm8k-lora --devices 8
+# --chip v5e`; the numbers are in docs/models.md, "LoRA and QLoRA"). Other models keep their full
+# fine-tuning settings; plan them with `aft-jax plan` before a run.
 LORA_MEMORY = {  # model: {variant: (remat_policy, grad_accum)}
     "qwen2.5_7b": {"lora": ("full", 8), "qlora": ("full", 8)},
     "qwen3_8b": {"lora": ("full", 8), "qlora": ("full", 8)},
