@@ -114,6 +114,8 @@ def run_step(args, checkpoint: str, variant: str) -> dict:
     gc.collect()
     batch = batches(checkpoint, args.questions, 1024)["packed"]
     batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+    cost = program.lower(state, batch, frozen).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost  # XLA's count of the compiled step's work
     reset = reset_peak()
     times, losses = [], []
     for i in range(args.steps + 1):
@@ -137,6 +139,7 @@ def run_step(args, checkpoint: str, variant: str) -> dict:
         "checkpoint_bytes": checkpoint_bytes,
         "trained_params": int(trained),
         "weight_bytes": int(weights),
+        "compiled_gflop": float(cost.get("flops", 0.0)) / 1e9,
     }
 
 

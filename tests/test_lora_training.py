@@ -5,10 +5,6 @@ resumes with the same losses and adapter, its checkpoints holding only adapters 
 The model-level checks are in test_lora."""
 
 import json
-import os
-import signal
-import subprocess
-import time
 
 import jax
 import jax.numpy as jnp
@@ -16,10 +12,9 @@ import numpy as np
 import pytest
 from conftest import tiny_cli
 from flax import nnx
-from train_helpers import loss_config, random_batch, tiny_model, write_arithmetic_groups
+from train_helpers import killed_and_resumed, loss_config, random_batch, tiny_model, write_arithmetic_groups
 
 from aft_jax.config.defaults import default_config
-from aft_jax.io.metrics import read_metrics
 from aft_jax.method.objective import normalisers, objective
 from aft_jax.model.adapters import adapter_arrays, merge_adapters, with_adapters
 from aft_jax.model.config import LoraConfig
@@ -197,45 +192,19 @@ def test_a_killed_lora_run_resumes_with_identical_losses_and_adapter(tmp_path, g
     the seven projections, thrice), none of the base's weights."""
     from safetensors.numpy import load_file
 
-    env = dict(os.environ)
-    subprocess.run(lora_run(tmp_path / "straight", groups_file), check=True, env=env, capture_output=True)
-    straight = read_metrics(tmp_path / "straight")
-    assert [m["step"] for m in straight] == list(range(1, 9))
-
-    interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen(
-        lora_run(interrupted, groups_file), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        metrics_file = interrupted / "metrics.jsonl"
-        if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (interrupted / "model").exists(), "the run was killed before it finished"
-    saved = sorted(int(p.name) for p in (interrupted / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved and max(saved) < 8
-
     # hidden 64, intermediate 128, 4 heads and 2 kv heads of 16: q, o 64 -> 64; k, v 64 -> 32; gate, up, down
     # 64 <-> 128; rank 4, 2 layers
     adapter_values = 2 * 4 * (2 * (64 + 64) + 2 * (64 + 32) + 3 * (64 + 128))
-    sizes = checkpointed_sizes(interrupted / "checkpoints" / str(max(saved)))
-    assert sizes["params"] == adapter_values, sizes
-    assert sizes["opt_state"] == 2 * adapter_values + 2, sizes  # Adam's mu and nu, and two step counts
 
-    result = subprocess.run(lora_run(interrupted, groups_file), check=True, env=env, capture_output=True, text=True)
-    assert f"resumed from step {max(saved)}" in result.stderr
-    resumed = read_metrics(interrupted)
-    assert [m["step"] for m in resumed] == list(range(1, 9))
-    for a, b in zip(straight, resumed):
-        for key in ("loss", "vft_loss", "align_loss", "grad_norm", "lr", "assess_micro"):
-            assert a[key] == b[key], (a["step"], key)
+    def check_killed(run_dir, step):
+        sizes = checkpointed_sizes(run_dir / "checkpoints" / str(step))
+        assert sizes["params"] == adapter_values, sizes
+        assert sizes["opt_state"] == 2 * adapter_values + 2, sizes  # Adam's mu and nu, and two step counts
 
+    straight, interrupted = killed_and_resumed(lambda run_dir: lora_run(run_dir, groups_file), tmp_path, check_killed)
     config = json.loads((interrupted / "model" / "adapter_config.json").read_text())
     assert config["r"] == 4 and len(config["target_modules"]) == 7
-    want = load_file(tmp_path / "straight" / "model" / "adapter_model.safetensors")
+    want = load_file(straight / "model" / "adapter_model.safetensors")
     got = load_file(interrupted / "model" / "adapter_model.safetensors")
     assert got.keys() == want.keys() and len(want) == 2 * 7 * 2
     assert sum(v.size for v in want.values()) == adapter_values

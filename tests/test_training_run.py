@@ -1,16 +1,10 @@
 """The training command end to end: a run killed with SIGKILL resumes with exactly the same losses."""
 
 import json
-import os
-import signal
-import subprocess
-import time
 
 import pytest
 from conftest import REPO, tiny_cli
-from train_helpers import write_arithmetic_groups
-
-from aft_jax.io.metrics import read_metrics
+from train_helpers import killed_and_resumed, write_arithmetic_groups
 
 
 def _command(run_dir, groups, *extra):
@@ -25,34 +19,7 @@ def groups_file(tmp_path_factory):
 
 
 def test_killed_run_resumes_with_identical_losses(tmp_path, groups_file):
-    env = dict(os.environ)
-    subprocess.run(_command(tmp_path / "straight", groups_file), check=True, env=env, capture_output=True)
-    straight = read_metrics(tmp_path / "straight")
-    assert [m["step"] for m in straight] == list(range(1, 9))
-
-    interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen(
-        _command(interrupted, groups_file), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        metrics_file = interrupted / "metrics.jsonl"
-        if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (interrupted / "model").exists(), "the run was killed before it finished"
-    saved = sorted(int(p.name) for p in (interrupted / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved and max(saved) < 8
-
-    result = subprocess.run(_command(interrupted, groups_file), check=True, env=env, capture_output=True, text=True)
-    assert f"resumed from step {max(saved)}" in result.stderr
-    resumed = read_metrics(interrupted)
-    assert [m["step"] for m in resumed] == list(range(1, 9))
-    for a, b in zip(straight, resumed):
-        for key in ("loss", "vft_loss", "align_loss", "grad_norm", "lr", "assess_micro"):
-            assert a[key] == b[key], (a["step"], key)
+    _, interrupted = killed_and_resumed(lambda run_dir: _command(run_dir, groups_file), tmp_path)
     assert (interrupted / "model" / "params").is_dir()
 
 

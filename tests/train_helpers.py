@@ -1,6 +1,10 @@
 """Small random models and candidate-group batches for trainer tests (no tokenizer needed)."""
 
 import json
+import os
+import signal
+import subprocess
+import time
 
 import numpy as np
 from ml_collections import ConfigDict
@@ -76,3 +80,38 @@ def write_arithmetic_groups(path, n=32, seed=0):
                 json.dumps({"id": q, "prompt": f"What is {a} plus {b}?\n", "answer": str(a + b), "candidates": cands})
                 + "\n"
             )
+
+
+def killed_and_resumed(command, tmp_path, check_killed=None):
+    """Runs `command(run_dir)` (an 8-step training command) straight through in `tmp_path/straight`, and in
+    `tmp_path/interrupted` SIGKILLed after its fifth logged step, then run again; asserts the restart
+    resumed from its last checkpoint and logged the straight run's losses. `check_killed(run_dir, step)`
+    inspects the killed run's last checkpoint before the restart. Returns the two run directories."""
+    from aft_jax.io.metrics import read_metrics
+
+    straight, interrupted, env = tmp_path / "straight", tmp_path / "interrupted", dict(os.environ)
+    subprocess.run(command(straight), check=True, env=env, capture_output=True)
+    assert [m["step"] for m in read_metrics(straight)] == list(range(1, 9))
+    proc = subprocess.Popen(command(interrupted), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        metrics_file = interrupted / "metrics.jsonl"
+        if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (interrupted / "model").exists(), "the run was killed before it finished"
+    saved = sorted(int(p.name) for p in (interrupted / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and max(saved) < 8
+    if check_killed is not None:
+        check_killed(interrupted, max(saved))
+
+    result = subprocess.run(command(interrupted), check=True, env=env, capture_output=True, text=True)
+    assert f"resumed from step {max(saved)}" in result.stderr
+    resumed = read_metrics(interrupted)
+    assert [m["step"] for m in resumed] == list(range(1, 9))
+    for a, b in zip(read_metrics(straight), resumed):
+        for key in ("loss", "vft_loss", "align_loss", "grad_norm", "lr", "assess_micro"):
+            assert a[key] == b[key], (a["step"], key)
+    return straight, interrupted

@@ -66,7 +66,7 @@ def adapter_arrays(model: CausalLM) -> dict[str, tuple[jax.Array, jax.Array]]:
     }
 
 
-def merged_weight(w, a, b, scale: float, n_in: int):
+def merged_weight(w, a, b, scale: float):
     """`W + scale * A B` of one stacked projection (`W` `[L, *in, *out]`) in float32."""
     lead = w.shape[0]
     a_flat = a.reshape(lead, -1, a.shape[-1]).astype(jnp.float32)
@@ -92,7 +92,7 @@ def merge_adapters(model: CausalLM, mesh=None) -> CausalLM:
             if name + "_scale" in group:
                 w = dequantize(w, group.pop(name + "_scale"), _in_axes(n_in), jnp.float32)
             if target in lora.targets:
-                w = merged_weight(w, group.pop(name + "_lora_a"), group.pop(name + "_lora_b"), lora.scale, n_in)
+                w = merged_weight(w, group.pop(name + "_lora_a"), group.pop(name + "_lora_b"), lora.scale)
             group[name] = w.astype(dtype)
         return out
 
