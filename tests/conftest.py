@@ -92,6 +92,16 @@ def gsm8k_test_questions() -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+@pytest.fixture(scope="module")
+def groups_file(tmp_path_factory) -> Path:
+    """A groups file of 32 arithmetic questions (`train_helpers.write_arithmetic_groups`) for the tiny preset."""
+    from train_helpers import write_arithmetic_groups
+
+    path = tmp_path_factory.mktemp("data") / "groups.jsonl"
+    write_arithmetic_groups(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct as a float32 HF checkpoint folder (built once per machine)."""

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import tiny_cli
 from flax import nnx
-from train_helpers import killed_and_resumed, loss_config, random_batch, tiny_model, write_arithmetic_groups
+from train_helpers import killed_and_resumed, loss_config, random_batch, tiny_model
 
 from aft_jax.config.defaults import default_config
 from aft_jax.method.objective import normalisers, objective
@@ -159,13 +159,6 @@ def test_qlora_sharded_step_equals_one_device():
 
 
 # ------------------------------------------------------------------------------------------ the CLI run
-
-
-@pytest.fixture(scope="module")
-def groups_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "groups.jsonl"
-    write_arithmetic_groups(path)
-    return path
 
 
 def lora_run(run_dir, groups):

@@ -4,18 +4,11 @@ import json
 
 import pytest
 from conftest import REPO, tiny_cli
-from train_helpers import killed_and_resumed, write_arithmetic_groups
+from train_helpers import killed_and_resumed
 
 
 def _command(run_dir, groups, *extra):
     return tiny_cli("aft", run_dir, f"data.train_file={groups}", "train.max_steps=8") + list(extra)
-
-
-@pytest.fixture(scope="module")
-def groups_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "groups.jsonl"
-    write_arithmetic_groups(path)
-    return path
 
 
 def test_killed_run_resumes_with_identical_losses(tmp_path, groups_file):
