@@ -298,7 +298,6 @@ def test_int8_equals_its_numpy_transcription(shape, in_axes):
     codes, scale = quantize_jit(jnp.asarray(w), in_axes, "int8")
     want_codes, want_scale, _ = int8_reference(w, in_axes)
     assert codes.dtype == jnp.int8 and np.abs(want_codes).max() == 127
-    assert lora_lib.quantized_shapes(shape, in_axes, "int8") == (codes.shape, scale.shape)
     np.testing.assert_array_equal(np.asarray(codes), want_codes)
     scale = np.asarray(scale)
     np.testing.assert_array_max_ulp(scale, want_scale, maxulp=1)
@@ -328,7 +327,6 @@ def test_nf4_equals_its_numpy_transcription(shape, in_axes):
     want_codes, want_scale, want_w = nf4_reference(w, axis)
     assert codes.dtype == jnp.uint8 and codes.shape[axis] == shape[axis] // 2
     assert scale.shape[axis] == shape[axis] // nf4_block(shape[axis])
-    assert lora_lib.quantized_shapes(shape, in_axes, "nf4") == (codes.shape, scale.shape)
     np.testing.assert_array_equal(np.asarray(codes), want_codes)
     np.testing.assert_array_equal(np.asarray(scale), want_scale)
     assert set(np.unique(want_codes & 15)) > {0, 7, 15}, "codes span the table"

@@ -104,18 +104,6 @@ def dequantize(codes: jax.Array, scale: jax.Array, in_axes: tuple[int, ...], dty
     return w.reshape(*codes.shape[:axis], n, *codes.shape[axis + 1 :]).astype(dtype)
 
 
-def quantized_shapes(shape: tuple[int, ...], in_axes: tuple[int, ...], kind: str):
-    """The shapes of `(codes, scale)` of a weight of `shape`."""
-    if kind == "int8":
-        return shape, tuple(1 if a in in_axes else d for a, d in enumerate(shape))
-    axis = in_axes[-1]
-    n = shape[axis]
-    if n % 2:
-        raise ValueError(f"nf4 needs an even last input axis; the weight has shape {shape}")
-    codes = (*shape[:axis], n // 2, *shape[axis + 1 :])
-    return codes, (*shape[:axis], n // nf4_block(n), *shape[axis + 1 :])
-
-
 # ------------------------------------------------------------------------------------------ module side
 
 
