@@ -122,6 +122,12 @@ def _study(args) -> None:
     run_study(config)
 
 
+def _restudy(args) -> None:
+    from aft_jax.study.runner import restudy
+
+    restudy(args.run_dir)
+
+
 def _plan(args) -> None:
     from aft_jax.config.spec import RunConfigError
     from aft_jax.parallel.sharding import parse_mesh_shape
@@ -201,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
         )
         command.add_argument("--config", required=True, help="preset file, e.g. configs/tiny.py")
         command.set_defaults(run=run)
+
+    restudy = sub.add_parser(
+        "restudy",
+        help="recompute a study's statistics, claims and plots from its stored evaluations (no training)",
+        description="Reads RUN_DIR/study.json (seeds, models, sweeps, protocol) and every "
+        "RUN_DIR/seed-<s>/eval/<model>.json, then rewrites study.json, study.md and plots/ as `study` does.",
+    )
+    restudy.add_argument("run_dir", help="a study's run directory (the one holding study.json)")
+    restudy.set_defaults(run=_restudy)
 
     plan = sub.add_parser(
         "plan",

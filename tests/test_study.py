@@ -97,13 +97,16 @@ def test_study_json_holds_the_statistics_of_the_seeds(straight_run):
     assert 1 in {c[0] for c in claims} and 3 not in {c[0] for c in claims}, "claims of models the study ran"
     for c in study["claims"]:
         assert c["verdict"] in ("reproduced", "contradicted", "inconclusive")
-        assert c["test"] == ("t-interval over seeds" if c["claim"] == 1 else "t over seeds")
+        assert c["test"] == ("one-sample t over seeds" if c["claim"] == 1 else "t over seeds")
+        assert c["p_value"] is not None and c["p_holm"] >= c["p_value"]
         if c["baseline"] in study["paired"]:
             assert c["difference"] == pytest.approx(
                 study["paired"][c["baseline"]][c["method"]][c["metric"]]["seeds"]["mean"]
             )
     markdown = (straight_run / "study.md").read_text()
     assert "## The paper's claims" in markdown and "| 2. AFT beats VFT in accuracy" in markdown
+    assert study["holm_family"] == len(study["claims"])
+    assert f"Holm's correction over the study's {len(study['claims'])} claims" in markdown
     assert claims_table(study) in markdown and len(claims_table(study).splitlines()) == 2 + len(study["claims"])
     for plot in ("metrics.png", "accuracy_vs_aacc.png", "scores.png"):
         data = (straight_run / "plots" / plot).read_bytes()
@@ -237,4 +240,6 @@ def test_one_seed_uses_the_bootstrap_and_a_lower_claim_can_be_contradicted():
     assert acc["low"] > 0.1 and acc["high"] < 0.4 and acc["p_value"] < 0.01
     assert claims[("aft_none", "vft", "accuracy")]["verdict"] == "contradicted"  # the claim says lower
     assert claims[("aft_bc", "vft", "assess_micro")]["verdict"] == "inconclusive"  # no test with one seed
+    assert all(claims[k]["p_holm"] is None for k in [("aft_bc", "vft", "assess_micro"), ("vft", "", "assess_micro")])
+    assert study["holm_family"] == 3, "the bootstrap tests of accuracy only: no p-value for AAcc and ppl with one seed"
     assert study["summary"]["vft"]["accuracy"]["low"] is None

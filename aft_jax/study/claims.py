@@ -3,21 +3,30 @@ verdict rule (ours).
 
 A claim compares `method` with `baseline` on one metric in one direction ("higher" or "lower"). Its
 difference is paired within each seed (the models of a seed share the VFT model, the groups and the test
-questions). With two or more seeds the interval is the 95% t-interval of the per-seed differences (it
-carries training randomness as well as the questions, since each seed draws its own); with one seed it
-is the paired bootstrap over that seed's questions (accuracy metrics only).
+questions). With two or more seeds the test is the two-sided paired t-test of the per-seed differences,
+with their 95% t-interval (both carry training randomness as well as the questions, since each seed
+draws its own); with one seed it is the paired bootstrap over that seed's questions (accuracy metrics
+only). Claim 1 compares VFT's assessment accuracy with `MISALIGNED_BELOW` (ours: "well below 100%" read
+as below 90%) by the one-sample t-test of the per-seed values minus that threshold.
 
-Verdict: **reproduced** when the whole interval lies on the claimed side of zero, **contradicted** when
-the whole interval lies on the other side, **inconclusive** otherwise. Claim 1 compares VFT's assessment
-accuracy with `MISALIGNED_BELOW` (ours: "well below 100%" read as below 90%) the same way.
+Verdict: the p-values of one study's claims form one family, corrected by Holm's step-down method (`holm`;
+a claim with no test, as AAcc with one seed, is left out of it). A claim is **reproduced** when its
+Holm-adjusted p-value is below 0.05 and the mean difference lies on the claimed side of zero,
+**contradicted** when the adjusted p-value is below 0.05 and the mean lies on the other side, and
+**inconclusive** otherwise (no test included). The tests stay two-sided although the claims are
+directional: a two-sided test at 0.05 is the pair of one-sided tests at 0.025 each, one for "reproduced"
+and one for "contradicted", so either verdict can be reached and the family-wise error rate of all the
+verdicts together is at most 5% after Holm. The 95% intervals and raw p-values shown are unadjusted.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 MISALIGNED_BELOW = 0.90
+ALPHA = 0.05  # family-wise error rate of one study's verdicts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +75,23 @@ def paper_claims(models: list[str], beta_pair: tuple[str, str] | None = None) ->
     return out
 
 
-def verdict(low: float | None, high: float | None, direction: str) -> str:
-    """The rule of the module docstring on an interval of `method - baseline` (or `value - threshold`)."""
-    if low is None or high is None or math.isnan(low) or math.isnan(high):
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm's adjusted p-values, in the order given: over the m p-values that are not None (nor NaN),
+    sorted ascending, p_adj_(i) = max_{j <= i} min(1, (m - j + 1) p_(j)); None stays None (out of the
+    family). Tied p-values get equal adjusted values."""
+    family = sorted((p, i) for i, p in enumerate(p_values) if p is not None and not math.isnan(p))
+    m = len(family)
+    adjusted: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for j, (p, i) in enumerate(family):
+        running = max(running, min(1.0, (m - j) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def verdict(mean: float | None, p_adjusted: float | None, direction: str, alpha: float = ALPHA) -> str:
+    """The rule of the module docstring on the mean of `method - baseline` (or `value - threshold`) and
+    its Holm-adjusted two-sided p-value."""
+    if p_adjusted is None or mean is None or math.isnan(mean) or not p_adjusted < alpha or mean == 0:
         return "inconclusive"
-    above, below = low > 0, high < 0
-    if direction == "lower":
-        above, below = below, above
-    return "reproduced" if above else "contradicted" if below else "inconclusive"
+    return "reproduced" if (mean > 0) == (direction == "higher") else "contradicted"

@@ -84,6 +84,12 @@ def study_markdown(study: dict, seconds: dict) -> str:
         "## The paper's claims",
         "",
         claims_table(study),
+        "",
+        (
+            f"Tests are two-sided; the verdicts use Holm's correction over the study's {study['holm_family']} "
+            "claims with a test (family-wise error rate 5%); the differences, 95% intervals and raw p-values are "
+            "unadjusted."
+        ),
     ]
     for key, title in (("beta", "beta"), ("lr", "learning rate")):
         sweep = study.get(f"{key}_sweep", {})
@@ -132,17 +138,24 @@ def models_table(study: dict) -> str:
     return "\n".join(lines)
 
 
+def _p(p: float | None) -> str:
+    return "" if p is None else f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
 def claims_table(study: dict) -> str:
+    """One row per claim: the difference with its unadjusted 95% interval, the raw and the Holm-adjusted
+    p-value, and the verdict (from the adjusted one)."""
     lines = [
-        "| claim | comparison | metric | difference [95% interval] | test | verdict |",
-        "|---|---|---|---|---|---|",
+        "| claim | comparison | metric | difference [95% interval] | test | p | p (Holm) | verdict |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in study["claims"]:
         against = c["baseline"] or f"{100 * MISALIGNED_BELOW:.0f}%"
-        interval = {"mean": c["difference"], "low": c["low"], "high": c["high"], "p_value": c["p_value"]}
+        interval = {"mean": c["difference"], "low": c["low"], "high": c["high"]}
         lines.append(
             f"| {c['claim']}. {c['text']} | {c['method']} {'>' if c['direction'] == 'higher' else '<'} {against} "
-            f"| {TITLES[c['metric']]} | {_difference(interval, c['metric'])} | {c['test']} | **{c['verdict']}** |"
+            f"| {TITLES[c['metric']]} | {_difference(interval, c['metric'])} | {c['test']} | {_p(c['p_value'])} "
+            f"| {_p(c['p_holm'])} | **{c['verdict']}** |"
         )
     return "\n".join(lines)
 

@@ -2,7 +2,8 @@
 
     <run_dir>/seed-<n>/    one pipeline run per seed of `study.seeds` (each resumable like the pipeline)
     <run_dir>/study.json   per model and metric: mean, std and 95% t-interval over seeds; paired
-                           differences against `vft` and `rft`; the claims with their verdicts
+                           differences against `vft` and `rft`; the claims with their raw and
+                           Holm-adjusted p-values and verdicts (`aft_jax.study.claims`)
     <run_dir>/study.md     the same as tables, with the protocol and the tests used
     <run_dir>/plots/       metrics.png, accuracy_vs_aacc.png, scores.png
 
@@ -11,6 +12,9 @@ Models are `vft` and `pipeline.methods`, plus `aft_bc-beta<b>` for each `study.b
 itself); each sweep's best and worst are chosen on validation accuracy. A killed study reruns the same
 command: finished seeds are skipped stage by stage and the interrupted one resumes, so `study.json` ends
 the same.
+
+`aft-jax restudy RUN_DIR` (`restudy`) recomputes study.json, study.md and plots/ from the stored
+per-seed evaluations without training, e.g. after a change of the statistics or the verdict rule.
 """
 
 from __future__ import annotations
@@ -22,16 +26,23 @@ import math
 import numpy as np
 
 from aft_jax.config.spec import RunConfig
+from aft_jax.errors import UserError
 from aft_jax.io.paths import Path, write_atomically
 from aft_jax.method.registry import AlignmentRun, alignment_run
 from aft_jax.parallel import sharding
 from aft_jax.pipeline import align_lr, alignment_runs, log, run_pipeline
-from aft_jax.study.claims import MISALIGNED_BELOW, paper_claims, verdict
+from aft_jax.study.claims import MISALIGNED_BELOW, holm, paper_claims, verdict
 from aft_jax.study.stats import paired_bootstrap, paired_t, t_interval
 
 METRICS = ("accuracy", "self_consistency", "assess_macro", "assess_micro", "ppl_pos", "ppl_neg", "validation_accuracy")
 PER_QUESTION = {"accuracy": "correct", "self_consistency": "self_consistent"}
 BASELINES = ("vft", "rft")
+SWEEPS = ("beta", "lr")
+
+
+class StudyError(UserError, ValueError):
+    """A run directory that `restudy` cannot read, or evaluations that cannot be compared; the message
+    names the file, or the seed and the model."""
 
 
 def _numbers(text: str, what: str, kind=float) -> list:
@@ -83,20 +94,57 @@ def run_study(config: RunConfig) -> dict:
     study = aggregate(results, models, sweeps)
     study["protocol"] = protocol(config, seeds, results[seeds[0]]["vft"]["questions"])
     if sharding.is_main_process():
-        from aft_jax.study.report import claims_table, plot_study, study_markdown
-
-        write_atomically(run_dir / "study.json", json.dumps(study, indent=1, allow_nan=False) + "\n")
-        plot_study(results, study, run_dir / "plots")
-        seconds = {s: _seconds(run_dir / f"seed-{s}") for s in seeds}
-        write_atomically(run_dir / "study.md", study_markdown(study, seconds))
-        print(
-            "\n" + claims_table(study) + f"\n\nstudy: {run_dir / 'study.md'} ({len(seeds)} seeds, {len(models)} models)"
-        )
+        write_study(run_dir, results, study)
     return study
 
 
+def restudy(run_dir: str | Path) -> dict:
+    """The study of `run_dir` recomputed from its files, without training: `seeds`, `models`, the sweeps
+    and `protocol` from study.json, every model's evaluation from seed-<s>/eval/<model>.json; rewrites
+    study.json, study.md and plots/ as `run_study` does. A missing or unreadable file is a `StudyError`
+    naming it."""
+    run_dir = Path(run_dir)
+    stored = _read(run_dir / "study.json")
+    try:
+        seeds, models, stored_protocol = stored["seeds"], stored["models"], stored["protocol"]
+        sweeps = {
+            key: {float(value): name for value, name in stored[f"{key}_sweep"]["models"].items()}
+            for key in SWEEPS
+            if f"{key}_sweep" in stored
+        }
+    except (KeyError, TypeError, ValueError) as err:
+        raise StudyError(f"{run_dir / 'study.json'}: not a study's summary (no valid {err})") from None
+    results = {s: {m: _read(run_dir / f"seed-{s}" / "eval" / f"{m}.json") for m in models} for s in seeds}
+    study = aggregate(results, models, sweeps)
+    study["protocol"] = stored_protocol
+    write_study(run_dir, results, study)
+    return study
+
+
+def write_study(run_dir: Path, results: dict[int, dict[str, dict]], study: dict) -> None:
+    """study.json, plots/ and study.md in `run_dir` (run time from each seed's manifest.json), and the
+    claims table on stdout."""
+    from aft_jax.study.report import claims_table, plot_study, study_markdown
+
+    seeds = study["seeds"]
+    write_atomically(run_dir / "study.json", json.dumps(study, indent=1, allow_nan=False) + "\n")
+    plot_study(results, study, run_dir / "plots")
+    seconds = {s: _seconds(run_dir / f"seed-{s}") for s in seeds}
+    write_atomically(run_dir / "study.md", study_markdown(study, seconds))
+    print(
+        "\n"
+        + claims_table(study)
+        + f"\n\nstudy: {run_dir / 'study.md'} ({len(seeds)} seeds, {len(study['models'])} models)"
+    )
+
+
 def _read(path: Path) -> dict:
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StudyError(f"{path}: no such file (written by `aft-jax study`)") from None
+    except (OSError, ValueError) as err:
+        raise StudyError(f"{path}: unreadable ({err})") from None
 
 
 def _seconds(seed_dir: Path) -> float:
@@ -150,7 +198,9 @@ def aggregate(results: dict[int, dict[str, dict]], models: list[str], sweeps: di
                 continue
             s = summary[c.method][c.metric]
             interval = {k: (s[k] - MISALIGNED_BELOW if s[k] is not None else None) for k in ("mean", "low", "high")}
-            test = "t-interval over seeds" if len(seeds) > 1 else "none"
+            # the one-sample t-test of value - threshold: its interval is the one above, shifted
+            interval["p_value"] = paired_t(s["values"], [MISALIGNED_BELOW] * len(seeds)).p_value
+            test = "one-sample t over seeds" if len(seeds) > 1 else "none"
         claims.append(
             {
                 **dataclasses.asdict(c),
@@ -159,9 +209,11 @@ def aggregate(results: dict[int, dict[str, dict]], models: list[str], sweeps: di
                 "high": interval["high"],
                 "p_value": interval.get("p_value"),
                 "test": test,
-                "verdict": verdict(interval["low"], interval["high"], c.direction),
             }
         )
+    for c, p in zip(claims, holm([c["p_value"] for c in claims])):
+        c["p_holm"] = p
+        c["verdict"] = verdict(c["difference"], p, c["direction"])
     return {
         "seeds": seeds,
         "models": models,
@@ -169,6 +221,7 @@ def aggregate(results: dict[int, dict[str, dict]], models: list[str], sweeps: di
         "paired": paired,
         **{f"{key}_sweep": value for key, value in swept.items()},
         "claims": claims,
+        "holm_family": sum(c["p_holm"] is not None for c in claims),
     }
 
 
@@ -210,6 +263,9 @@ def _per_question(results, seeds, model: str, key: str):
         pq = results[s][model]["per_question"]
         order = results[s]["vft"]["per_question"]["ids"]
         if pq["ids"] != order:
-            raise ValueError(f"seed {s}: {model} was evaluated on other questions than vft")
+            raise StudyError(
+                f"seed {s}: {model} was evaluated on other test questions than vft (per_question.ids of "
+                f"seed-{s}/eval/{model}.json and seed-{s}/eval/vft.json differ); evaluate both on the same questions"
+            )
         rows.append(np.asarray(pq[key], np.float64))
     return np.stack(rows) if len({len(r) for r in rows}) == 1 else None
