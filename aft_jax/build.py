@@ -237,16 +237,17 @@ class Context:
             self.config.model, self.mesh if mesh is None else mesh, self.tokenizer, seed=self.config.seed, path=path
         )
 
-    def training_groups(self, train_file: str, method: str) -> list[Group]:
-        """`train_file` (candidate groups, or VFT pairs) if set; else, for VFT, the task's training split
-        with its references (`stages.train.reference_groups`)."""
+    def training_groups(self, train_file: str | tuple[str, ...], method: str) -> list[Group]:
+        """`train_file` (candidate groups, or VFT pairs; several files: their groups one after the other) if
+        set; else, for VFT, the task's training split with its references (`stages.train.reference_groups`)."""
         from aft_jax.config.spec import RunConfigError
         from aft_jax.data.groups import read_training_file
         from aft_jax.method.registry import get_method
         from aft_jax.stages.train import reference_groups
 
-        if train_file:
-            return read_training_file(train_file)
+        files = [f for f in ((train_file,) if isinstance(train_file, str) else train_file) if f]
+        if files:
+            return [group for f in files for group in read_training_file(f)]
         if get_method(method).needs_groups:
             raise RunConfigError(
                 f"loss.method={method!r} trains on candidate groups: set data.train_file to the output of "
@@ -255,7 +256,7 @@ class Context:
         t = self.config.task
         return reference_groups(self.task, self.examples(t.train_split), t.template, self.tokenizer)
 
-    def batcher(self, train_file: str, method: str) -> GroupBatcher:
+    def batcher(self, train_file: str | tuple[str, ...], method: str) -> GroupBatcher:
         """`stages.train.make_batcher` of `training_groups(train_file, method)` on the training mesh, with the
         run's `data` section, `train.batch_size`, `train.grad_accum` and seed."""
         from aft_jax.stages.train import make_batcher
@@ -264,5 +265,6 @@ class Context:
         return make_batcher(
             self.training_groups(train_file, method), self.tokenizer, self.mesh, data=c.data, method=method,
             batch_size=t.batch_size, grad_accum=t.grad_accum, seed=c.seed,
-            source=train_file or f"task {self.task.name} split {c.task.train_split!r}",
+            source=(train_file if isinstance(train_file, str) else ", ".join(train_file))
+            or f"task {self.task.name} split {c.task.train_split!r}",
         )  # fmt: skip

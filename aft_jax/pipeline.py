@@ -5,8 +5,18 @@
     <run_dir>/vft/               step 1: VFT run (checkpoints, metrics, model/)
     <run_dir>/groups/train|eval  step 2: candidate groups of training / held-out test questions
     <run_dir>/<method>/          step 3: one alignment run per method
+    <run_dir>/groups/<method>-r<r>/, <run_dir>/<method>-r<r>/
+                                 rounds r = 2..R (`pipeline.rounds`): groups sampled from round r-1's model
+                                 of the method, and the model aligned on them
     <run_dir>/eval/<model>.json  metrics of each model
     <run_dir>/report.md, metrics.json, plots/
+
+Rounds (on-policy iteration, as in Iterative RPO, ReST-EM and STaR): round 1 is steps 2 and 3 above
+(groups from the VFT model). Round r >= 2 samples new groups on the training questions from round r-1's
+model of each method, with its own sampling seed, and aligns again: from round r-1's model on round r's
+groups (`pipeline.round_init = "previous"`), or from the starting model of round 1 on the groups of rounds 1
+to r together (`"start"`). Every round's model is evaluated on the same test questions and the same held-out
+groups (sampled once, from the VFT model), so assessment accuracy compares like with like across rounds.
 
 `run_pipeline` is the list of stages over one `PipelineContext` (the config, task, meshes and tokenizer,
 built once). Each stage is skipped when its output is complete and resumes (from checkpoints or shards)
@@ -39,15 +49,16 @@ if TYPE_CHECKING:
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """A named step of the pipeline: `run()` unless `done()` says its output is already complete (asked
-    when the stage is reached, after the ones before it)."""
+    when the stage is reached, after the ones before it); `inputs` (folders it reads) go to the manifest."""
 
     name: str
     done: Callable[[], bool]
     run: Callable[[], object]
+    inputs: dict = dataclasses.field(default_factory=dict)
 
 
 class Manifest:
-    """`manifest.json`: each stage's status (`running` / `done`) and timing."""
+    """`manifest.json`: each stage's status (`running` / `done`), timing and inputs."""
 
     def __init__(self, run_dir: Path, config: RunConfig):
         self.path = run_dir / "manifest.json"
@@ -64,6 +75,7 @@ class Manifest:
         """Runs `stage` unless its output is complete; then waits for every process, so all see the stage's
         output before the next one."""
         entry = self.data["stages"].setdefault(stage.name, {})
+        entry.update(stage.inputs)
         if stage.done():
             entry["status"] = "done"
             log(f"{stage.name}: complete, skipped")
@@ -92,6 +104,22 @@ def alignment_runs(config: RunConfig) -> list[AlignmentRun]:
     return [alignment_run(name) for name in method_names(config.pipeline.methods)]
 
 
+def round_name(name: str, r: int) -> str:
+    """The model of alignment run `name` after round `r`: `name` itself for round 1, else `name-r<r>`."""
+    return name if r == 1 else f"{name}-r{r}"
+
+
+def pipeline_models(runs: list[AlignmentRun], rounds: int) -> list[str]:
+    """Every model a run evaluates: `vft`, then each run's model of round 1, then of round 2, ..."""
+    return ["vft", *(round_name(run.name, r) for r in range(1, rounds + 1) for run in runs)]
+
+
+def round_seed(seed: int, r: int) -> int:
+    """The sampling seed of round `r`: the run's seed for round 1, shifted by 65,537 per later round (so a
+    round never reuses another round's draws, nor, for the few seeds of a study, another seed's)."""
+    return seed + 65_537 * (r - 1)
+
+
 @dataclasses.dataclass
 class PipelineContext(Context):
     """`Context` of a pipeline run, with its folders and the VFT model's sampler and scorer (loaded once for
@@ -106,6 +134,11 @@ class PipelineContext(Context):
 
     def groups_dir(self, split: str) -> Path:
         return self.run_dir / "groups" / split
+
+    def train_groups_dir(self, name: str, r: int) -> Path:
+        """The groups round `r` of alignment run `name` trains on: round 1's from the VFT model, shared by
+        every run; round r's sampled from the run's model of round r - 1."""
+        return self.groups_dir("train") if r == 1 else self.groups_dir(round_name(name, r))
 
     def eval_file(self, name: str) -> Path:
         return self.run_dir / "eval" / f"{name}.json"
@@ -138,7 +171,8 @@ def run_pipeline(config: RunConfig, runs: list[AlignmentRun] | None = None) -> d
     ctx = PipelineContext.of(config)
     check_splits(ctx)
     runs = alignment_runs(config) if runs is None else runs
-    models = ["vft", *(run.name for run in runs)]
+    rounds = config.pipeline.rounds
+    models = pipeline_models(runs, rounds)
     stages = [
         *(
             [Stage("tokenizer", lambda: (ctx.run_dir / "tokenizer" / "tokenizer.json").exists(), lambda: ctx.tokenizer)]
@@ -148,17 +182,34 @@ def run_pipeline(config: RunConfig, runs: list[AlignmentRun] | None = None) -> d
         Stage("vft", lambda: ctx.model_done("vft"), lambda: train_vft(ctx)),
         Stage("sample_train", lambda: sampled(ctx, "train"), lambda: sample_groups(ctx, "train")),
         Stage("sample_eval", lambda: sampled(ctx, "eval"), lambda: sample_groups(ctx, "eval")),
-        *(
-            Stage(run.name, functools.partial(ctx.model_done, run.name), functools.partial(align, ctx, run))
-            for run in runs
-        ),
-        Stage("eval", lambda: not pending(ctx, models), lambda: evaluate_models(ctx, pending(ctx, models))),
     ]
+    for r in range(1, rounds + 1):
+        for run in runs:
+            name = round_name(run.name, r)
+            if r > 1:
+                stages.append(
+                    Stage(
+                        f"sample_{name}",
+                        functools.partial(_has_stats, ctx.train_groups_dir(run.name, r)),
+                        functools.partial(sample_round, ctx, run, r),
+                        {"sampled_from": str(ctx.model_dir(round_name(run.name, r - 1)))},
+                    )
+                )
+            start, groups = alignment_inputs(ctx, run, r)
+            stages.append(
+                Stage(
+                    name,
+                    functools.partial(ctx.model_done, name),
+                    functools.partial(align, ctx, run, r),
+                    {"start": start or "the starting model", "groups": list(groups)},
+                )
+            )
+    stages.append(Stage("eval", lambda: not pending(ctx, models), lambda: evaluate_models(ctx, pending(ctx, models))))
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(ctx.run_dir, config)
     for stage in stages:
         manifest.run(stage)
-    return report(ctx, models)
+    return report(ctx, models, runs)
 
 
 def check_splits(ctx: PipelineContext) -> None:
@@ -196,8 +247,12 @@ def train_vft(ctx: PipelineContext) -> None:
     )
 
 
+def _has_stats(groups_dir: Path) -> bool:
+    return (groups_dir / "stats.json").exists()  # written last: the groups are complete
+
+
 def sampled(ctx: PipelineContext, split: str) -> bool:
-    return (ctx.groups_dir(split) / "stats.json").exists()
+    return _has_stats(ctx.groups_dir(split))
 
 
 def sample_groups(ctx: PipelineContext, split: str) -> None:
@@ -220,9 +275,36 @@ def sample_groups(ctx: PipelineContext, split: str) -> None:
         del ctx.vft_sampling
 
 
-def align(ctx: PipelineContext, run: AlignmentRun) -> None:
-    """Step 3: one alignment run on the training groups, from the starting model (`pipeline.init_from` =
-    "base") or the VFT model, `pipeline.align_epochs` epochs at the run's learning rate."""
+def sample_round(ctx: PipelineContext, run: AlignmentRun, r: int) -> None:
+    """Step 2 of round `r` >= 2: candidate groups of the training questions from `run`'s model of round
+    r - 1, with the round's seed (`round_seed`)."""
+    from aft_jax.stages.sample import sample_candidates
+
+    c = ctx.config
+    model, tokenizer = ctx.trained_model(round_name(run.name, r - 1))
+    sampler, scorer = sampler_and_scorer(model, tokenizer, c, c.sample.batch_size)
+    sample_candidates(
+        sampler, scorer, ctx.task, ctx.examples(c.task.train_split), ctx.train_groups_dir(run.name, r),
+        settings=c.sample, template=c.task.template, seed=round_seed(c.seed, r),
+    )  # fmt: skip
+
+
+def alignment_inputs(ctx: PipelineContext, run: AlignmentRun, r: int) -> tuple[str, tuple[str, ...]]:
+    """The model round `r` of `run` starts from ("": the starting model) and the groups folders it trains on:
+    round 1 from the starting model (`pipeline.init_from` = "base") or the VFT model on round 1's groups; a
+    later round from the run's model of round r - 1 on round r's groups (`pipeline.round_init` =
+    "previous"), or from the same start as round 1 on the groups of rounds 1 to r (`"start"`)."""
+    c = ctx.config
+    if r > 1 and c.pipeline.round_init == "previous":
+        start, rounds = str(ctx.model_dir(round_name(run.name, r - 1))), [r]
+    else:
+        start, rounds = ("" if c.pipeline.init_from == "base" else str(ctx.model_dir("vft"))), range(1, r + 1)
+    return start, tuple(str(ctx.train_groups_dir(run.name, i)) for i in rounds)
+
+
+def align(ctx: PipelineContext, run: AlignmentRun, r: int = 1) -> None:
+    """Step 3, round `r`: one alignment run (`alignment_inputs`), `pipeline.align_epochs` epochs at the run's
+    learning rate."""
     from aft_jax.stages.train import TrainSettings, run_training
 
     c = ctx.config
@@ -232,11 +314,10 @@ def align(ctx: PipelineContext, run: AlignmentRun) -> None:
         optim=dataclasses.replace(c.optim, lr=run.lr if run.lr is not None else align_lr(c)),
         train=dataclasses.replace(c.train, num_epochs=c.pipeline.align_epochs),
     )
-    start = "" if c.pipeline.init_from == "base" else str(ctx.model_dir("vft"))
-    batcher = ctx.batcher(str(ctx.groups_dir("train")), settings.loss.method)
+    start, groups = alignment_inputs(ctx, run, r)
     run_training(
-        ctx.model(path=start), ctx.tokenizer, batcher, settings, ctx.run_dir / run.name, mesh=ctx.mesh,
-        base_name=base_model_name(c.model),
+        ctx.model(path=start), ctx.tokenizer, ctx.batcher(groups, settings.loss.method), settings,
+        ctx.run_dir / round_name(run.name, r), mesh=ctx.mesh, base_name=base_model_name(c.model),
     )  # fmt: skip
 
 
@@ -273,20 +354,46 @@ def evaluate_models(ctx: PipelineContext, names: list[str]) -> None:
         write_atomically(ctx.eval_file(name), json.dumps(result) + "\n")  # marks the model evaluated
 
 
-def report(ctx: PipelineContext, models: list[str]) -> dict:
+GROUP_STATISTICS = {
+    "groups": "groups",
+    "positives_per_group": "positives per group",
+    "negatives_per_group": "negatives per group",
+    "groups_with_both": "with both",
+    "groups_without_signal": "no ranking signal",
+    "sample_accuracy": "sampling accuracy",
+    "duplicate_rate": "duplicates",
+}
+
+
+def groups_table(ctx: PipelineContext, runs: list[AlignmentRun]) -> str:
+    """The training groups of every round (`stats.json` of each folder) as a Markdown table."""
+    rows = [("1", "vft", ctx.groups_dir("train"))] + [
+        (str(r), round_name(run.name, r - 1), ctx.train_groups_dir(run.name, r))
+        for r in range(2, ctx.config.pipeline.rounds + 1)
+        for run in runs
+    ]
+    lines = [
+        "| round | sampled from | " + " | ".join(GROUP_STATISTICS.values()) + " |",
+        "|" + "---|" * (len(GROUP_STATISTICS) + 2),
+    ]
+    for r, source, folder in rows:
+        stats = json.loads((folder / "stats.json").read_text())
+        cells = [
+            f"{stats[k]:.3g}" if isinstance(stats.get(k), float) else str(stats.get(k, "")) for k in GROUP_STATISTICS
+        ]
+        lines.append(f"| {r} | {source} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(ctx: PipelineContext, models: list[str], runs: list[AlignmentRun]) -> dict:
     """Every model's evaluation; process 0 writes the report, plots and metrics and prints the table."""
     from aft_jax.stages.evaluate import comparison_table, write_report
 
     results = {name: json.loads(ctx.eval_file(name).read_text()) for name in models}
     if sharding.is_main_process():
-        stats = json.loads((ctx.groups_dir("train") / "stats.json").read_text())
-        extra = (
-            "Training groups: "
-            + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items())
-            + "."
-        )
+        extra = "Training groups (shares of groups; sampling accuracy of the sampled candidates):\n\n"
         curves = {name: read_metrics(ctx.run_dir / name) for name in models}
-        path = write_report(ctx.run_dir, results, curves, extra)
+        path = write_report(ctx.run_dir, results, curves, extra + groups_table(ctx, runs))
         print("\n" + comparison_table(results) + "\n")
         print(f"report: {path}\nplots:  {ctx.run_dir / 'plots'}\nmetrics: {ctx.run_dir / 'metrics.json'}")
         print(f"on {sharding.describe(ctx.mesh)}")

@@ -37,11 +37,14 @@ TINY = REPO / "configs" / "tiny.py"
         ("model.tokenizer=", r"model\.path is empty"),
         ("model.build_vocab_size=100", r"model\.build_vocab_size=100: expected at least 260"),
         ("pipeline.methods=aft_bc,aft_xx", r"pipeline\.methods: unknown 'aft_xx'; known: aft_bc"),
+        ("pipeline.rounds=0", r"pipeline\.rounds=0: expected a positive number"),
+        ("pipeline.round_init=base", r"pipeline\.round_init='base': expected one of previous, start"),
+        ("pipeline.methods=", r"pipeline\.rounds=2: rounds repeat the alignment runs; set pipeline\.methods"),
     ],
 )
 def test_a_config_mistake_fails_at_load_naming_key_value_and_choices(override, message):
     with pytest.raises(RunConfigError, match=message):
-        load_config(TINY, [override])
+        load_config(TINY, [override, *(["pipeline.rounds=2"] if override == "pipeline.methods=" else [])])
 
 
 def test_sections_are_frozen_and_typed_and_replace_checks_again():

@@ -129,6 +129,8 @@ class PipelineSection:
     vft_epochs: int = 3
     align_epochs: int = 3
     align_lr: float = -1.0  # peak learning rate of the alignment runs; negative: optim.lr
+    rounds: int = 1  # R: round r >= 2 samples new groups from round r-1's model of each method and aligns again
+    round_init: str = "previous"  # previous: round r aligns round r-1's model | start: init_from, all rounds' groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,11 +260,12 @@ CHOICES = {
     "loss.constraint": CONSTRAINTS,
     "loss.vft_targets": ("reference", "positives"),
     "pipeline.init_from": ("base", "vft"),
+    "pipeline.round_init": ("previous", "start"),
 }
 POSITIVE = (
     "data.max_length data.group_size data.pad_multiple train.batch_size train.grad_accum train.log_every "
     "sample.k sample.max_new_tokens sample.batch_size sample.shard_size eval.max_new_tokens eval.sc_k "
-    "eval.batch_size loss.logit_chunk optim.lr checkpoint.save_every checkpoint.keep"
+    "eval.batch_size loss.logit_chunk optim.lr checkpoint.save_every checkpoint.keep pipeline.rounds"
 ).split()
 NON_NEGATIVE = (
     "loss.beta loss.beta_dpo loss.lam sample.temperature sample.top_k sample.rows_per_prompt eval.sc_temperature "
@@ -409,6 +412,10 @@ def check(config: RunConfig) -> None:
             alignment_run(name)
         except ValueError as err:
             raise RunConfigError(str(err)) from None
+    if config.pipeline.rounds > 1 and not methods:
+        raise RunConfigError(
+            f"pipeline.rounds={config.pipeline.rounds}: rounds repeat the alignment runs; set pipeline.methods"
+        )
     trains_groups = get_method(config.loss.method).needs_groups or bool(methods)
     if trains_groups and config.data.group_size < 2:
         raise RunConfigError(

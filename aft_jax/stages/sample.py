@@ -60,6 +60,9 @@ def group_statistics(groups: list[Group], duplicates: int, samples: int) -> dict
         "positives_per_group": float(np.mean(positives)) if groups else 0.0,
         "negatives_per_group": float(np.mean(negatives)) if groups else 0.0,
         "groups_with_both": float(np.mean([p > 0 and n > 0 for p, n in zip(positives, negatives)])) if groups else 0.0,
+        "groups_without_signal": (
+            float(np.mean([len({c.level for c in g.candidates}) < 2 for g in groups])) if groups else 0.0
+        ),  # every candidate at one level: no pair to rank
         "sample_accuracy": float(np.mean([c.correct for c in sampled])) if sampled else 0.0,
         "duplicate_rate": duplicates / samples if samples else 0.0,
     }
