@@ -1,6 +1,7 @@
-"""`aft-jax study` on the tiny preset (2 seeds, VFT and AFT-BC): each seed's pipeline runs every stage and
-reports; study.json holds the statistics of the per-seed results; study.md the claims table; the plots are
-PNG files; a study killed in its second seed (its first one finished) resumes to the same study.json. The beta sweep, the verdicts
+"""`aft-jax study` on the tiny preset (2 seeds, VFT and AFT-BC over two rounds): each seed's pipeline runs
+every stage and reports, round 2 on groups sampled from round 1's model; study.json holds the statistics
+of the per-seed results; study.md the claims table; the plots are PNG files; a study killed in its second
+seed's second round (its first seed finished) resumes to the same study.json. The beta sweep, the verdicts
 and method names are checked in-process on hand-made results."""
 
 import json
@@ -20,7 +21,7 @@ from aft_jax.study.report import claims_table, study_markdown
 from aft_jax.study.runner import aggregate, study_plan
 from aft_jax.study.stats import paired_t, t_interval
 
-OVERRIDES = ("study.seeds=0,1", "pipeline.methods=aft_bc", "eval.validation_limit=8")
+OVERRIDES = ("study.seeds=0,1", "pipeline.methods=aft_bc", "pipeline.rounds=2", "eval.validation_limit=8")
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -46,14 +47,12 @@ def straight_run(tmp_path_factory):
 
 
 def test_each_seed_runs_every_stage_and_reports(straight_run):
-    models = ["vft", "aft_bc"]
+    models = ["vft", "aft_bc", "aft_bc-r2"]
     for seed in (0, 1):
         run_dir = straight_run / f"seed-{seed}"
         manifest = json.loads((run_dir / "manifest.json").read_text())
-        assert all(
-            manifest["stages"][s]["status"] == "done"
-            for s in ["tokenizer", "vft", "sample_train", "sample_eval", *models[1:], "eval"]
-        )
+        stages = ["tokenizer", "vft", "sample_train", "sample_eval", "aft_bc", "sample_aft_bc-r2", "aft_bc-r2", "eval"]
+        assert list(manifest["stages"]) == stages and all(manifest["stages"][s]["status"] == "done" for s in stages)
         assert manifest["config"]["seed"] == seed
         vocab = json.loads((run_dir / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
         assert len(vocab) == 320, "model.build_vocab_size: each seed's tokenizer, so each seed's model, the same size"
@@ -72,13 +71,50 @@ def test_each_seed_runs_every_stage_and_reports(straight_run):
             assert data[:8] == PNG and len(data) > 5000
 
 
+def test_round_two_samples_from_round_one_model_and_aligns_it_again(straight_run):
+    """The manifest names round 2's inputs; its groups are new draws on the same questions; and they were
+    scored, so sampled, by round 1's AFT-BC model: rescoring them here with that model gives the stored
+    log-probs, which the VFT model (round 1's sampler) does not."""
+    import dataclasses
+
+    from aft_jax.build import sampler_and_scorer
+    from aft_jax.config.spec import parse_config
+    from aft_jax.data.groups import read_groups
+    from aft_jax.io.hf import from_pretrained
+
+    run_dir = straight_run / "seed-0"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["stages"]["sample_aft_bc-r2"]["sampled_from"] == str(run_dir / "aft_bc" / "model")
+    assert manifest["stages"]["aft_bc-r2"]["start"] == str(run_dir / "aft_bc" / "model")
+    assert manifest["stages"]["aft_bc-r2"]["groups"] == [str(run_dir / "groups" / "aft_bc-r2")]
+    first, second = (read_groups(run_dir / "groups" / g) for g in ("train", "aft_bc-r2"))
+    assert [g.id for g in first] == [g.id for g in second]
+    sampled = [[[c.text for c in g.candidates if not c.reference] for g in groups] for groups in (first, second)]
+    assert sum(a != b for a, b in zip(*sampled)) > len(first) // 2, "round 2 drew new candidates"
+    assert "| 2 | aft_bc |" in (run_dir / "report.md").read_text(), "report.md tables round 2's groups"
+
+    config = parse_config(manifest["config"])
+    unscored = [
+        dataclasses.replace(
+            g, candidates=tuple(dataclasses.replace(c, logp_sum=None, logp_mean=None) for c in g.candidates)
+        )
+        for g in second[:4]
+    ]
+    stored = [c.logp_sum for g in second[:4] for c in g.candidates]
+    for name, same in (("aft_bc", True), ("vft", False)):
+        model, tokenizer = from_pretrained(run_dir / name / "model")
+        rescored = sampler_and_scorer(model, tokenizer, config, 8)[1].score(unscored)
+        logps = [c.logp_sum for g in rescored for c in g.candidates]
+        assert (logps == pytest.approx(stored, rel=1e-4, abs=1e-3)) == same, name
+
+
 def test_study_json_holds_the_statistics_of_the_seeds(straight_run):
     study = json.loads((straight_run / "study.json").read_text())
     evals = {
         s: {m: json.loads((straight_run / f"seed-{s}" / "eval" / f"{m}.json").read_text()) for m in study["models"]}
         for s in (0, 1)
     }
-    assert study["seeds"] == [0, 1] and study["models"] == ["vft", "aft_bc"]
+    assert study["seeds"] == [0, 1] and study["models"] == ["vft", "aft_bc", "aft_bc-r2"]
     for model in study["models"]:
         for metric in ("accuracy", "assess_micro", "ppl_neg", "validation_accuracy"):
             values = [evals[s][model][metric] for s in (0, 1)]
@@ -108,7 +144,20 @@ def test_study_json_holds_the_statistics_of_the_seeds(straight_run):
     assert study["holm_family"] == len(study["claims"])
     assert f"Holm's correction over the study's {len(study['claims'])} claims" in markdown
     assert claims_table(study) in markdown and len(claims_table(study).splitlines()) == 2 + len(study["claims"])
-    for plot in ("metrics.png", "accuracy_vs_aacc.png", "scores.png"):
+    rounds = study["rounds"]
+    assert rounds["models"] == {"aft_bc": ["aft_bc", "aft_bc-r2"]} and rounds["vs_rft"] == {}
+    assert {(8, "aft_bc-r2", "vft", "accuracy"), (8, "aft_bc-r2", "vft", "assess_micro")} <= claims
+    assert (10, "aft_bc-r2", "aft_bc", "accuracy") in claims and 9 not in {c[0] for c in claims}
+    expected = paired_t(*([evals[s][m]["accuracy"] for s in (0, 1)] for m in ("aft_bc-r2", "aft_bc")))
+    assert rounds["vs_round_1"]["aft_bc-r2"]["accuracy"]["seeds"]["mean"] == pytest.approx(expected.mean)
+    for model, folder in (("aft_bc", "train"), ("aft_bc-r2", "aft_bc-r2")):
+        stats = [
+            json.loads((straight_run / f"seed-{s}" / "groups" / folder / "stats.json").read_text()) for s in (0, 1)
+        ]
+        for key in ("sample_accuracy", "groups_without_signal", "positives_per_group"):
+            assert rounds["groups"][model][key]["mean"] == pytest.approx(np.mean([x[key] for x in stats]))
+    assert "## Rounds" in markdown and "| aft_bc-r2 | 2 |" in markdown
+    for plot in ("metrics.png", "accuracy_vs_aacc.png", "scores.png", "rounds.png"):
         data = (straight_run / "plots" / plot).read_bytes()
         assert data[:8] == PNG and len(data) > 5000
 
@@ -117,18 +166,19 @@ def test_killed_study_resumes_to_the_same_study_json(straight_run, tmp_path):
     run_dir = tmp_path / "killed"
     shutil.copytree(straight_run / "seed-0", run_dir / "seed-0")  # as the study would have left it: deterministic
     proc = subprocess.Popen(_study(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
-    deadline = time.time() + 150
-    while time.time() < deadline and not list((run_dir / "seed-1" / "groups" / "train").glob("shard-00000.jsonl")):
+    round_2 = run_dir / "seed-1" / "groups" / "aft_bc-r2"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(round_2.glob("shard-00000.jsonl")):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)  # in the middle of the second seed's sampling
+    proc.send_signal(signal.SIGKILL)  # in the middle of the second seed's second round of sampling
     proc.wait()
     manifest = json.loads((run_dir / "seed-1" / "manifest.json").read_text())
-    assert manifest["stages"]["sample_train"]["status"] == "running"
+    assert manifest["stages"]["sample_aft_bc-r2"]["status"] == "running" and "aft_bc-r2" not in manifest["stages"]
     result = subprocess.run(_study(run_dir), check=True, capture_output=True, text=True, env=_env())
-    assert "vft: complete, skipped" in result.stdout and "sample_train: running" in result.stdout
+    assert "aft_bc: complete, skipped" in result.stdout and "sample_aft_bc-r2: running" in result.stdout
     assert (run_dir / "study.json").read_text() == (straight_run / "study.json").read_text()
-    for shard in sorted((straight_run / "seed-1" / "groups" / "train").glob("shard-*.jsonl")):
-        assert (run_dir / "seed-1" / "groups" / "train" / shard.name).read_text() == shard.read_text()
+    for shard in sorted((straight_run / "seed-1" / "groups" / "aft_bc-r2").glob("shard-*.jsonl")):
+        assert (round_2 / shard.name).read_text() == shard.read_text()
 
 
 @pytest.mark.parametrize(

@@ -39,9 +39,20 @@ class Comparison:
     direction: str  # "higher" | "lower": what the claim says of method against baseline
 
 
-def paper_claims(models: list[str], beta_pair: tuple[str, str] | None = None) -> list[Comparison]:
+ITERATED_BASELINES = ("rft", "rrhf", "pro", "dpo", "rrhf_bc", "pro_bc", "dpo_bc")
+
+
+def paper_claims(
+    models: list[str],
+    beta_pair: tuple[str, str] | None = None,
+    rounds: int = 1,
+    last_round: dict[str, str] | None = None,
+) -> list[Comparison]:
     """Every comparison whose models are in `models`; claim 7 compares the beta-sweep models `beta_pair`
-    (best, worst), chosen on validation accuracy."""
+    (best, worst), chosen on validation accuracy. With several rounds (`rounds` = R > 1), `last_round`
+    maps each alignment run to its model of round R, and claims 8 to 10 (ours, not the paper's:
+    the question iterating leaves open) compare those models, fixed before the study: AFT after R rounds
+    against VFT, against R rounds of each baseline, and against its own first round."""
     have = set(models)
     out = []
 
@@ -72,6 +83,22 @@ def paper_claims(models: list[str], beta_pair: tuple[str, str] | None = None) ->
         add(6, "with ranking feedback, AFT beats RRHF in accuracy", m, "rrhf_rank", "accuracy")
     if beta_pair:
         add(7, "accuracy depends on beta (best vs worst on validation)", *beta_pair, "accuracy")
+    last = last_round if rounds > 1 and last_round else {}
+    for m in ("aft_dc", "aft_bc"):
+        if m not in last:
+            continue
+        add(8, f"AFT after {rounds} rounds beats VFT in accuracy (ours)", last[m], "vft", "accuracy")
+        add(8, f"AFT after {rounds} rounds beats VFT in AAcc (ours)", last[m], "vft", "assess_micro")
+        for b in ITERATED_BASELINES:
+            if b in last:
+                add(
+                    9,
+                    f"AFT beats the baselines in accuracy after {rounds} rounds each (ours)",
+                    last[m],
+                    last[b],
+                    "accuracy",
+                )
+        add(10, f"iterating raises AFT's accuracy: round {rounds} above round 1 (ours)", last[m], m, "accuracy")
     return out
 
 

@@ -49,7 +49,8 @@ def study_markdown(study: dict, seconds: dict) -> str:
         "",
         (
             f"Protocol: alignment from the **{p['init_from']}** model, VFT {p['vft_epochs']} epochs, alignment "
-            f"{p['align_epochs']} epochs at peak lr {p['align_lr']:g}, beta {p['beta']:g}; {p['test_questions']} test "
+            f"{p['align_epochs']} epochs at peak lr {p['align_lr']:g}, beta {p['beta']:g}"
+            f"{_rounds_protocol(p)}; {p['test_questions']} test "
             f"questions and {p['validation_questions']} validation questions per seed"
             f"{' (each seed draws its own questions)' if p['task'] == 'synthetic' else ''}. "
             f"Run time: {sum(seconds.values()) / 60:.1f} min "
@@ -112,6 +113,8 @@ def study_markdown(study: dict, seconds: dict) -> str:
         chosen = sweep["best_worst_on_validation"]
         if chosen:
             lines += ["", f"Chosen on validation accuracy: best {chosen[0]}, worst {chosen[1]}."]
+    if "rounds" in study:
+        lines += ["", rounds_markdown(study)]
     rule = VERDICT_RULE.split("\n\n", 1)[1].strip()
     lines += [
         "",
@@ -125,8 +128,82 @@ def study_markdown(study: dict, seconds: dict) -> str:
         "",
         "![scores](plots/scores.png)",
         "",
+        *(["![rounds](plots/rounds.png)", ""] if "rounds" in study else []),
     ]
     return "\n".join(lines)
+
+
+GROUP_COLUMNS = {
+    "positives_per_group": "positives per group",
+    "groups_with_both": "with both (%)",
+    "groups_without_signal": "no ranking signal (%)",
+    "sample_accuracy": "sampling accuracy (%)",
+}
+
+
+def rounds_markdown(study: dict) -> str:
+    """The rounds section of study.md: each run's model of every round with its accuracy, AAcc and
+    perplexities, paired against VFT, against RFT's model of the same round and against its own first round,
+    then the statistics of the groups each round trained on."""
+    rounds = study["rounds"]
+    vft = study["paired"].get("vft", {})
+    lines = [
+        "## Rounds",
+        "",
+        "Round r >= 2 of each method trained on groups sampled from its own model of round r - 1 (the protocol "
+        "is above). Differences in points, paired within seeds: t-interval over seeds and p-value, unadjusted "
+        "(the claims above carry the correction).",
+        "",
+        "| model | round | accuracy | AAcc micro | ppl pos | validation accuracy | accuracy - vft | AAcc - vft "
+        "| accuracy - rft, same round | accuracy - round 1 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for names in rounds["models"].values():
+        for r, name in enumerate(names, start=1):
+            s = study["summary"][name]
+            cells = [_cell(s.get(m), m) for m in ("accuracy", "assess_micro", "ppl_pos", "validation_accuracy")]
+            diffs = [
+                vft.get(name, {}).get("accuracy", {}).get("seeds"),
+                vft.get(name, {}).get("assess_micro", {}).get("seeds"),
+                rounds["vs_rft"].get(name, {}).get("accuracy", {}).get("seeds"),
+                rounds["vs_round_1"].get(name, {}).get("accuracy", {}).get("seeds"),
+            ]
+            metrics = ("accuracy", "assess_micro", "accuracy", "accuracy")
+            cells += [_difference(d, m) for d, m in zip(diffs, metrics)]
+            lines.append(f"| {name} | {r} | " + " | ".join(cells) + " |")
+    if rounds["groups"]:
+        lines += [
+            "",
+            "The groups each model trained on (mean ± half-width of the 95% t-interval over seeds; round 1's are "
+            "VFT's, shared by every method):",
+            "",
+            "| model | round | " + " | ".join(GROUP_COLUMNS.values()) + " |",
+            "|---|---|" + "---|" * len(GROUP_COLUMNS),
+        ]
+        for names in rounds["models"].values():
+            for r, name in enumerate(names, start=1):
+                g = rounds["groups"].get(name, {})
+                cells = [_group_cell(g.get(k), k) for k in GROUP_COLUMNS]
+                lines.append(f"| {name} | {r} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _group_cell(s: dict | None, key: str) -> str:
+    if s is None:
+        return ""
+    k = 1.0 if key == "positives_per_group" else 100.0
+    return f"{k * s['mean']:.2f}" if s["low"] is None else f"{k * s['mean']:.2f} ± {k * (s['high'] - s['low']) / 2:.2f}"
+
+
+def _rounds_protocol(p: dict) -> str:
+    if p.get("rounds", 1) == 1:
+        return ""
+    start = (
+        "each from the method's model of the round before, on that round's groups"
+        if p["round_init"] == "previous"
+        else "each from the same start as round 1, on the groups of every round so far"
+    )
+    return f", {p['rounds']} rounds (round r >= 2 samples its groups from round r - 1's model; {start})"
 
 
 def models_table(study: dict) -> str:
@@ -203,6 +280,29 @@ def plot_study(results: dict, study: dict, plots: Path) -> None:
     for m, r in pooled.items():
         r["assess_micro"] = study["summary"][m].get("assess_micro", {"mean": float("nan")})["mean"]
     plot_scores(pooled, plots / "scores.png")
+    if "rounds" in study:
+        plot_rounds(study, plots / "rounds.png")
+
+
+def plot_rounds(study: dict, path: Path) -> None:
+    """rounds.png: accuracy and AAcc of each run over rounds (round 0: VFT), mean with its 95% interval."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, metric in zip(axes, ("accuracy", "assess_micro")):
+        for i, (run, names) in enumerate(study["rounds"]["models"].items()):
+            rows = [study["summary"][m].get(metric) for m in ["vft", *names]]
+            xs = [r for r, row in enumerate(rows) if row]
+            means = [100 * rows[r]["mean"] for r in xs]
+            errors = [0 if rows[r]["low"] is None else 100 * (rows[r]["high"] - rows[r]["low"]) / 2 for r in xs]
+            ax.errorbar([x + 0.06 * i for x in xs], means, yerr=errors, capsize=3, marker="o", label=run)
+        ax.set_xticks(range(len(names) + 1), ["VFT", *(str(r) for r in range(1, len(names) + 1))])
+        ax.set_xlabel("round")
+        ax.set_ylabel(f"{TITLES[metric]} (%)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
 
 
 def _save(fig, path: Path) -> None:

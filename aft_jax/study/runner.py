@@ -30,7 +30,7 @@ from aft_jax.errors import UserError
 from aft_jax.io.paths import Path, write_atomically
 from aft_jax.method.registry import AlignmentRun, alignment_run
 from aft_jax.parallel import sharding
-from aft_jax.pipeline import align_lr, alignment_runs, log, run_pipeline
+from aft_jax.pipeline import GROUP_STATISTICS, align_lr, alignment_runs, log, pipeline_models, round_name, run_pipeline
 from aft_jax.study.claims import MISALIGNED_BELOW, holm, paper_claims, verdict
 from aft_jax.study.stats import paired_bootstrap, paired_t, t_interval
 
@@ -90,8 +90,11 @@ def run_study(config: RunConfig) -> dict:
         log(f"study: seed {seed} ({i + 1} of {len(seeds)})")
         seed_config = config.replace(seed=seed, run_dir=str(run_dir / f"seed-{seed}"))
         results[seed] = run_pipeline(seed_config, runs)  # every model's evaluation, as in <seed dir>/eval/
-    models = ["vft", *(run.name for run in runs)]
-    study = aggregate(results, models, sweeps)
+    rounds = config.pipeline.rounds
+    models = pipeline_models(runs, rounds)
+    by_round = {run.name: [round_name(run.name, r) for r in range(1, rounds + 1)] for run in runs} if rounds > 1 else {}
+    groups = {s: groups_statistics(run_dir / f"seed-{s}", by_round) for s in seeds}
+    study = aggregate(results, models, sweeps, by_round, groups)
     study["protocol"] = protocol(config, seeds, results[seeds[0]]["vft"]["questions"])
     if sharding.is_main_process():
         write_study(run_dir, results, study)
@@ -114,8 +117,10 @@ def restudy(run_dir: str | Path) -> dict:
         }
     except (KeyError, TypeError, ValueError) as err:
         raise StudyError(f"{run_dir / 'study.json'}: not a study's summary (no valid {err})") from None
+    by_round = stored.get("rounds", {}).get("models", {})
     results = {s: {m: _read(run_dir / f"seed-{s}" / "eval" / f"{m}.json") for m in models} for s in seeds}
-    study = aggregate(results, models, sweeps)
+    groups = {s: groups_statistics(run_dir / f"seed-{s}", by_round) for s in seeds}
+    study = aggregate(results, models, sweeps, by_round, groups)
     study["protocol"] = stored_protocol
     write_study(run_dir, results, study)
     return study
@@ -162,8 +167,24 @@ def protocol(config: RunConfig, seeds: list[int], test_questions: int) -> dict:
         "align_epochs": p.align_epochs,
         "align_lr": align_lr(config),
         "beta": config.loss.beta,
+        "rounds": p.rounds,
+        "round_init": p.round_init,
         "test_questions": test_questions,
         "validation_questions": config.eval.validation_limit,
+    }
+
+
+def groups_statistics(seed_dir: Path, by_round: dict[str, list[str]]) -> dict[str, dict]:
+    """`stats.json` of the groups each round's model was trained on (`by_round`: run -> its model of each
+    round), by model; {} without rounds. Round 1's are the shared groups/train, round r's groups/<model>.
+    A folder without stats.json (a results copy that left it out) is skipped."""
+    folders = {
+        model: seed_dir / "groups" / ("train" if r == 0 else model)
+        for names in by_round.values()
+        for r, model in enumerate(names)
+    }
+    return {
+        model: json.loads((f / "stats.json").read_text()) for model, f in folders.items() if (f / "stats.json").exists()
     }
 
 
@@ -172,9 +193,18 @@ def _interval(interval) -> dict:
     return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in dataclasses.asdict(interval).items()}
 
 
-def aggregate(results: dict[int, dict[str, dict]], models: list[str], sweeps: dict[str, dict[float, str]]) -> dict:
-    """`results[seed][model]` (evaluation JSON) -> the summary, paired differences, sweeps and claims."""
+def aggregate(
+    results: dict[int, dict[str, dict]],
+    models: list[str],
+    sweeps: dict[str, dict[float, str]],
+    by_round: dict[str, list[str]] | None = None,
+    groups: dict[int, dict[str, dict]] | None = None,
+) -> dict:
+    """`results[seed][model]` (evaluation JSON) -> the summary, paired differences, sweeps and claims; with
+    rounds, `by_round` (run -> its model of rounds 1..R) and `groups[seed][model]` (the statistics of the
+    groups each model trained on) add `rounds` (`rounds_summary`) and claims 8 to 10."""
     seeds = list(results)
+    by_round = by_round or {}
     summary: dict[str, dict] = {}
     for m in models:
         summary[m] = {}
@@ -185,7 +215,9 @@ def aggregate(results: dict[int, dict[str, dict]], models: list[str], sweeps: di
     paired = {b: {m: difference(results, m, b) for m in models if m != b} for b in BASELINES if b in models}
     swept = {key: sweep(names, summary) for key, names in sweeps.items()}
     claims = []
-    for c in paper_claims(models, swept.get("beta", {}).get("best_worst_on_validation")):
+    last_round = {run: names[-1] for run, names in by_round.items()}
+    beta_pair = swept.get("beta", {}).get("best_worst_on_validation")
+    for c in paper_claims(models, beta_pair, max(map(len, by_round.values()), default=1), last_round):
         if c.baseline:
             done = paired.get(c.baseline, {}).get(c.method, {})
             d = done.get(c.metric) or difference(results, c.method, c.baseline, [c.metric]).get(c.metric)
@@ -222,7 +254,33 @@ def aggregate(results: dict[int, dict[str, dict]], models: list[str], sweeps: di
         **{f"{key}_sweep": value for key, value in swept.items()},
         "claims": claims,
         "holm_family": sum(c["p_holm"] is not None for c in claims),
+        **({"rounds": rounds_summary(results, by_round, groups or {})} if by_round else {}),
     }
+
+
+def rounds_summary(results, by_round: dict[str, list[str]], groups: dict[int, dict[str, dict]]) -> dict:
+    """Per model of every round: its accuracy and AAcc against RFT's model of the same round (`vs_rft`) and
+    against the run's own first round (`vs_round_1`), paired within seeds as `difference`; and the mean
+    over seeds of the statistics of the groups it trained on (`groups`)."""
+    rft = by_round.get("rft", [])
+    vs_rft, vs_first = {}, {}
+    for run, names in by_round.items():
+        for r, model in enumerate(names):
+            if run != "rft" and r < len(rft):
+                vs_rft[model] = difference(results, model, rft[r], ("accuracy", "assess_micro"))
+            if r > 0:
+                vs_first[model] = difference(results, model, names[0], ("accuracy", "assess_micro"))
+    seeds = list(results)
+    stats = {}
+    for model in (m for names in by_round.values() for m in names):
+        have = [groups.get(s, {}).get(model) for s in seeds]
+        if all(have):
+            stats[model] = {
+                k: _interval(t_interval([g[k] for g in have]))
+                for k in GROUP_STATISTICS
+                if all(isinstance(g.get(k), (int, float)) for g in have)
+            }
+    return {"models": by_round, "vs_rft": vs_rft, "vs_round_1": vs_first, "groups": stats}
 
 
 def sweep(names: dict[float, str], summary: dict) -> dict:
