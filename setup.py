@@ -1,6 +1,9 @@
 from setuptools import find_packages, setup
 
 GGUF = ["torch==2.13.0", "gguf>=0.10", "accelerate>=1.0"]
+VERIFY = ["math-verify[antlr4_13_2]>=0.9,<0.10"]  # task.checker=math_verify
+LM_EVAL = ["lm-eval>=0.4.9,<0.5"]  # `lm_eval --model aft_jax`
+WANDB = ["wandb>=0.19"]  # log.wandb
 
 setup(
     name="aft_jax",
@@ -29,7 +32,10 @@ setup(
     ],
     extras_require={
         "gguf": GGUF,
-        "test": GGUF + ["pytest>=8", "pytest-xdist>=3.5", "peft>=0.18", "qwix==0.1.8"],
+        "verify": VERIFY,
+        "lm_eval": LM_EVAL,
+        "wandb": WANDB,
+        "test": GGUF + VERIFY + LM_EVAL + WANDB + ["pytest>=8", "pytest-xdist>=3.5", "peft>=0.18", "qwix==0.1.8"],
     },
     entry_points={"console_scripts": ["aft-jax=aft_jax.cli:main"]},
 )
