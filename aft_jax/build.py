@@ -12,7 +12,7 @@ import dataclasses
 import functools
 from typing import TYPE_CHECKING
 
-from aft_jax.data.tasks import Example, Task, get_task
+from aft_jax.data.tasks import Example, Task, get_task, make_checker
 from aft_jax.io.paths import Path
 from aft_jax.model.config import ConfigError, ModelConfig
 from aft_jax.parallel import sharding
@@ -59,17 +59,22 @@ def load_tokenizer(name: str, key: str = "model.tokenizer"):
 
 
 def task_from_config(config: RunConfig) -> Task:
-    """The task of `task.name`, the synthetic one generated with its configured sizes and the run's seed."""
-    if config.task.name == "synthetic":
-        t = config.task
-        return get_task(
+    """The task of `task.name` (the synthetic one generated with its configured sizes and the run's seed;
+    jsonl reading `task.files` by `task.fields`), checking answers with `task.checker` when that is set."""
+    t = config.task
+    if t.name == "synthetic":
+        task = get_task(
             "synthetic",
             num_train=t.synthetic_train,
             num_validation=t.synthetic_validation,
             num_test=t.synthetic_test,
             seed=config.seed,
         )
-    return get_task(config.task.name)
+    elif t.name == "jsonl":
+        task = get_task("jsonl", files=dataclasses.asdict(t.files), **dataclasses.asdict(t.fields))
+    else:
+        task = get_task(t.name)
+    return task.with_checker(make_checker(t.checker, t.checker_timeout)) if t.checker else task
 
 
 def load_examples(task: Task, task_cfg: TaskSection, split: str, limit: int = 0) -> list[Example]:
@@ -254,6 +259,15 @@ class Context:
                 "`aft-jax sample`"
             )
         t = self.config.task
+        if not self.task.has_references:
+            from aft_jax.errors import SettingError
+
+            raise SettingError(
+                f"task.fields.rationale is empty and task.without_rationale={t.without_rationale!r}: the task has no "
+                "reference chains of thought for VFT to train on; set task.without_rationale=sampled (`aft-jax vft` "
+                "and the pipeline), or data.train_file to a VFT pairs file (the pipeline with 'skip' uses the "
+                "starting model as the VFT model)"
+            )
         return reference_groups(self.task, self.examples(t.train_split), t.template, self.tokenizer)
 
     def batcher(self, train_file: str | tuple[str, ...], method: str) -> GroupBatcher:

@@ -66,8 +66,12 @@ def _convert(args) -> None:
 
 def _load(args):
     from aft_jax.config.load import load_config
+    from aft_jax.io.wandb_log import wandb_module
 
-    return load_config(args.config, args.overrides, command=args.command)
+    config = load_config(args.config, args.overrides, command=args.command)
+    if config.log.wandb:
+        wandb_module()  # not installed: the error now, not after the first stage
+    return config
 
 
 def _train(args) -> None:
@@ -76,7 +80,14 @@ def _train(args) -> None:
 
     config = _load(args)
     ctx = Context.of(config)
-    batcher = ctx.batcher(config.data.train_file, config.loss.method)
+    train_file = config.data.train_file
+    if args.command == "vft" and not train_file and not ctx.task.has_references:
+        from aft_jax.io.paths import Path as RunPath
+        from aft_jax.pipeline import sample_references, vft_source
+
+        if vft_source(ctx) == "sampled":  # "skip" is refused by ctx.batcher: there is nothing to train on
+            train_file = str(sample_references(ctx, RunPath(config.run_dir) / "groups"))
+    batcher = ctx.batcher(train_file, config.loss.method)
     out = run_training(
         ctx.model(), ctx.tokenizer, batcher, TrainSettings.of(config), config.run_dir, mesh=ctx.mesh,
         base_name=base_model_name(config.model),
@@ -216,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     restudy.add_argument("run_dir", help="a study's run directory (the one holding study.json)")
     restudy.set_defaults(run=_restudy)
+    sub.add_parser(  # run by `main` before parsing: every argument after it is lm-eval's
+        "lm-eval",
+        help="lm-eval's command line with aft_jax registered as a model: aft-jax lm-eval --model aft_jax "
+        "--model_args path=FOLDER --tasks gsm8k (see docs/usage.md)",
+        add_help=False,
+    )
 
     plan = sub.add_parser(
         "plan",
@@ -242,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lm-eval"]:  # lm-eval's own command line, with aft_jax registered as a model
+        from aft_jax.evals.lm_eval import main as lm_eval_main
+
+        return lm_eval_main(argv[1:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     overrides = [a[len("--config.") :] for a in extra if a.startswith("--config.")]

@@ -39,11 +39,13 @@ import jax
 from aft_jax.build import Context, base_model_name, sampler_and_scorer
 from aft_jax.io.metrics import read_metrics
 from aft_jax.io.paths import Path, write_atomically
+from aft_jax.io.wandb_log import WandbSettings, log_report
 from aft_jax.method.registry import AlignmentRun, alignment_run, method_names
 from aft_jax.parallel import sharding
 
 if TYPE_CHECKING:
     from aft_jax.config.spec import RunConfig
+    from aft_jax.data.tasks import Example
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +142,24 @@ class PipelineContext(Context):
         every run; round r's sampled from the run's model of round r - 1."""
         return self.groups_dir("train") if r == 1 else self.groups_dir(round_name(name, r))
 
+    @property
+    def references_file(self) -> Path:
+        """task.without_rationale = "sampled": the VFT pairs sampled from the starting model."""
+        return self.run_dir / "groups" / REFERENCES
+
+    def examples(self, split: str, limit: int = 0) -> list[Example]:
+        """`Context.examples`; for a task without references whose VFT trained on sampled ones
+        (`sample_references`), the training questions carry those as their references (questions without
+        one keep none)."""
+        examples = super().examples(split, limit)
+        file = self.references_file
+        if split == self.config.task.train_split and not self.task.has_references and file.exists():
+            from aft_jax.data.groups import read_pairs
+
+            targets = {g.id: g.candidates[0].text for g in read_pairs(file)}
+            examples = [dataclasses.replace(e, target=targets.get(e.id, "")) for e in examples]
+        return examples
+
     def eval_file(self, name: str) -> Path:
         return self.run_dir / "eval" / f"{name}.json"
 
@@ -179,7 +199,12 @@ def run_pipeline(config: RunConfig, runs: list[AlignmentRun] | None = None) -> d
             if config.model.tokenizer == "build"
             else []
         ),
-        Stage("vft", lambda: ctx.model_done("vft"), lambda: train_vft(ctx)),
+        *(
+            [Stage("sample_vft", lambda: ctx.references_file.exists(), lambda: sample_vft(ctx))]
+            if vft_source(ctx) == "sampled"
+            else []
+        ),
+        Stage("vft", lambda: ctx.model_done("vft"), lambda: train_vft(ctx), {"trained_on": vft_data(ctx)}),
         Stage("sample_train", lambda: sampled(ctx, "train"), lambda: sample_groups(ctx, "train")),
         Stage("sample_eval", lambda: sampled(ctx, "eval"), lambda: sample_groups(ctx, "eval")),
     ]
@@ -224,18 +249,111 @@ def check_splits(ctx: PipelineContext) -> None:
         )
 
 
+def vft_source(ctx: Context) -> str:
+    """What VFT trains on: "references" (the task's), or for a task without them (task.name='jsonl' with
+    task.fields.rationale empty) `task.without_rationale`: "sampled" (the starting model's own chains that
+    the answer checker accepts) or "skip" (no VFT: the starting model is the VFT model)."""
+    return "references" if ctx.task.has_references else ctx.config.task.without_rationale
+
+
+def vft_data(ctx: PipelineContext) -> str:
+    """What the run's VFT model was trained on, in words (the manifest and the report)."""
+    return {
+        "references": f"the reference chains of thought of task {ctx.task.name}",
+        "sampled": f"{ctx.references_file}: the starting model's sampled chains accepted by the checker "
+        "(task.without_rationale=sampled)",
+        "skip": "nothing: the starting model is the VFT model (task.without_rationale=skip)",
+    }[vft_source(ctx)]
+
+
+REFERENCES = "vft_references.jsonl"  # in a groups folder: VFT pairs sampled from the starting model
+
+
+class Unscored:
+    """The `Scorer` interface without scores: the chains sampled for VFT references are never compared by
+    their log-probs, so they are not scored (and no scoring program is compiled for the starting model)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def score(self, groups):
+        return groups
+
+
+def sample_references(ctx: Context, groups_root: Path, sampler=None) -> Path:
+    """task.without_rationale = "sampled" (STaR-style VFT data): `sample.k` chains of thought per training
+    question from the starting model, with the run's sampler and `sample` settings, labelled by the task's
+    answer checker, into `groups_root/vft/`; then `groups_root/vft_references.jsonl`, a VFT pairs file of
+    each question's first accepted chain (questions with none are dropped, and counted in
+    `vft_references.json`). Returns the pairs file; skips what is there already. `sampler` (default: the
+    starting model's `JaxSampler`) draws the chains."""
+    import json
+
+    from aft_jax.data.groups import read_groups
+    from aft_jax.errors import SettingError
+    from aft_jax.stages.sample import accepted_references, sample_candidates
+
+    c, out = ctx.config, groups_root / REFERENCES
+    if out.exists():
+        return out
+    if sampler is None:
+        sampler, _ = sampler_and_scorer(ctx.model(mesh=ctx.sampling_mesh), ctx.tokenizer, c, c.sample.batch_size)
+    examples = Context.examples(ctx, c.task.train_split)
+    folder = sample_candidates(
+        sampler, Unscored(ctx.tokenizer), ctx.task, examples, groups_root / "vft", settings=c.sample,
+        template=c.task.template, seed=c.seed,
+    )  # fmt: skip
+    kept, dropped = accepted_references(read_groups(folder))
+    counts = {
+        "questions": len(examples),
+        "accepted": len(kept),
+        "dropped": len(dropped),
+        "samples_per_question": c.sample.k,
+    }
+    log(
+        f"VFT references: {len(kept)} of {len(examples)} training questions have a sampled chain (of "
+        f"sample.k={c.sample.k}) accepted by task.checker={c.task.checker!r}; {len(dropped)} without one are dropped"
+    )
+    if not kept:
+        raise SettingError(
+            f"task.without_rationale='sampled': none of the starting model's {c.sample.k} samples per question was "
+            f"accepted by task.checker={c.task.checker!r} on any of the {len(examples)} training questions, so VFT has "
+            "nothing to train on; set task.fields.rationale, task.without_rationale=skip, or a stronger model.path"
+        )
+    if sharding.is_main_process():
+        pairs = "".join(
+            json.dumps({"id": g.id, "prompt": g.prompt, "answer": g.answer, "target": g.candidates[0].text}) + "\n"
+            for g in kept
+        )
+        write_atomically(groups_root / "vft_references.json", json.dumps(counts | {"dropped_ids": dropped}) + "\n")
+        write_atomically(out, pairs)  # written last: marks the references complete
+    sharding.sync("vft references")
+    return out
+
+
+def sample_vft(ctx: PipelineContext) -> None:
+    sample_references(ctx, ctx.run_dir / "groups")
+
+
 def train_vft(ctx: PipelineContext) -> None:
-    """Step 1: VFT of the starting model on the task's training split, `pipeline.vft_epochs` epochs."""
-    from aft_jax.stages.train import TrainSettings, run_training
+    """Step 1: VFT of the starting model on the task's training split, `pipeline.vft_epochs` epochs; for a
+    task without references, on the sampled ones (`sample_references`), or none: with
+    task.without_rationale = "skip" the starting model is exported untrained as the VFT model."""
+    from aft_jax.stages.train import TrainSettings, export_final, run_training
 
     c = ctx.config
+    log(f"vft: trains on {vft_data(ctx)}")
+    if vft_source(ctx) == "skip":
+        export_final(ctx.model(), ctx.tokenizer, ctx.run_dir / "vft", base_name=base_model_name(c.model))
+        return
     settings = TrainSettings.of(c)
     settings = dataclasses.replace(
         settings,
         loss=dataclasses.replace(c.loss, method="vft"),
         train=dataclasses.replace(c.train, num_epochs=c.pipeline.vft_epochs),
     )
-    batcher = ctx.batcher("", "vft")
+    references = str(ctx.references_file) if vft_source(ctx) == "sampled" else ""
+    batcher = ctx.batcher(references, "vft")
     run_training(
         ctx.model(),
         ctx.tokenizer,
@@ -391,9 +509,11 @@ def report(ctx: PipelineContext, models: list[str], runs: list[AlignmentRun]) ->
 
     results = {name: json.loads(ctx.eval_file(name).read_text()) for name in models}
     if sharding.is_main_process():
-        extra = "Training groups (shares of groups; sampling accuracy of the sampled candidates):\n\n"
+        extra = f"VFT trained on {vft_data(ctx)}.\n\n"
+        extra += "Training groups (shares of groups; sampling accuracy of the sampled candidates):\n\n"
         curves = {name: read_metrics(ctx.run_dir / name) for name in models}
         path = write_report(ctx.run_dir, results, curves, extra + groups_table(ctx, runs))
+        log_report(WandbSettings.of(ctx.config), ctx.run_dir, results)
         print("\n" + comparison_table(results) + "\n")
         print(f"report: {path}\nplots:  {ctx.run_dir / 'plots'}\nmetrics: {ctx.run_dir / 'metrics.json'}")
         print(f"on {sharding.describe(ctx.mesh)}")

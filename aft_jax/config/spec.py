@@ -76,10 +76,28 @@ class ModelSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class TaskFilesSection:
+    """`task.files`: the files of task.name='jsonl', one per split (.jsonl, .json, .csv or .parquet)."""
+
+    train: str = ""
+    test: str = ""
+    validation: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskFieldsSection:
+    """`task.fields`: the record keys of task.name='jsonl'."""
+
+    question: str = "question"
+    answer: str = "answer"  # the gold answer, as task.checker reads it
+    rationale: str = ""  # a reference chain of thought ending with the answer; empty: none (task.without_rationale)
+
+
+@dataclasses.dataclass(frozen=True)
 class TaskSection:
     """`task`: the benchmark, its prompt template and splits."""
 
-    name: str = "gsm8k"  # gsm8k | gsm8k_rank | aqua_rat | ecqa | synthetic
+    name: str = "gsm8k"  # gsm8k | gsm8k_rank | aqua_rat | ecqa | synthetic | mix | jsonl (your own files)
     data_dir: str = ""  # the benchmark data folder; empty: $AFT_DATA_DIR
     template: str = "alpaca"  # alpaca | plain | chat
     train_split: str = "train"
@@ -89,6 +107,11 @@ class TaskSection:
     synthetic_train: int = 2000  # sizes of the generated synthetic splits
     synthetic_validation: int = 500
     synthetic_test: int = 200
+    files: TaskFilesSection = dataclasses.field(default_factory=TaskFilesSection)
+    fields: TaskFieldsSection = dataclasses.field(default_factory=TaskFieldsSection)
+    checker: str = ""  # empty: the task's own | number | choice | exact | math_verify (aft_jax.data.tasks.checkers)
+    checker_timeout: float = 5.0  # seconds per math_verify check; a check past it counts as wrong
+    without_rationale: str = "sampled"  # no task.fields.rationale: VFT on the starting model's accepted samples | skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,6 +232,19 @@ class CheckpointSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class LogSection:
+    """`log`: Weights & Biases, besides metrics.jsonl and TensorBoard (`aft_jax.io.wandb_log`)."""
+
+    wandb: bool = False  # send metrics, evaluations, the claims table and plots to W&B (pip install 'aft_jax[wandb]')
+    wandb_project: str = "aft-jax"
+    wandb_entity: str = ""  # empty: the API key's default entity
+    wandb_run_name: str = ""  # empty: the run directory's name; a pipeline's runs add /vft, /aft_bc, ...
+    wandb_group: str = ""  # empty: the run name (a study's seeds: the study's)
+    wandb_tags: str = ""  # comma-separated
+    wandb_mode: str = ""  # online | offline | "": online, or offline without an API key or network (WANDB_MODE wins)
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """The checked run configuration: `config.loss.method`, ...; `replace(loss={...})` for a copy."""
 
@@ -225,6 +261,7 @@ class RunConfig:
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+    log: LogSection = dataclasses.field(default_factory=LogSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -254,6 +291,7 @@ CHOICES = {
     "model.lora.quantize": QUANTIZATIONS,
     "task.name": tuple(TASKS),
     "task.template": TEMPLATES,
+    "task.without_rationale": ("sampled", "skip"),
     "data.truncation": TRUNCATION,
     "data.layout": LAYOUTS,
     "loss.method": tuple(METHODS),
@@ -261,6 +299,7 @@ CHOICES = {
     "loss.vft_targets": ("reference", "positives"),
     "pipeline.init_from": ("base", "vft"),
     "pipeline.round_init": ("previous", "start"),
+    "log.wandb_mode": ("", "online", "offline"),
 }
 POSITIVE = (
     "data.max_length data.group_size data.pad_multiple train.batch_size train.grad_accum train.log_every "
@@ -345,11 +384,50 @@ def _get(config: RunConfig, dotted: str) -> Any:
     return value
 
 
+def check_task(t: TaskSection) -> None:
+    """The task's rules: its checker, and the files and fields of task.name='jsonl' (read only by it)."""
+    from aft_jax.data.tasks.checkers import CHECKERS, math_verify_missing
+    from aft_jax.data.tasks.jsonl import file_format_error
+
+    if t.checker not in ("", *CHECKERS):
+        raise RunConfigError(
+            f"task.checker={t.checker!r}: expected one of {', '.join(CHECKERS)}, or empty for the task's own"
+        )
+    if t.checker == "math_verify" and math_verify_missing():
+        raise RunConfigError("task.checker='math_verify' needs the math-verify package: pip install 'aft_jax[verify]'")
+    if t.checker_timeout <= 0:
+        raise RunConfigError(f"task.checker_timeout={t.checker_timeout!r}: expected a positive number of seconds")
+    if t.name != "jsonl":
+        for section, default in (("files", TaskFilesSection()), ("fields", TaskFieldsSection())):
+            for key, value in dataclasses.asdict(getattr(t, section)).items():
+                if value != getattr(default, key):
+                    raise RunConfigError(
+                        f"task.{section}.{key}={value!r} is read only by task.name='jsonl' (task.name={t.name!r})"
+                    )
+        return
+    if not t.files.train:
+        raise RunConfigError(
+            "task.files.train is empty: task.name='jsonl' reads its training questions from that file (.jsonl, .json, "
+            ".csv or .parquet)"
+        )
+    for split, path in dataclasses.asdict(t.files).items():
+        if path and (message := file_format_error(split, path)):
+            raise RunConfigError(message)
+    for key in ("question", "answer"):
+        if not getattr(t.fields, key):
+            raise RunConfigError(f"task.fields.{key} is empty: expected the record key of the {key}")
+    if not t.checker:
+        raise RunConfigError(
+            f"task.checker is empty: task.name='jsonl' has no checker of its own; expected one of {', '.join(CHECKERS)}"
+        )
+
+
 def check(config: RunConfig) -> None:
     """Every enum-like key against its choices, every range and every cross-field rule."""
     for dotted, choices in CHOICES.items():
         if _get(config, dotted) not in choices:
             raise RunConfigError(f"{dotted}={_get(config, dotted)!r}: expected one of {', '.join(choices)}")
+    check_task(config.task)
     for dotted in POSITIVE:
         if _get(config, dotted) <= 0:
             raise RunConfigError(f"{dotted}={_get(config, dotted)!r}: expected a positive number")
@@ -417,6 +495,11 @@ def check(config: RunConfig) -> None:
             f"pipeline.rounds={config.pipeline.rounds}: rounds repeat the alignment runs; set pipeline.methods"
         )
     trains_groups = get_method(config.loss.method).needs_groups or bool(methods)
+    for tag in config.log.wandb_tags.split(",") if config.log.wandb_tags else ():
+        if not 0 < len(tag.strip()) <= 64:
+            raise RunConfigError(
+                f"log.wandb_tags={config.log.wandb_tags!r}: expected comma-separated tags of 1 to 64 characters"
+            )
     if trains_groups and config.data.group_size < 2:
         raise RunConfigError(
             f"data.group_size={config.data.group_size}: alignment methods compare candidates; expected >= 2"

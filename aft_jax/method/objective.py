@@ -43,8 +43,21 @@ def alignment_terms(scores_bk, sum_logp_bk, batch, loss_cfg):
     align = get_method(loss_cfg.method).align
     if align is None:
         return jnp.zeros(scores_bk.shape[:1], jnp.float32)
-    levels_bk = batch["levels"] if loss_cfg.use_levels else batch["is_pos"].astype(jnp.int32)
-    return align(scores_bk, sum_logp_bk, levels_bk, batch, loss_cfg)
+    return align(scores_bk, sum_logp_bk, rank_levels(batch, loss_cfg), batch, loss_cfg)
+
+
+def rank_levels(batch, loss_cfg):
+    """What the alignment loss ranks candidates by `[B, K]`: their `levels` (`loss.use_levels`), else their
+    labels (1 positive, 0 negative)."""
+    return batch["levels"] if loss_cfg.use_levels else batch["is_pos"].astype(jnp.int32)
+
+
+def groups_without_signal(levels_bk, valid_bk):
+    """`[B]`: real groups (a valid candidate) whose valid candidates all share one level: no pair to rank
+    (GRPO's zero-reward-std groups)."""
+    top = jnp.max(jnp.where(valid_bk, levels_bk, jnp.iinfo(jnp.int32).min), axis=-1)
+    bottom = jnp.min(jnp.where(valid_bk, levels_bk, jnp.iinfo(jnp.int32).max), axis=-1)
+    return jnp.any(valid_bk, axis=-1) & (top == bottom)
 
 
 def objective(model, batch, norm, loss_cfg):
@@ -70,6 +83,8 @@ def objective(model, batch, norm, loss_cfg):
         "pairs_total": jnp.sum(pairs_b),
         "macro_sum": jnp.sum(jnp.where(pairs_b > 0, right_b / jnp.maximum(pairs_b, 1), 0.0)),
         "macro_groups": jnp.sum(pairs_b > 0),
+        "no_signal_groups": jnp.sum(groups_without_signal(rank_levels(batch, loss_cfg), batch["valid"])),
+        "real_groups": jnp.sum(jnp.any(batch["valid"], axis=-1)),
     }
     return loss, sums
 
@@ -87,4 +102,5 @@ def finalize_metrics(sums) -> dict:
         "margin": pos - neg,
         "assess_macro": sums["macro_sum"] / sums["macro_groups"],
         "assess_micro": sums["pairs_right"] / sums["pairs_total"],
+        "groups_without_signal": sums["no_signal_groups"] / sums["real_groups"],
     }

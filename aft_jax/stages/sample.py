@@ -34,10 +34,15 @@ def normalise(text: str) -> str:
 
 
 def label_group(task: Task, example: Example, prompt: str, samples: list[str]) -> tuple[Group, int]:
-    """The reference first (a positive), then each distinct sample labelled; returns the group and the
-    number of samples dropped as duplicates (of the reference or of each other)."""
-    seen = {normalise(example.target)}
-    candidates = [Candidate(example.target, correct=True, level=task.level(example.target, example), reference=True)]
+    """The reference first (a positive; none when the example has no reference, `target` ""), then each
+    distinct sample labelled; returns the group and the number of samples dropped as duplicates (of the
+    reference or of each other)."""
+    seen, candidates = set(), []
+    if example.target:
+        seen.add(normalise(example.target))
+        candidates.append(
+            Candidate(example.target, correct=True, level=task.level(example.target, example), reference=True)
+        )
     duplicates = 0
     for text in samples:
         key = normalise(text)
@@ -49,6 +54,21 @@ def label_group(task: Task, example: Example, prompt: str, samples: list[str]) -
             Candidate(text, correct=task.is_correct(text, example.answer), level=task.level(text, example))
         )
     return Group(example.id, prompt, example.answer, tuple(candidates)), duplicates
+
+
+def accepted_references(groups: list[Group]) -> tuple[list[Group], list[str]]:
+    """STaR-style VFT data for a task without references: for each group, its first sampled candidate that
+    the answer checker accepted, as the group's one (reference) candidate; and the ids of the groups with
+    none, which are dropped."""
+    kept, dropped = [], []
+    for group in groups:
+        accepted = next((c for c in group.candidates if c.correct and not c.reference), None)
+        if accepted is None:
+            dropped.append(group.id)
+            continue
+        reference = Candidate(accepted.text, correct=True, level=accepted.level, reference=True)
+        kept.append(Group(group.id, group.prompt, group.answer, (reference,)))
+    return kept, dropped
 
 
 def group_statistics(groups: list[Group], duplicates: int, samples: int) -> dict:

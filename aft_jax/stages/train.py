@@ -22,6 +22,7 @@ from aft_jax.data.batches import GroupBatcher, GroupEncoder
 from aft_jax.data.groups import Candidate, DataError, Group
 from aft_jax.data.tasks import Example, Task
 from aft_jax.io.paths import Path
+from aft_jax.io.wandb_log import WandbSettings
 from aft_jax.method.registry import get_method
 from aft_jax.parallel import sharding
 from aft_jax.stages.program import TrainProgram, TrainState, build_train_program, check_batch
@@ -35,18 +36,19 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
     """What one training run needs of the run config: the `loss`, `optim`, `train` and `checkpoint`
-    sections, and the seed of its state's random key."""
+    sections, the seed of its state's random key, and where its metrics also go (W&B, `log.wandb`)."""
 
     loss: LossSection
     optim: OptimSection
     train: TrainSection
     checkpoint: CheckpointSection
     seed: int = 0
+    wandb: WandbSettings | None = None
 
     @classmethod
     def of(cls, config) -> TrainSettings:
         """The settings of a run config (`aft_jax.config.spec.RunConfig`)."""
-        return cls(config.loss, config.optim, config.train, config.checkpoint, config.seed)
+        return cls(config.loss, config.optim, config.train, config.checkpoint, config.seed, WandbSettings.of(config))
 
     def total_steps(self, batcher: GroupBatcher) -> int:
         """`train.max_steps` when positive, else `train.num_epochs` epochs of `batcher`."""
@@ -112,9 +114,11 @@ def run_training(
 
     run_dir = Path(run_dir)
     main = sharding.is_main_process()
+    settings_dict = dataclasses.asdict(dataclasses.replace(settings, wandb=None))
+    del settings_dict["wandb"]
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "settings.json").write_text(json.dumps(dataclasses.asdict(settings), indent=2) + "\n")
+        (run_dir / "settings.json").write_text(json.dumps(settings_dict, indent=2) + "\n")
     model_config = model.config
     program, state, frozen, total_steps = prepare_training(model, batcher, settings, mesh=mesh)
     del model
@@ -129,7 +133,10 @@ def run_training(
         batcher.restore(data_state)
         log.info("resumed from step %d", start)
     t = settings.train
-    writer = MetricsWriter(run_dir, resume_step=start, tensorboard=t.tensorboard, enabled=main)
+    writer = MetricsWriter(
+        run_dir, resume_step=start, tensorboard=t.tensorboard, enabled=main, wandb=settings.wandb,
+        wandb_config=settings_dict,
+    )  # fmt: skip
     devices = mesh.devices.size
     bar = tqdm(
         total=total_steps,

@@ -28,6 +28,7 @@ import numpy as np
 from aft_jax.config.spec import RunConfig
 from aft_jax.errors import UserError
 from aft_jax.io.paths import Path, write_atomically
+from aft_jax.io.wandb_log import WandbSettings, log_study
 from aft_jax.method.registry import AlignmentRun, alignment_run
 from aft_jax.parallel import sharding
 from aft_jax.pipeline import GROUP_STATISTICS, align_lr, alignment_runs, log, pipeline_models, round_name, run_pipeline
@@ -85,10 +86,15 @@ def study_plan(config: RunConfig) -> tuple[list[int], list[AlignmentRun], dict[s
 def run_study(config: RunConfig) -> dict:
     seeds, runs, sweeps = study_plan(config)
     run_dir = Path(config.run_dir)
+    wandb = WandbSettings.of(config)
     results = {}
     for i, seed in enumerate(seeds):
         log(f"study: seed {seed} ({i + 1} of {len(seeds)})")
         seed_config = config.replace(seed=seed, run_dir=str(run_dir / f"seed-{seed}"))
+        if wandb is not None:  # W&B runs <study>/seed-<n>/..., in the study's group
+            seed_config = seed_config.replace(
+                log={"wandb_run_name": f"{wandb.name}/seed-{seed}", "wandb_group": wandb.group}
+            )
         results[seed] = run_pipeline(seed_config, runs)  # every model's evaluation, as in <seed dir>/eval/
     rounds = config.pipeline.rounds
     models = pipeline_models(runs, rounds)
@@ -97,7 +103,7 @@ def run_study(config: RunConfig) -> dict:
     study = aggregate(results, models, sweeps, by_round, groups)
     study["protocol"] = protocol(config, seeds, results[seeds[0]]["vft"]["questions"])
     if sharding.is_main_process():
-        write_study(run_dir, results, study)
+        write_study(run_dir, results, study, wandb)
     return study
 
 
@@ -126,9 +132,11 @@ def restudy(run_dir: str | Path) -> dict:
     return study
 
 
-def write_study(run_dir: Path, results: dict[int, dict[str, dict]], study: dict) -> None:
+def write_study(
+    run_dir: Path, results: dict[int, dict[str, dict]], study: dict, wandb: WandbSettings | None = None
+) -> None:
     """study.json, plots/ and study.md in `run_dir` (run time from each seed's manifest.json), and the
-    claims table on stdout."""
+    claims table on stdout; with `wandb`, the claims table and the plots to the study's W&B run."""
     from aft_jax.study.report import claims_table, plot_study, study_markdown
 
     seeds = study["seeds"]
@@ -141,6 +149,7 @@ def write_study(run_dir: Path, results: dict[int, dict[str, dict]], study: dict)
         + claims_table(study)
         + f"\n\nstudy: {run_dir / 'study.md'} ({len(seeds)} seeds, {len(study['models'])} models)"
     )
+    log_study(wandb, run_dir, study)
 
 
 def _read(path: Path) -> dict:

@@ -5,6 +5,7 @@ Answer checking parses text only; it never evaluates model output as code.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -71,6 +72,8 @@ class Task:
     name = ""
     splits: dict[str, str] = {}
     hub_name = ""  # Hugging Face dataset for users with network access
+    has_references = True  # every example's `target` is a reference chain of thought (else it is "")
+    checker = None  # a `checkers.Checker` that replaces the task's own answer checks (`with_checker`)
 
     def load(
         self,
@@ -146,6 +149,18 @@ class Task:
     def is_correct(self, text: str, gold: str) -> bool:
         predicted = self.extract_answer(text)
         return predicted is not None and self.answers_match(predicted, gold)
+
+    def with_checker(self, checker) -> Task:
+        """A copy of this task whose answers are extracted and checked by `checker` (`task.checker`): its
+        `extract_answer`, `answers_match`, `is_correct` and `extract_for` are the checker's, so the levels
+        of ranking feedback (`level`, `graded_level`) use it too."""
+        task = copy.copy(self)
+        task.checker = checker
+        task.extract_answer = checker.extract
+        task.answers_match = checker.match
+        task.is_correct = checker.is_correct
+        task.extract_for = lambda text, example: checker.extract(text)
+        return task
 
     def level(self, text: str, example: Example) -> int:
         """Quality level for ranking feedback: 1 if correct, else 0 (GSM8K-RANK refines this)."""
