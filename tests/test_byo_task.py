@@ -147,16 +147,18 @@ def test_a_built_in_task_takes_another_checker():
 # ---- the JSONL task -----------------------------------------------------------------------------------------
 
 
-def _write_synthetic_jsonl(folder: Path, rationale: bool = True) -> dict[str, Path]:
+def _write_synthetic_jsonl(folder: Path, rationale: bool = True, latex_gold: bool = False) -> dict[str, Path]:
     """The tiny preset's synthetic questions (its 32 training and 16 test questions) as JSONL files with the
-    keys problem / gold / solution: the same text, so the tokenizer the run trains is the preset's."""
+    keys problem / gold / solution: the same text, so the tokenizer the run trains is the preset's. With
+    `latex_gold` the gold answer n is written MATH-style, `\\frac{2n}{2}`."""
     synthetic = get_task("synthetic", num_train=2000, num_validation=500, num_test=16, seed=0)
     files = {}
     for split, count in (("train", 32), ("test", 16)):
         files[split] = folder / f"{split}.jsonl"
         with files[split].open("w") as f:
             for e in synthetic.load(split, limit=count):
-                record = {"problem": e.question, "gold": int(e.answer)}
+                gold = f"\\frac{{{2 * int(e.answer)}}}{{2}}" if latex_gold else int(e.answer)
+                record = {"problem": e.question, "gold": gold}
                 f.write(json.dumps(record | ({"solution": e.target} if rationale else {})) + "\n")
     return files
 
@@ -363,7 +365,11 @@ def _env():
 
 
 def test_a_jsonl_task_runs_through_the_pipeline(tmp_path):
-    files = _write_synthetic_jsonl(tmp_path)
+    """A MATH-style JSONL task (LaTeX gold answers) through the pipeline with the math_verify checker: every
+    sampled candidate's label is math-verify's own verdict on it."""
+    from math_verify import parse, verify
+
+    files = _write_synthetic_jsonl(tmp_path, latex_gold=True)
     run_dir = tmp_path / "run"
     overrides = [
         "task.name=jsonl",
@@ -371,7 +377,7 @@ def test_a_jsonl_task_runs_through_the_pipeline(tmp_path):
         f"task.files.test={files['test']}",
         *KEYS,
         "task.fields.rationale=solution",
-        "task.checker=number",
+        "task.checker=math_verify",
         "pipeline.methods=",  # an alignment run reads the groups, not the task: its stage is tested elsewhere
     ]
     result = subprocess.run(tiny_cli("pipeline", run_dir, *overrides), capture_output=True, text=True, env=_env())
@@ -384,4 +390,9 @@ def test_a_jsonl_task_runs_through_the_pipeline(tmp_path):
     assert {name: row["questions"] for name, row in metrics.items()} == {"vft": 16}
     groups = [json.loads(line) for f in sorted((run_dir / "groups" / "train").glob("*.jsonl")) for line in open(f)]
     assert len(groups) == 32 and all(g["candidates"][0]["reference"] and g["candidates"][0]["correct"] for g in groups)
+    for g in groups:
+        for c in g["candidates"][1:]:
+            assert c["correct"] == bool(
+                verify(parse(f"\\boxed{{{g['answer']}}}"), parse(c["text"].replace("**", "")))
+            ), c
     assert "VFT trained on the reference chains of thought of task jsonl." in (run_dir / "report.md").read_text()
