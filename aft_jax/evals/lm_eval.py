@@ -1,10 +1,10 @@
 """aft_jax as a model of lm-eval (EleutherAI's lm-evaluation-harness 0.4), named `aft_jax`.
 
 lm-eval 0.4.13 resolves `--model NAME` in its own registry and scans no entry points, so the plain
-`lm_eval` command cannot find a model defined outside it. This module's command registers `aft_jax`
-and hands every argument to lm-eval's command line unchanged:
+`lm_eval` command cannot find a model defined outside it. This module's command (also `aft-jax lm-eval`)
+registers `aft_jax` and hands every argument to lm-eval's command line unchanged:
 
-    python -m aft_jax.evals.lm_eval --model aft_jax --model_args path=runs/demo/vft/model,mesh=fsdp \\
+    aft-jax lm-eval --model aft_jax --model_args path=runs/demo/vft/model,mesh=fsdp \\
         --tasks gsm8k --batch_size 32
 
 In Python: `register()`, then `lm_eval.simple_evaluate(model="aft_jax", model_args={...}, ...)` (or pass an
