@@ -1,6 +1,7 @@
 """The packed group layout against the padded one: scores, every loss and the objective's gradients on real
 GSM8K prompts (ragged K, a group that fills a row exactly, one split over rows), sharded and with
-micro-batches; and the mask: no candidate sees another."""
+micro-batches, with attention by XLA under the packed mask and by the block-sparse Pallas kernel (interpret
+mode); and the mask: no candidate sees another."""
 
 import dataclasses
 
@@ -37,6 +38,12 @@ VOCAB = 509  # token ids are taken modulo this: real lengths and layout, a cheap
 @pytest.fixture(scope="module")
 def model():
     return tiny_model(seed=3, vocab=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def kernel_model():
+    """`model`'s weights with packed rows' attention by the block-sparse Pallas kernel, in 64-token tiles."""
+    return tiny_model(seed=3, vocab=VOCAB, attention="pallas", attention_block=64)
 
 
 @pytest.fixture(scope="module")
@@ -92,21 +99,26 @@ def test_rows_hold_an_exact_fill_and_a_split_group(encoded):
     assert (packed["completion_tokens"] > 0).sum() == sum(len(g.tokens) for g in encoded)
 
 
-def test_packed_scores_equal_padded(model, encoded):
-    padded, packed = layouts(encoded, exact_fill(encoded))
+@pytest.mark.parametrize("attention,rows", [("xla", 1), ("pallas", 2)])
+def test_packed_scores_equal_padded(model, kernel_model, encoded, attention, rows):
+    """`rows` exact fills per row: one group's piece, or several groups (the kernel at one fill: below)."""
+    padded, packed = layouts(encoded, rows * exact_fill(encoded))
     want = candidate_logp_sums(model, padded, chunk_size=64)
-    got = candidate_logp_sums(model, packed, chunk_size=64)
+    got = candidate_logp_sums(kernel_model if attention == "pallas" else model, packed, chunk_size=64)
     assert np.all(np.asarray(want)[padded["valid"]] < 0)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_packed_scores_equal_padded_with_a_sliding_window(encoded):
+@pytest.mark.parametrize("attention", ["xla", "pallas"])
+def test_packed_scores_equal_padded_with_a_sliding_window(encoded, attention):
     """A window of 48 positions (prompts are about 100 tokens) on one layer of a model with q/k/v biases and
     q/k norms: in packed rows the window counts positions in each candidate's own sequence."""
-    model = tiny_model(seed=3, vocab=VOCAB, qkv_bias=True, qk_norm=True, sliding_window=48, sliding_layers=(0,))
+    options = dict(qkv_bias=True, qk_norm=True, sliding_window=48, sliding_layers=(0,))
+    model = tiny_model(seed=3, vocab=VOCAB, **options)
+    packed_model = tiny_model(seed=3, vocab=VOCAB, **options, attention=attention, attention_block=32)
     padded, packed = layouts(encoded, exact_fill(encoded))
     want = candidate_logp_sums(model, padded, chunk_size=64)
-    np.testing.assert_allclose(candidate_logp_sums(model, packed, chunk_size=64), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(candidate_logp_sums(packed_model, packed, chunk_size=64), want, rtol=1e-5, atol=1e-5)
     causal = tiny_model(seed=3, vocab=VOCAB, qkv_bias=True, qk_norm=True)
     assert np.abs(np.asarray(candidate_logp_sums(causal, padded, chunk_size=64)) - np.asarray(want)).max() > 1e-2
 
@@ -115,13 +127,15 @@ METHODS = [("vft", "none"), ("rft", "none"), ("aft", "boundary"), ("aft", "detac
 METHODS += [("rrhf", "none"), ("pro", "none"), ("dpo", "boundary")]
 
 
-def test_every_loss_equals_padded(model, encoded):
+@pytest.mark.parametrize("attention", ["xla", "pallas"])
+def test_every_loss_equals_padded(model, kernel_model, encoded, attention):
     """Each method's VFT and alignment terms from the packed layout's scores against the padded layout's."""
     padded, packed = layouts(encoded, exact_fill(encoded))
     sums = {
-        name: candidate_logp_sums(model, batch, chunk_size=64)
-        for name, batch in (("padded", padded), ("packed", packed))
+        "padded": candidate_logp_sums(model, padded, chunk_size=64),
+        "packed": candidate_logp_sums(kernel_model if attention == "pallas" else model, packed, chunk_size=64),
     }
+    np.testing.assert_allclose(sums["packed"], sums["padded"], rtol=1e-5, atol=1e-5)
     for method, constraint in METHODS:
         cfg = loss_config(method=method, constraint=constraint)
         terms = {}
@@ -142,12 +156,14 @@ def _loss_and_grads(model, batch, cfg):
     return jax.jit(jax.value_and_grad(loss, has_aux=True))(params, batch)
 
 
-@pytest.mark.parametrize("method,constraint", [("aft", "boundary"), ("dpo", "detach")])
-def test_the_objective_and_its_gradients_equal_padded(model, encoded, method, constraint):
+@pytest.mark.parametrize(
+    "method,constraint,attention", [("aft", "boundary", "xla"), ("dpo", "detach", "xla"), ("aft", "boundary", "pallas")]
+)
+def test_the_objective_and_its_gradients_equal_padded(model, kernel_model, encoded, method, constraint, attention):
     cfg = loss_config(method=method, constraint=constraint, logit_chunk=64)
     padded, packed = layouts(encoded, exact_fill(encoded))
     (want, want_sums), want_grads = _loss_and_grads(model, padded, cfg)
-    (got, got_sums), got_grads = _loss_and_grads(model, packed, cfg)
+    (got, got_sums), got_grads = _loss_and_grads(kernel_model if attention == "pallas" else model, packed, cfg)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     for key in want_sums:
         np.testing.assert_allclose(got_sums[key], want_sums[key], rtol=1e-5, atol=1e-5, err_msg=key)

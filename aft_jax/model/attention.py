@@ -14,14 +14,17 @@
   NVIDIA GPUs in bfloat16 or float16, with the mask passed as a dense `[B, 1, T, S]` mask (cuDNN adds it as
   a bias: no segment or causal shortcut expresses a prompt shared by several branches). Checked on an H200
   against `xla` for packed and padded candidate groups (`benchmarks/gpu_scale.py`);
-- `auto` (the default): `cudnn` where it applies (a GPU backend, a bfloat16 or float16 compute dtype, a
-  head size that is a multiple of 8 up to 128), else `xla`.
-
-TPU splash attention is not wired: it has not been checked here.
+- `pallas`: for packed rows, the block-sparse Pallas kernel of `aft_jax.model.packed_attention`, which takes
+  the rows' segment, branch and position ids instead of a mask and computes only the tiles the packed mask
+  lets through (compiled on TPU; run in Pallas interpret mode elsewhere, for tests, not speed); padded rows
+  use `xla`;
+- `auto` (the default): `pallas` for packed rows on TPU; `cudnn` where it applies (a GPU backend, a bfloat16
+  or float16 compute dtype, a head size that is a multiple of 8 up to 128); else `xla`.
 
 A decoder layer (`aft_jax.model.layers.Block`) takes its keys and values from a *source* (`KVSource`): called
 with the layer's queries and this call's keys/values, it returns the attention output and what the caller
-keeps. `OwnTokens` (the training forward, the prefill) attends to this call's tokens by `attend`;
+keeps. `OwnTokens` (the training forward, the prefill) attends to this call's tokens by `attend`, or by the packed
+kernel when it carries a `PackedPlan`;
 `SharedPrompt` (the sampler's decoding, `aft_jax.sampling.decode`) to a prompt cache read by several rows
 and each row's own cache, by `shared_prompt_attention`.
 """
@@ -33,8 +36,10 @@ from typing import Any, NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 
-MASKED = float(jnp.finfo(jnp.float32).min)  # the logit of a masked-out key
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+from aft_jax.model.packed_attention import PackedPlan, packed_attention
+from aft_jax.model.packed_blocks import MASKED
+
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 CUDNN_DTYPES = ("bfloat16", "float16")  # the compute dtypes cuDNN's fused attention takes
 
 
@@ -89,8 +94,11 @@ def attend(q_bthk, k_bsgk, v_bsgk, mask_bts, impl: str = "auto"):
     return grouped_attention(q_bthk, [(k_bsgk, v_bsgk, mask_bts)])
 
 
-def resolve_impl(impl: str, dtype, head_dim: int) -> str:
-    """`xla` or `cudnn`: `impl` itself, or for `auto` what applies on this backend, dtype and head size."""
+def resolve_impl(impl: str, dtype, head_dim: int, packed: bool = False) -> str:
+    """`xla`, `cudnn` or `pallas` (packed rows only): `impl` itself, or for `auto` what applies on this
+    backend, layout, dtype and head size."""
+    if impl == "pallas" or (impl == "auto" and packed and jax.default_backend() == "tpu"):
+        return "pallas" if packed else "xla"
     if impl != "auto":
         return impl
     fits = jnp.dtype(dtype).name in CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 128
@@ -107,12 +115,16 @@ class KVSource(Protocol):
 
 class OwnTokens(NamedTuple):
     """The source of the training forward and the prefill: this call's own tokens under `mask_btt`
-    (`[B, T, T]`), by `attend` with `impl`; keeps this call's keys and values."""
+    (`[B, T, T]`), by `attend` with `impl`; or, given `plan`, packed rows by the block-sparse kernel
+    (`packed_attention`, no mask). Keeps this call's keys and values."""
 
-    mask_btt: jnp.ndarray
+    mask_btt: jnp.ndarray | None
     impl: str = "auto"
+    plan: PackedPlan | None = None
 
     def __call__(self, q_bthk, k_btgk, v_btgk):
+        if self.plan is not None:
+            return packed_attention(q_bthk, k_btgk, v_btgk, self.plan), (k_btgk, v_btgk)
         return attend(q_bthk, k_btgk, v_btgk, self.mask_btt, self.impl), (k_btgk, v_btgk)
 
 

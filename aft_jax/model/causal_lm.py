@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from aft_jax.model.attention import KVSource, OwnTokens, causal_mask, packed_mask, window_mask
+from aft_jax.model.attention import KVSource, OwnTokens, causal_mask, packed_mask, resolve_impl, window_mask
 from aft_jax.model.config import ModelConfig
 from aft_jax.model.layers import Block, RMSNorm, make_param
+from aft_jax.model.packed_attention import packed_plan
 from aft_jax.model.rope import inverse_frequencies, rope_tables
 from aft_jax.parallel import sharding
 
@@ -78,7 +79,8 @@ class CausalLM(nnx.Module):
     def packed_hidden_states(self, input_ids_rt, positions_rt, segment_ids_rt, branch_ids_rt):
         """Final-norm hidden states `[R, T, D]` of packed rows (`aft_jax.data.packing`) under `packed_mask`,
         each token at its position in its own unpacked sequence."""
-        return self._forward(input_ids_rt, packed_mask(segment_ids_rt, branch_ids_rt), positions_rt)[0]
+        mask_rtt = packed_mask(segment_ids_rt, branch_ids_rt)
+        return self._forward(input_ids_rt, mask_rtt, positions_rt, packed_ids=(segment_ids_rt, branch_ids_rt))[0]
 
     def prefill(self, input_ids_bt, attention_mask_bt):
         """Hidden states `[B, T, D]` of left-padded prompts (as `hidden_states`) and their keys and values."""
@@ -98,11 +100,18 @@ class CausalLM(nnx.Module):
             kept.append(layer_kept)
         return self.logits(self.final_norm(x_b1d)[:, 0]), kept
 
-    def _forward(self, input_ids_bt, mask_btt, positions_bt, keep_kv=False):
+    def _forward(self, input_ids_bt, mask_btt, positions_bt, keep_kv=False, packed_ids=None):
         """The scanned layers over `T` tokens at `positions_bt`, attending to each other under `mask_btt`
         (within the window in the config's sliding layers): final-norm hidden states and, with `keep_kv`,
-        the tokens' keys/values `[L, B, T, Hkv, Dh]` (else None)."""
+        the tokens' keys/values `[L, B, T, Hkv, Dh]` (else None). Packed rows also pass their
+        `(segment_ids, branch_ids)`, which the block-sparse kernel takes instead of `mask_btt`."""
         cfg = self.config
+        plans = None
+        if packed_ids is not None and resolve_impl(cfg.attention, cfg.dtype, cfg.head_dim, packed=True) == "pallas":
+            block = cfg.attention_block
+            full = packed_plan(*packed_ids, positions_bt, None, block, block)
+            plans = (packed_plan(*packed_ids, positions_bt, cfg.sliding_window, block, block), full)
+            plans = plans if cfg.sliding_layers else (full, full)
         cos_btd, sin_btd = rope_tables(positions_bt, inverse_frequencies(cfg))
         windowed_btt = mask_btt
         if cfg.sliding_layers:
@@ -117,9 +126,14 @@ class CausalLM(nnx.Module):
         def layer(x_btd, layer_inputs):
             layer_state, sliding = layer_inputs
             # every layer's mask (`mask_btt` without a window), or this layer's
-            layer_mask_btt = jnp.where(sliding, windowed_btt, mask_btt) if mixed else windowed_btt
             block = nnx.merge(block_def, layer_state)
-            x_btd, kv = block(x_btd, cos_btd, sin_btd, OwnTokens(layer_mask_btt, cfg.attention))
+            if plans is None:
+                layer_mask_btt = jnp.where(sliding, windowed_btt, mask_btt) if mixed else windowed_btt
+                source = OwnTokens(layer_mask_btt, cfg.attention)
+            else:  # the windowed plan or the full one, chosen as the masks are
+                plan = jax.tree.map(lambda w, f: jnp.where(sliding, w, f), *plans) if mixed else plans[0]
+                source = OwnTokens(None, cfg.attention, plan)
+            x_btd, kv = block(x_btd, cos_btd, sin_btd, source)
             x_btd = sharding.constrain(x_btd, ("activation_batch", "activation_length", "activation_embed"))
             return x_btd, (kv if keep_kv else None)
 

@@ -78,7 +78,8 @@ class ModelConfig:
       greater than p - sliding_window only (Mistral, Qwen when enabled); None is plain causal attention.
 
     `attention` is how the training forward and the prefill compute attention (`aft_jax.model.attention`:
-    `auto`, `xla` everywhere, or `cudnn` on NVIDIA GPUs in bfloat16 / float16).
+    `auto`, `xla` everywhere, `cudnn` on NVIDIA GPUs in bfloat16 / float16, or `pallas`, the block-sparse
+    kernel for packed rows, whose tiles are `attention_block` tokens square).
 
     `lora` adds low-rank adapters (`LoraConfig`), the only weights a LoRA run trains; None: no adapters.
 
@@ -105,6 +106,7 @@ class ModelConfig:
     dtype: str = "float32"
     remat_policy: str = "none"
     attention: str = "auto"
+    attention_block: int = 128
     initializer_range: float = 0.02
     family: str = "llama"
     qkv_bias: bool = False
@@ -122,6 +124,8 @@ class ModelConfig:
             raise ConfigError(f"attention={self.attention!r}; expected one of {ATTENTION_IMPLS}")
         if self.attention == "cudnn" and self.dtype not in CUDNN_DTYPES:
             raise ConfigError(f"attention='cudnn' needs a bfloat16 or float16 compute dtype, not dtype={self.dtype!r}")
+        if self.attention_block < 8 or self.attention_block % 8:
+            raise ConfigError(f"attention_block={self.attention_block}; expected a positive multiple of 8")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ConfigError(f"sliding_window={self.sliding_window}; expected a positive window or None")
         layers = list(self.sliding_layers)
