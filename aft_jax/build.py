@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import TYPE_CHECKING
 
 from aft_jax.data.tasks import Example, Task, get_task, make_checker
@@ -161,6 +162,12 @@ def _base_model(model_cfg: ModelSection, mesh, tokenizer, seed: int, path: str):
 
     if model_cfg.attention == "cudnn" and jax.default_backend() != "gpu":
         raise ConfigError(f"model.attention='cudnn' needs an NVIDIA GPU; JAX's backend is {jax.default_backend()!r}")
+    if model_cfg.attention == "pallas" and jax.default_backend() != "tpu":
+        logging.getLogger(__name__).warning(
+            "model.attention='pallas' on %r: the packed-attention kernel runs in Pallas interpret mode here "
+            "(correct, for tests; far slower than xla)",
+            jax.default_backend(),
+        )
     if path:
         model, _ = from_pretrained(
             resolve_model_path(path),

@@ -163,3 +163,29 @@ def test_forward_and_backward_lower_for_tpu(monkeypatch):
     args += [jax.ShapeDtypeStruct((b, t), jnp.int32)] * 3
     exported = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["tpu"])(*args)
     assert exported.mlir_module().count("tpu_custom_call") == 3
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 2, 1), (1, 2, 2)])
+def test_the_kernel_on_a_mesh_equals_one_device(mesh_shape):
+    """Under `use_mesh` the kernel runs per shard (`jax.shard_map`: rows over data x fsdp, heads over tensor
+    where it divides both head counts): value and gradients equal the one-device result."""
+    from aft_jax.model.attention import packed_attention_per_shard
+    from aft_jax.parallel import sharding
+
+    ids = {key: x[:4] for key, x in packed_rows().items()}  # rows that split over the mesh's data x fsdp
+    q, k, v = qkv(ids)
+    plan = plan_of(ids, 6)
+    w = jnp.asarray(np.random.default_rng(2).normal(size=q.shape), jnp.float32)
+
+    def value_and_grads(q, k, v, plan):
+        loss = lambda q, k, v: jnp.sum(packed_attention_per_shard(q, k, v, plan) * w)  # noqa: E731
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    want = jax.jit(value_and_grads)(q, k, v, plan)
+    mesh = sharding.make_mesh(mesh_shape, jax.devices()[: int(np.prod(mesh_shape))])
+    rows = lambda x: sharding.shard_rows(x, mesh)  # noqa: E731
+    with sharding.use_mesh(mesh):
+        assert sharding.active_spec(("activation_batch",), (4,))[0] is not None
+        got = jax.jit(value_and_grads)(rows(q), rows(k), rows(v), jax.tree.map(rows, plan))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)

@@ -70,7 +70,7 @@ class ModelSection:
     param_dtype: str = "float32"  # the parameters' dtype (ModelConfig.param_dtype); was `model.dtype`
     compute_dtype: str = "float32"  # activations' dtype (aft_jax.model.config.ModelConfig.dtype)
     remat_policy: str = "none"  # none | full | dots | dots_no_batch
-    attention: str = "auto"  # auto (cudnn where it applies) | xla | cudnn: see aft_jax.model.attention
+    attention: str = "auto"  # auto (pallas: packed rows on TPU; cudnn where it applies) | xla | cudnn | pallas
     random: RandomModelSection = dataclasses.field(default_factory=RandomModelSection)
     lora: LoraSection = dataclasses.field(default_factory=LoraSection)
 

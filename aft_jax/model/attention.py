@@ -38,6 +38,7 @@ import jax.numpy as jnp
 
 from aft_jax.model.packed_attention import PackedPlan, packed_attention
 from aft_jax.model.packed_blocks import MASKED
+from aft_jax.parallel import sharding
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 CUDNN_DTYPES = ("bfloat16", "float16")  # the compute dtypes cuDNN's fused attention takes
@@ -105,6 +106,18 @@ def resolve_impl(impl: str, dtype, head_dim: int, packed: bool = False) -> str:
     return "cudnn" if fits and jax.default_backend() == "gpu" else "xla"
 
 
+def packed_attention_per_shard(q_bthk, k_btgk, v_btgk, plan: PackedPlan):
+    """`packed_attention` on each device's rows (and heads, where the tensor axis divides both the query and
+    the key/value heads) of the active mesh: XLA cannot partition a Pallas call itself."""
+    q_heads, kv_heads = q_bthk.shape[2], k_btgk.shape[2]
+    split_heads = sharding.active_spec(("q_heads",), (q_heads,)) == sharding.active_spec(("kv_heads",), (kv_heads,))
+    q_axes = ("activation_batch", None, "q_heads" if split_heads else None)
+    kv_axes = ("activation_batch", None, "kv_heads" if split_heads else None)
+    return sharding.per_shard(
+        packed_attention, (q_bthk, k_btgk, v_btgk, plan), (q_axes, kv_axes, kv_axes, ("activation_batch",)), q_axes
+    )
+
+
 class KVSource(Protocol):
     """Where a layer's queries find their keys and values. Called with this call's queries `[B, T, H, Dh]` and
     keys and values `[B, T, Hkv, Dh]` (RoPE applied), it returns the attention output `[B, T, H, Dh]` and what
@@ -124,7 +137,7 @@ class OwnTokens(NamedTuple):
 
     def __call__(self, q_bthk, k_btgk, v_btgk):
         if self.plan is not None:
-            return packed_attention(q_bthk, k_btgk, v_btgk, self.plan), (k_btgk, v_btgk)
+            return packed_attention_per_shard(q_bthk, k_btgk, v_btgk, self.plan), (k_btgk, v_btgk)
         return attend(q_bthk, k_btgk, v_btgk, self.mask_btt, self.impl), (k_btgk, v_btgk)
 
 

@@ -240,5 +240,29 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)))
 
 
+def active_spec(axes: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec:
+    """`logical_to_spec` on the mesh of `use_mesh` (nothing split outside it)."""
+    active = _ACTIVE.get()
+    return PartitionSpec() if active is None else logical_to_spec(axes, shape, active[0], active[1])
+
+
+def per_shard(fn, args: tuple, in_axes: tuple, out_axes: Sequence[str | None]):
+    """`fn(*args)` inside `use_mesh` on a mesh of several devices: by `jax.shard_map`, each device on its own
+    shard of the arguments (each leaf of `args[i]` split by the logical axes `in_axes[i]`, one name per
+    dimension, trailing dimensions unnamed) and the output joined by `out_axes`. For calls XLA cannot
+    partition (a Pallas kernel); `fn(*args)` itself elsewhere."""
+    active = _ACTIVE.get()
+    if active is None or active[0].size == 1:
+        return fn(*args)
+    mesh, rules = active
+
+    def spec(x, axes):
+        return logical_to_spec(tuple(axes) + (None,) * (x.ndim - len(axes)), x.shape, mesh, rules)
+
+    in_specs = tuple(jax.tree.map(lambda x, a=axes: spec(x, a), arg) for arg, axes in zip(args, in_axes))
+    out_spec = logical_to_spec(out_axes, jax.eval_shape(fn, *args).shape, mesh, rules)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(*args)
+
+
 def describe(mesh: Mesh) -> str:
     return " x ".join(f"{name}={size}" for name, size in mesh.shape.items()) + f" ({np.size(mesh.devices)} devices)"
