@@ -277,15 +277,22 @@ class Context:
             )
         return reference_groups(self.task, self.examples(t.train_split), t.template, self.tokenizer)
 
-    def batcher(self, train_file: str | tuple[str, ...], method: str) -> GroupBatcher:
+    def batcher(self, train_file: str | tuple[str, ...], method: str, model_config: ModelConfig) -> GroupBatcher:
         """`stages.train.make_batcher` of `training_groups(train_file, method)` on the training mesh, with the
-        run's `data` section, `train.batch_size`, `train.grad_accum` and seed."""
+        run's `data` section, `train.batch_size`, `train.grad_accum` and seed, and the layout cost of the model
+        it trains (`model_config`) on this backend."""
+        import jax
+
+        from aft_jax.data.layout_cost import layout_cost
+        from aft_jax.model.attention import resolve_impl
         from aft_jax.stages.train import make_batcher
 
-        c, t = self.config, self.config.train
+        c, t, m = self.config, self.config.train, model_config
+        attention = resolve_impl(m.attention, m.dtype, m.head_dim, packed=True)
         return make_batcher(
             self.training_groups(train_file, method), self.tokenizer, self.mesh, data=c.data, method=method,
             batch_size=t.batch_size, grad_accum=t.grad_accum, seed=c.seed,
+            cost=layout_cost(m, jax.default_backend(), attention),
             source=(train_file if isinstance(train_file, str) else ", ".join(train_file))
             or f"task {self.task.name} split {c.task.train_split!r}",
         )  # fmt: skip

@@ -87,9 +87,10 @@ def _train(args) -> None:
 
         if vft_source(ctx) == "sampled":  # "skip" is refused by ctx.batcher: there is nothing to train on
             train_file = str(sample_references(ctx, RunPath(config.run_dir) / "groups"))
-    batcher = ctx.batcher(train_file, config.loss.method)
+    model = ctx.model()
+    batcher = ctx.batcher(train_file, config.loss.method, model.config)
     out = run_training(
-        ctx.model(), ctx.tokenizer, batcher, TrainSettings.of(config), config.run_dir, mesh=ctx.mesh,
+        model, ctx.tokenizer, batcher, TrainSettings.of(config), config.run_dir, mesh=ctx.mesh,
         base_name=base_model_name(config.model),
     )  # fmt: skip
     print(f"exported the final model to {out}")

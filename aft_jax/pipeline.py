@@ -353,9 +353,10 @@ def train_vft(ctx: PipelineContext) -> None:
         train=dataclasses.replace(c.train, num_epochs=c.pipeline.vft_epochs),
     )
     references = str(ctx.references_file) if vft_source(ctx) == "sampled" else ""
-    batcher = ctx.batcher(references, "vft")
+    model = ctx.model()
+    batcher = ctx.batcher(references, "vft", model.config)
     run_training(
-        ctx.model(),
+        model,
         ctx.tokenizer,
         batcher,
         settings,
@@ -433,8 +434,9 @@ def align(ctx: PipelineContext, run: AlignmentRun, r: int = 1) -> None:
         train=dataclasses.replace(c.train, num_epochs=c.pipeline.align_epochs),
     )
     start, groups = alignment_inputs(ctx, run, r)
+    model = ctx.model(path=start)
     run_training(
-        ctx.model(path=start), ctx.tokenizer, ctx.batcher(groups, settings.loss.method), settings,
+        model, ctx.tokenizer, ctx.batcher(groups, settings.loss.method, model.config), settings,
         ctx.run_dir / round_name(run.name, r), mesh=ctx.mesh, base_name=base_model_name(c.model),
     )  # fmt: skip
 

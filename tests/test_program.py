@@ -15,8 +15,9 @@ from aft_jax.stages.train import TrainSettings, prepare_training, shard_batch
 def _prepared(config):
     """The batches and the prepared run of `aft-jax aft` with `config` (its starting model, its groups)."""
     ctx = Context.of(config)
-    batcher = ctx.batcher(config.data.train_file, config.loss.method)
-    return batcher, prepare_training(ctx.model(), batcher, TrainSettings.of(config), mesh=ctx.mesh)
+    model = ctx.model()
+    batcher = ctx.batcher(config.data.train_file, config.loss.method, model.config)
+    return batcher, prepare_training(model, batcher, TrainSettings.of(config), mesh=ctx.mesh)
 
 
 @pytest.mark.parametrize("layout", ["packed", "padded"])
@@ -29,6 +30,7 @@ def test_training_compiles_the_planned_program(tmp_path, layout):
         f"data.train_file={groups}",
         "train.max_steps=4",
         f"data.layout={layout}",
+        "data.rows_by_cost=false",  # the packed batch's rows, as the plan has them
     ]
     config = load_config(REPO / "configs" / "tiny.py", overrides)
     batcher, run = _prepared(config)
@@ -51,7 +53,7 @@ def test_packed_and_padded_training_give_the_same_loss_curve(tmp_path):
     curves = {}
     for layout in ("packed", "padded"):
         overrides = [f"run_dir={tmp_path}", "train.mesh=1,4,2", f"data.train_file={groups}", "train.max_steps=3"]
-        overrides += [f"data.layout={layout}", "train.grad_accum=2", "data.tokens_per_row=160"]
+        overrides += [f"data.layout={layout}", "train.grad_accum=2", "data.tokens_per_row=160", "data.rows_by_cost=false"]
         config = load_config(REPO / "configs" / "tiny.py", overrides)
         batcher, run = _prepared(config)
         state, curves[layout] = run.state, []

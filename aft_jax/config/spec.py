@@ -176,6 +176,7 @@ class DataSection:
     pad_multiple: int = 64
     layout: str = "packed"  # packed: each prompt once, groups in rows of tokens_per_row | padded: [B, K, T]
     tokens_per_row: int = 1024  # packed rows' token budget (>= max_length); a longer group is split over rows
+    rows_by_cost: bool = True  # packed: each batch's row length (<= tokens_per_row), or padded, by estimated cost
     shuffle: bool = True
 
 

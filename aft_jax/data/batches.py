@@ -15,6 +15,7 @@ import numpy as np
 
 from aft_jax.data import packing
 from aft_jax.data.groups import Candidate, DataError, Group
+from aft_jax.data.layout_cost import LayoutCost
 from aft_jax.errors import SettingError
 from aft_jax.io.hf_files import CheckpointError
 
@@ -145,12 +146,13 @@ def collate_packed(
     rows_per_unit: int | None = None,
     length: int | None = None,
     pad_multiple: int = 64,
+    capacity: int | None = None,
 ) -> dict[str, np.ndarray]:
     """The packed layout of `shards` whole shards of a batch, starting at group `first_group` of it: token
-    arrays `[shards * M * rows_per_unit, length]` (`packing.pack_units`) and the per-candidate arrays.
-    Without `rows_per_unit` and `length`, `groups` is the whole batch and they are planned from it
-    (`packing.unit_rows`, rows `pad_multiple` aligned); a process holding part of a batch passes the whole
-    batch's."""
+    arrays `[shards * M * rows_per_unit, length]` (`packing.pack_units`, rows filled up to `capacity`, default
+    `tokens_per_row`) and the per-candidate arrays. Without `rows_per_unit` and `length`, `groups` is the whole
+    batch and they are planned from it (`packing.unit_rows`, rows `pad_multiple` aligned); a process holding
+    part of a batch passes the whole batch's."""
     units = packing.batch_units(len(groups), shards, micro_batches)
     pieces = [
         [
@@ -165,11 +167,46 @@ def collate_packed(
         ]
         for unit in units
     ]
+    capacity = capacity or tokens_per_row
     if rows_per_unit is None or length is None:
         lengths = [[p.length for p in unit] for unit in pieces]
-        rows_per_unit, length = packing.unit_rows(lengths, tokens_per_row, pad_multiple)
-    tokens = packing.pack_units(pieces, rows_per_unit, micro_batches, tokens_per_row, length, pad_id)
+        rows_per_unit, length = packing.unit_rows(lengths, capacity, pad_multiple)
+    tokens = packing.pack_units(pieces, rows_per_unit, micro_batches, capacity, length, pad_id)
     return tokens | candidate_arrays(groups, group_size)
+
+
+def collate_planned(
+    groups: list[EncodedGroup],
+    group_size: int,
+    *,
+    cost: LayoutCost,
+    tokens_per_row: int,
+    max_length: int,
+    pad_id: int,
+    shards: int = 1,
+    micro_batches: int = 1,
+    pad_multiple: int = 64,
+) -> dict[str, np.ndarray]:
+    """A whole batch in the layout `cost` estimates cheaper (`packing.plan_rows`): packed rows of the cheapest
+    length up to `tokens_per_row`, or padded to its longest sequence; as `GroupBatcher` collates with a cost."""
+    units = packing.batch_units(len(groups), shards, micro_batches)
+    lengths = [
+        [
+            p.length
+            for i in unit
+            for p in packing.group_pieces(groups[i].tokens, groups[i].prompt_lengths[0], tokens_per_row)
+        ]
+        for unit in units
+    ]
+    longest = max(len(t) for g in groups for t in g.tokens)
+    padded_length = min(max_length, -(-longest // pad_multiple) * pad_multiple)
+    plan = packing.plan_rows(lengths, tokens_per_row, pad_multiple, cost, (len(groups) * group_size, padded_length))
+    if plan is None:
+        return collate(groups, group_size, padded_length, pad_id)
+    return collate_packed(
+        groups, group_size, tokens_per_row=tokens_per_row, pad_id=pad_id, shards=shards,
+        micro_batches=micro_batches, rows_per_unit=plan.rows_per_unit, length=plan.length, capacity=plan.capacity,
+    )  # fmt: skip
 
 
 class GroupBatcher:
@@ -180,8 +217,10 @@ class GroupBatcher:
     processes; identity for one). Its position, `state()`, is saved with each checkpoint and
     `restore(state)` continues exactly there. `layout="packed"` packs each batch into rows of
     `tokens_per_row` per (shard, micro-batch) unit: `shards` is the mesh's data x fsdp size and
-    `micro_batches` the train step's gradient accumulation; each process holds whole shards. `source`, the
-    groups' file (`data.train_file`), starts the message of the error for too few usable groups."""
+    `micro_batches` the train step's gradient accumulation; each process holds whole shards. With `cost` (a
+    `LayoutCost`) each packed batch's row length, and whether to pack it at all, follow the estimated cost
+    (`packing.plan_rows`). `source`, the groups' file (`data.train_file`), starts the message of the error for
+    too few usable groups."""
 
     def __init__(
         self,
@@ -204,6 +243,7 @@ class GroupBatcher:
         shards: int = 1,
         micro_batches: int = 1,
         source: str = "",
+        cost: LayoutCost | None = None,
     ):
         if layout not in LAYOUTS:
             raise SettingError(f"data.layout={layout!r}: expected one of {', '.join(LAYOUTS)}")
@@ -223,6 +263,7 @@ class GroupBatcher:
             shards,
             micro_batches,
         )
+        self.cost = cost
         self._encoded: dict[int, EncodedGroup] = {}
         # per group: longest sequence (0: unusable), tokens, then its packed pieces' lengths (0: none)
         survey = np.zeros((2 + group_size, len(groups)), np.int64)
@@ -275,7 +316,8 @@ class GroupBatcher:
 
     def next_batch(self) -> dict[str, np.ndarray]:
         """This process's rows of the next global batch: padded to the global batch's longest sequence, or
-        packed into as many rows per (shard, micro-batch) unit as the fullest unit of the batch needs."""
+        packed into as many rows per (shard, micro-batch) unit as the fullest unit of the batch needs; with a
+        `cost`, packed rows of the length it estimates cheapest, or padded where that is cheaper still."""
         if self.index >= self.steps_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
         order = self._order(self.epoch)[self.index * self.batch_size : (self.index + 1) * self.batch_size]
@@ -283,21 +325,24 @@ class GroupBatcher:
         self.index += 1
         self.global_tokens = int(self.tokens[chosen].sum())
         mine = [self._encode(i) for i in chosen[self.rows]]
+        longest = int(self.longest[chosen].max())
+        padded_length = min(self.max_length, -(-longest // self.pad_multiple) * self.pad_multiple)
         if self.layout == "packed":
             units = packing.batch_units(self.batch_size, self.shards, self.micro_batches)
             lengths = [[int(n) for b in unit for n in self.piece_lengths[:, chosen[b]] if n] for unit in units]
-            rows_per_unit, length = packing.unit_rows(lengths, self.tokens_per_row, self.pad_multiple)
-            return collate_packed(
-                mine,
-                self.group_size,
-                first_group=self.rows.start or 0,
-                shards=self.shards * len(mine) // self.batch_size,
-                micro_batches=self.micro_batches,
-                rows_per_unit=rows_per_unit,
-                tokens_per_row=self.tokens_per_row,
-                length=length,
-                pad_id=self.pad_id,
-            )
-        longest = int(self.longest[chosen].max())
-        length = min(self.max_length, -(-longest // self.pad_multiple) * self.pad_multiple)
-        return collate(mine, self.group_size, length, self.pad_id)
+            padded = (self.batch_size * self.group_size, padded_length)
+            plan = packing.plan_rows(lengths, self.tokens_per_row, self.pad_multiple, self.cost, padded)
+            if plan is not None:
+                return collate_packed(
+                    mine,
+                    self.group_size,
+                    first_group=self.rows.start or 0,
+                    shards=self.shards * len(mine) // self.batch_size,
+                    micro_batches=self.micro_batches,
+                    rows_per_unit=plan.rows_per_unit,
+                    tokens_per_row=self.tokens_per_row,
+                    length=plan.length,
+                    capacity=plan.capacity,
+                    pad_id=self.pad_id,
+                )
+        return collate(mine, self.group_size, padded_length, self.pad_id)

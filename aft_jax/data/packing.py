@@ -5,7 +5,9 @@ the prompt's last token, the completion and EOS. A branch sees the prompt and it
 (`aft_jax.model.attention.packed_mask`), at the positions of its unpacked sequence, so every token gets the
 log-prob it has unpacked; the prompt's last token starts every branch so that the next-token shift stays
 inside the branch. A group whose piece would pass `tokens_per_row` is split into several pieces, each with
-the prompt again; a branch is never cut. Pieces are packed into rows first-fit by decreasing length.
+the prompt again; a branch is never cut. Pieces are packed into rows first-fit by decreasing length; given a
+`LayoutCost` (`aft_jax.data.layout_cost`), `plan_rows` chooses the rows' length, up to `tokens_per_row`, by
+the batch's estimated cost, or the padded layout when that is cheaper.
 
 Token arrays `[R, L]` (`TOKEN_SCHEMA`): `input_ids`; `positions`; `segment_ids`, the piece within its row
 (1, 2, ...; 0: filler); `branch_ids`, 0 for the prompt and k + 1 for candidate slot k; `completion_mask`;
@@ -19,6 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from aft_jax.data.layout_cost import LayoutCost, packed_cost, padded_cost
 from aft_jax.errors import SettingError
 
 TOKEN_SCHEMA = {
@@ -130,12 +133,48 @@ def unit_rows(lengths_per_unit: list[list[int]], tokens_per_row: int, pad_multip
     return bucket(rows), min(tokens_per_row, -(-fill // pad_multiple) * pad_multiple)
 
 
+class RowPlan(NamedTuple):
+    """Packed rows of a batch: `rows_per_unit` rows per (shard, micro-batch) unit, each `length` tokens long,
+    filled first-fit up to `capacity` tokens."""
+
+    rows_per_unit: int
+    length: int
+    capacity: int
+
+
+def plan_rows(
+    lengths_per_unit: list[list[int]],
+    tokens_per_row: int,
+    pad_multiple: int,
+    cost: LayoutCost | None = None,
+    padded: tuple[int, int] | None = None,
+) -> RowPlan | None:
+    """The rows of a batch whose units hold pieces of these lengths. Without `cost`: rows of `tokens_per_row`
+    (`unit_rows`). With it: the capacity, among multiples of `pad_multiple` from the longest piece up to
+    `tokens_per_row`, whose rows cost least (`layout_cost.packed_cost`); None when the padded layout of the
+    same batch, `padded` = (sequences, length), costs less still."""
+    if cost is None:
+        return RowPlan(*unit_rows(lengths_per_unit, tokens_per_row, pad_multiple), tokens_per_row)
+    pieces = [n for lengths in lengths_per_unit for n in lengths]
+    shortest_row = -(-max(pieces) // pad_multiple) * pad_multiple
+    capacities = sorted({*range(shortest_row, tokens_per_row, pad_multiple), tokens_per_row})
+    best, best_cost = None, float("inf")
+    for capacity in capacities:
+        rows, length = unit_rows(lengths_per_unit, capacity, pad_multiple)
+        estimate = packed_cost(cost, rows * len(lengths_per_unit), length, pieces)
+        if estimate < best_cost:
+            best, best_cost = RowPlan(rows, length, capacity), estimate
+    if padded is not None and padded_cost(cost, *padded) < best_cost:
+        return None
+    return best
+
+
 def pack_units(
     units: list[list[Piece]], rows_per_unit: int, micro_batches: int, tokens_per_row: int, length: int, pad_id: int
 ):
     """Token arrays of consecutive units (shard-major, `batch_units` order), `length` tokens per row: each
-    unit's pieces first-fit into `rows_per_unit` rows of `tokens_per_row` (as `unit_rows` planned them),
-    which are the rows `r` of its shard's block with `r % M == m`."""
+    unit's pieces first-fit into `rows_per_unit` rows of `tokens_per_row` (the capacity `plan_rows` planned
+    them with), which are the rows `r` of its shard's block with `r % M == m`."""
     per_shard = micro_batches * rows_per_unit
     rows_of_pieces: list[list[Piece]] = [[] for _ in range(len(units) * rows_per_unit)]
     for u, pieces in enumerate(units):

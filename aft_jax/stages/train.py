@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from aft_jax.data.batches import GroupBatcher, GroupEncoder
 from aft_jax.data.groups import Candidate, DataError, Group
+from aft_jax.data.layout_cost import LayoutCost
 from aft_jax.data.tasks import Example, Task
 from aft_jax.io.paths import Path
 from aft_jax.io.wandb_log import WandbSettings
@@ -195,10 +196,12 @@ def make_batcher(
     grad_accum: int,
     seed: int,
     source: str = "the training groups",
+    cost: LayoutCost | None = None,
 ) -> GroupBatcher:
     """The `GroupBatcher` of `groups` for `method` (`loss.method`) on `mesh`: tokenised with `tokenizer` as
     the `data` section says, `batch_size` groups per step in `grad_accum` micro-batches, shuffled with
-    `seed`. `source` names the groups in errors (a file)."""
+    `seed`, packed rows planned by `cost` when `data.rows_by_cost` is set. `source` names the groups in
+    errors (a file)."""
     check_batch(batch_size, grad_accum, mesh)
     m = get_method(method)
     if m.needs_reference_logps:
@@ -230,6 +233,7 @@ def make_batcher(
         shards=mesh.shape["data"] * mesh.shape["fsdp"],
         micro_batches=grad_accum,
         source=source,
+        cost=cost if data.rows_by_cost else None,
     )
     counts = encoder.counts_array()
     counts = dict(zip(encoder.COUNTS, sharding.sum_over_processes(counts).tolist()))
