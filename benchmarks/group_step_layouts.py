@@ -1,16 +1,16 @@
 """The AFT-BC train step on real GSM8K candidate groups, SmolLM2-135M: the packed layout (each prompt once, rows of
-`tokens_per_row`), the padded layout (`[B, K, T]`, every candidate a whole sequence padded to the batch's
-longest), and PyTorch + transformers (padded, as TRL and RRHF train), side by side in one run.
+`tokens_per_row`), the planned layout (the row length, or padding, that the packer's cost model picks for
+training: `data.rows_by_cost`), the padded layout (`[B, K, T]`, every candidate a whole sequence padded to the
+batch's longest), and PyTorch + transformers (padded, as TRL and RRHF train), side by side in one run.
 
     .venv/bin/python benchmarks/group_step_layouts.py [--questions 4] [--steps 3] [--tokens-per-row 1024]
-        [--remat full] [--checkpoint DIR]
+        [--remat full] [--checkpoint DIR] [--out benchmarks/results/group_step_layouts.json]
 
 A group is a GSM8K training question with the Alpaca prompt, its reference chain of thought (a positive) and
 six other questions' references (real-length chains of thought; negatives), K = 7, at most 512 tokens each.
 Each side runs in its own process (so peak RSS is its own) on the same groups and reports questions per
 second (median step), peak RSS and its first loss; the token counts say how many tokens each layout
-computes against those the candidates have. Writes benchmarks/results/group_step_layouts.json with the
-machine (`machine.py`).
+computes against those the candidates have. Writes `--out` with the machine (`machine.py`).
 """
 
 from __future__ import annotations
@@ -46,8 +46,10 @@ def encoded_groups(checkpoint: str, questions: int):
     return groups, tokenizer.pad_token_id or 0
 
 
-def batches(checkpoint: str, questions: int, tokens_per_row: int) -> dict:
-    from aft_jax.data.batches import collate, collate_packed
+def batches(checkpoint: str, questions: int, tokens_per_row: int, cost=None) -> dict:
+    """The padded and packed batches (rows of `tokens_per_row`), and with a `LayoutCost` the planned one (the
+    layout and row length `collate_planned` estimates cheapest, as training batches them)."""
+    from aft_jax.data.batches import collate, collate_packed, collate_planned
 
     groups, pad_id = encoded_groups(checkpoint, questions)
     longest = max(len(t) for g in groups for t in g.tokens)
@@ -62,7 +64,14 @@ def batches(checkpoint: str, questions: int, tokens_per_row: int) -> dict:
         "packed_row_length": int(packed["input_ids"].shape[1]),
         "padded_length": int(padded["input_ids"].shape[-1]),
     }
-    return {"padded": padded, "packed": packed, "tokens": tokens}
+    out = {"padded": padded, "packed": packed, "tokens": tokens}
+    if cost is not None:
+        out["planned"] = collate_planned(
+            groups, K, cost=cost, tokens_per_row=tokens_per_row, max_length=MAX_LENGTH, pad_id=pad_id,
+            pad_multiple=PAD_MULTIPLE,
+        )  # fmt: skip
+        tokens["planned_shape"] = list(out["planned"]["input_ids"].shape)
+    return out
 
 
 def run_jax(args, checkpoint: str, layout: str) -> dict:
@@ -79,8 +88,12 @@ def run_jax(args, checkpoint: str, layout: str) -> dict:
     cfg.loss.update(method="aft", constraint="boundary", beta=BETA)
     program = build_train_program(model.config, mesh, cfg.loss, cfg.optim, total_steps=100, grad_accum=1)
     state = program.init_state(model, 0)
+    model_config = model.config
     del model
-    batch = batches(checkpoint, args.questions, args.tokens_per_row)[layout]
+    from aft_jax.data.layout_cost import layout_cost
+
+    cost = layout_cost(model_config, jax.default_backend())
+    batch = batches(checkpoint, args.questions, args.tokens_per_row, cost)[layout]
     batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
     times, losses = [], []
     for i in range(args.steps + 1):
@@ -142,7 +155,8 @@ def main() -> None:
     parser.add_argument("--tokens-per-row", type=int, default=1024)
     parser.add_argument("--remat", default="full", help="aft_jax remat policy; torch checkpoints unless none")
     parser.add_argument("--checkpoint", help="HF checkpoint folder (default: the real SmolLM2-135M-Instruct)")
-    parser.add_argument("--impl", choices=["packed", "padded", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "group_step_layouts.json")
+    parser.add_argument("--impl", choices=["packed", "planned", "padded", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     from aft_jax.build import resolve_model_path
 
@@ -152,7 +166,7 @@ def main() -> None:
         print("RESULT " + json.dumps(result))
         return
     results = {}
-    for impl in ("packed", "padded", "torch"):
+    for impl in ("packed", "planned", "padded", "torch"):
         cmd = [sys.executable, __file__, "--impl", impl, "--checkpoint", checkpoint, "--remat", args.remat]
         cmd += ["--questions", str(args.questions), "--steps", str(args.steps)]
         cmd += ["--tokens-per-row", str(args.tokens_per_row)]
@@ -174,24 +188,25 @@ def main() -> None:
         "tokens": batches(checkpoint, args.questions, args.tokens_per_row)["tokens"],
         **results,
         "packed_vs_padded": results["packed"]["questions_per_s"] / results["padded"]["questions_per_s"],
+        "planned_vs_padded": results["planned"]["questions_per_s"] / results["padded"]["questions_per_s"],
         "packed_vs_torch": results["packed"]["questions_per_s"] / results["torch"]["questions_per_s"],
         "padded_vs_torch": results["padded"]["questions_per_s"] / results["torch"]["questions_per_s"],
         "packed_memory_vs_padded": results["packed"]["peak_rss_mb"] / results["padded"]["peak_rss_mb"],
     }
     print(f"{'':8} {'questions/s':>12} {'peak RSS MB':>12} {'step s':>8} {'first loss':>11}")
-    for name in ("packed", "padded", "torch"):
+    for name in ("packed", "planned", "padded", "torch"):
         r = results[name]
         print(
             f"{name:8} {r['questions_per_s']:>12.3f} {r['peak_rss_mb']:>12.0f} {r['step_s']:>8.2f} {r['losses'][0]:>11.5f}"
         )
     print(
-        f"packed / padded {summary['packed_vs_padded']:.2f}x, packed / torch {summary['packed_vs_torch']:.2f}x, "
+        f"packed / padded {summary['packed_vs_padded']:.2f}x, planned / padded {summary['planned_vs_padded']:.2f}x, "
+        f"packed / torch {summary['packed_vs_torch']:.2f}x, "
         f"padded / torch {summary['padded_vs_torch']:.2f}x; peak memory packed / padded "
         f"{summary['packed_memory_vs_padded']:.2f}x; tokens {summary['tokens']}"
     )
     print(f"on {machine.describe(where)}")
-    out = Path(__file__).parent / "results" / "group_step_layouts.json"
-    out.write_text(json.dumps(summary, indent=2) + "\n")
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":
