@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-# An attention FLOP's cost in projection FLOPs. CPU: measured by benchmarks/layout_cost.py on SmolLM2-135M's
-# shapes (XLA's attention is einsums, a masked float32 softmax and its gradient over [B, H, T, T], far below
-# the matrix-product rate); GPU and TPU: 1, assumed (fused attention runs near the matrix-product rate).
-ATTENTION_FLOP_COST = {"cpu": 4.0, "gpu": 1.0, "tpu": 1.0}
+# An attention FLOP's cost in projection FLOPs. CPU: 4.6, measured by benchmarks/layout_cost.py on SmolLM2-135M's
+# shapes on machine F (benchmarks/results/layout_cost_cpu.json; runs beside other load gave 4.1 to 5.2): XLA's
+# attention is einsums, a masked float32 softmax and its gradient over [B, H, T, T], far below the matrix-product
+# rate. GPU and TPU: 1, assumed (fused attention runs near the matrix-product rate), not measured.
+ATTENTION_FLOP_COST = {"cpu": 4.6, "gpu": 1.0, "tpu": 1.0}
 
 
 class LayoutCost(NamedTuple):
