@@ -39,9 +39,7 @@ def get_config():
     c.data.max_length = 96
     c.data.group_size = 5
     c.data.pad_multiple = 16
-    c.data.tokens_per_row = (
-        192  # a group per row: at this model size attention over longer rows costs more than padding
-    )
+    c.data.tokens_per_row = 192  # at most; each batch's rows by estimated cost (data.rows_by_cost)
     c.loss.logit_chunk = 96
     c.optim.lr = 3e-3
     c.optim.warmup_ratio = 0.03
