@@ -117,6 +117,14 @@ def _dot(a, b, contract_a: int, contract_b: int):
     return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())), preferred_element_type=jnp.float32)
 
 
+def _scores(row_ref, col_ref, row_ids_ref, col_ids_ref, row_start, col_start, window, rows_are_queries, scale):
+    """float32 `scale * rows cols^T` of one tile (queries as rows, or keys as rows for the dk/dv kernel),
+    `MASKED` where the packed mask hides the pair."""
+    s = _dot(row_ref[...], col_ref[...], 1, 1) * scale
+    seen = _seen(row_ids_ref, col_ids_ref, row_start, col_start, window, rows_are_queries)
+    return jnp.where(seen, s, MASKED)
+
+
 def _forward_kernel(key_tiles, key_counts, window, q_ref, k_ref, v_ref, q_ids_ref, k_ids_ref,
                     o_ref, lse_ref, m_scratch, l_scratch, acc_scratch, *, scale):  # fmt: skip
     b, i, n = pl.program_id(0), pl.program_id(2), pl.program_id(3)
@@ -131,8 +139,7 @@ def _forward_kernel(key_tiles, key_counts, window, q_ref, k_ref, v_ref, q_ids_re
     @pl.when(n < key_counts[b, i])
     def _tile():
         j = key_tiles[b, i, n]
-        s = _dot(q_ref[...], k_ref[...], 1, 1) * scale
-        s = jnp.where(_seen(q_ids_ref, k_ids_ref, i * block_q, j * block_k, window[0], True), s, MASKED)
+        s = _scores(q_ref, k_ref, q_ids_ref, k_ids_ref, i * block_q, j * block_k, window[0], True, scale)
         m_prev = m_scratch[...]
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
         p = jnp.exp(s - _lanes(m_next, block_k))
@@ -161,8 +168,7 @@ def _dq_kernel(key_tiles, key_counts, window, q_ref, k_ref, v_ref, do_ref, lse_r
     @pl.when(n < key_counts[b, i])
     def _tile():
         j = key_tiles[b, i, n]
-        s = _dot(q_ref[...], k_ref[...], 1, 1) * scale
-        s = jnp.where(_seen(q_ids_ref, k_ids_ref, i * block_q, j * block_k, window[0], True), s, MASKED)
+        s = _scores(q_ref, k_ref, q_ids_ref, k_ids_ref, i * block_q, j * block_k, window[0], True, scale)
         p = jnp.exp(s - lse_ref[0][:, None])
         dp = _dot(do_ref[...], v_ref[...], 1, 1)
         ds = p * (dp - di_ref[0][:, None])
@@ -186,8 +192,8 @@ def _dkv_kernel(query_tiles, query_counts, window, q_ref, k_ref, v_ref, do_ref, 
     @pl.when(n < query_counts[b, j])
     def _tile():
         i = query_tiles[b, j, n]
-        s_t = _dot(k_ref[...], q_ref[...], 1, 1) * scale  # keys as rows: [block_k, block_q]
-        s_t = jnp.where(_seen(k_ids_ref, q_ids_ref, j * block_k, i * block_q, window[0], False), s_t, MASKED)
+        # keys as rows: [block_k, block_q]
+        s_t = _scores(k_ref, q_ref, k_ids_ref, q_ids_ref, j * block_k, i * block_q, window[0], False, scale)
         p_t = jnp.exp(s_t - lse_ref[...])
         dv_scratch[...] += _dot(p_t.astype(do_ref.dtype), do_ref[...], 1, 0)
         dp_t = _dot(v_ref[...], do_ref[...], 1, 1)
