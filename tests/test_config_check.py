@@ -151,7 +151,7 @@ def test_the_attention_choice_is_checked_and_auto_takes_xla_without_a_gpu():
     dims = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
     with pytest.raises(ConfigError, match=r"attention='cudnn' needs a bfloat16 or float16 compute dtype"):
         ModelConfig(**dims, head_dim=8, attention="cudnn")
-    with pytest.raises(ConfigError, match=r"attention='sdpa'; expected one of \('auto', 'xla', 'cudnn'\)"):
+    with pytest.raises(ConfigError, match=r"attention='sdpa'; expected one of \('auto', 'xla', 'cudnn', 'pallas'\)"):
         ModelConfig(**dims, head_dim=8, attention="sdpa")
     config = load_config(TINY, ["model.attention=cudnn", "model.compute_dtype=bfloat16"])
     with pytest.raises(ConfigError, match=r"model\.attention='cudnn' needs an NVIDIA GPU; JAX's backend is 'cpu'"):
