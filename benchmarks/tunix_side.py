@@ -22,7 +22,11 @@ What this side does about Tunix 0.1.7's traps (also listed in the result, `TRAPS
 - the sampler's jitted decode captures `eos_ids` of its first call: one `Sampler` per EOS setting;
 - the sampler samples only when `top_p` is given (temperature alone is greedy): top_p=1.0, top_k=None (the full
   vocabulary at temperature 1, as aft_jax's top_k=0, top_p=1);
-- no samples per prompt: each prompt is repeated as rows (and prefilled once per row).
+- no samples per prompt: each prompt is repeated as rows (and prefilled once per row);
+- `DPOTrainer`'s jitted train step compiles again on its second call: a step or call that compiled is left out
+  of the times (listed in the result) and another timed in its place;
+- DPO inputs are given tokenized (`TrainingInput`, prompts left-padded, responses right-padded, explicit masks),
+  so no BOS is added and the pad id does not matter there.
 """
 
 from __future__ import annotations
@@ -51,6 +55,9 @@ TRAPS = {
     "sampling_mode": "Sampler samples only when top_p is given (else greedy): top_p=1.0, top_k=None",
     "samples_per_prompt": "no samples per prompt: each prompt repeated as rows, each row prefilled",
     "dpo_reference": "DPOTrainer._prepare_inputs runs the reference model's forward on every step",
+    "dpo_recompile": "DPOTrainer's jitted _train_step compiles again on its second call: steps that compiled are "
+    "left out of the times (steps_that_compiled)",
+    "dpo_inputs": "DPO inputs given tokenized (TrainingInput with explicit masks): no BOS added, pad id irrelevant",
 }
 
 
@@ -73,15 +80,16 @@ def reset_peak() -> bool:
         return False
 
 
-COMPILES = [0]  # XLA compilations so far (`count_compiles`)
+COMPILED: list[str] = []  # the functions XLA compiled so far (`count_compiles`)
 
 
 def count_compiles() -> None:
-    """Counts every XLA compilation, so that a timed run can say it compiled nothing."""
+    """Records every XLA compilation, so that a timed run that compiled can be told apart and left out."""
     import jax
 
     def listener(event: str, duration: float, **kwargs) -> None:
-        COMPILES[0] += event == "/jax/core/compile/backend_compile_duration"
+        if event == "/jax/core/compile/backend_compile_duration":
+            COMPILED.append(str(kwargs.get("fun_name", "?")))
 
     jax.monitoring.register_event_duration_secs_listener(listener)
 
@@ -154,15 +162,21 @@ class ProjectTokenizer:
 
 
 def median_run(run, repeats: int) -> dict:
-    """`run()` -> (lengths, decode steps), once untimed (compiles), then `repeats` timed calls."""
+    """`run()` -> (lengths, decode steps), once untimed (compiles), then `repeats` timed calls; a call that
+    compiled is left out (at most two, their compilations listed) and another made in its place."""
     run()
-    seconds, tokens, steps, compiled = [], [], [], COMPILES[0]
-    for _ in range(repeats):
-        began = time.perf_counter()
+    seconds, tokens, steps, compiled = [], [], [], []
+    for _ in range(repeats + 2):
+        began, before = time.perf_counter(), len(COMPILED)
         lengths, step_count = run()
+        if len(COMPILED) > before and len(compiled) < 2:  # left out, at most twice
+            compiled.append(COMPILED[before:])
+            continue
         seconds.append(time.perf_counter() - began)
         tokens.append(int(np.sum(lengths)))
         steps.append(int(step_count))
+        if len(seconds) == repeats:
+            break
     median = float(np.median(seconds))
     return {
         "seconds": median,
@@ -172,7 +186,7 @@ def median_run(run, repeats: int) -> dict:
         "decode_steps": steps[0],
         "tokens_per_s": tokens[0] / median,
         "ms_per_step": 1e3 * median / steps[0],
-        "compiles_while_timed": COMPILES[0] - compiled,
+        "runs_that_compiled": compiled,
     }
 
 
@@ -269,10 +283,10 @@ def optimizer(o: dict):
     )
 
 
-def train(work: dict, part: str, repeats: int, micro_questions: int, remat: str) -> dict:
+def train(work: dict, part: str, repeats: int, micro_pairs: int, remat: str) -> dict:
     """DPO steps with Tunix's `DPOTrainer`, its train loop's body timed in two pieces: `_prepare_inputs` (the
     masks, positions and the reference model's forward) and the jitted train step (forward, backward, update).
-    Part "groups": each question's K - 1 pairs, `micro_questions` questions per micro-batch, the micro-batches'
+    Part "groups": each question's K - 1 pairs, `micro_pairs` pairs per micro-batch, the micro-batches'
     gradients averaged by Tunix's `gradient_accumulation_steps` into one update per step."""
     import jax
     from flax import nnx
@@ -281,8 +295,7 @@ def train(work: dict, part: str, repeats: int, micro_questions: int, remat: str)
 
     w = work[part]
     pairs = w["pairs"]
-    per_question = w["pairs_per_question"]
-    pairs_per_micro = per_question * micro_questions if part == "groups" else len(pairs)
+    pairs_per_micro = micro_pairs if part == "groups" and micro_pairs else len(pairs)
     micros = [pairs[i : i + pairs_per_micro] for i in range(0, len(pairs), pairs_per_micro)]
     prompt_length = max(len(p["prompt"]) for p in pairs)
     response_length = max(max(len(p["chosen"]), len(p["rejected"])) for p in pairs)
@@ -297,13 +310,9 @@ def train(work: dict, part: str, repeats: int, micro_questions: int, remat: str)
     )  # fmt: skip
     trainer = dpo_trainer.DPOTrainer(policy, reference, optimizer(work["optim"]), config)
     train_step, _ = trainer.jit_train_and_eval_step(cache_nnx_graph=True)  # as `trainer.train` does
-    steps = max(4, repeats + 1) if part == "dpo" else repeats + 1  # DPO: the first 4 losses compared
-    whole, prepare, update, losses = [], [], [], []
-    reset, compiled = False, 0
-    for step in range(steps):
-        if step == 1:
-            reset = reset_peak()  # peak of the steps alone, after loading and compiling
-            compiled = COMPILES[0]
+
+    def step() -> tuple[float, float, float]:
+        """One optimizer step (one call per micro-batch): (prepare seconds, train step seconds, mean loss)."""
         prepare_s = update_s = 0.0
         step_losses = []
         for micro in inputs:
@@ -317,18 +326,35 @@ def train(work: dict, part: str, repeats: int, micro_questions: int, remat: str)
             done = time.perf_counter()
             prepare_s += prepared - began
             update_s += done - prepared
-        losses.append(float(np.mean(step_losses)))
-        if step:  # the first step compiles
+        return prepare_s, update_s, float(np.mean(step_losses))
+
+    whole, prepare, update, losses, compiled, count, timed_peak = [], [], [], [], [], 0, 0.0
+    losses.append(step()[2])  # the first step compiles
+    while len(whole) < repeats or (part == "dpo" and len(losses) < 4):  # DPO: the first 4 losses compared
+        count += 1
+        reset = reset_peak()  # each step's own peak
+        before = len(COMPILED)
+        prepare_s, update_s, loss = step()
+        losses.append(loss)
+        if len(COMPILED) > before:  # left out of the times
+            compiled.append({"step": count, "compiled": COMPILED[before:], "s": (prepare_s, update_s)})
+        elif len(whole) < repeats:
             whole.append(prepare_s + update_s)
             prepare.append(prepare_s)
             update.append(update_s)
+            timed_peak = max(timed_peak, vm_hwm_mb()) if reset else None
+        if count >= repeats + 4:
+            break
+    if not whole:  # every step compiled: time them anyway (listed in steps_that_compiled)
+        prepare, update = [c["s"][0] for c in compiled], [c["s"][1] for c in compiled]
+        whole = [a + b for a, b in zip(prepare, update)]
     return {
         "step_s": float(np.median(whole)),
         "train_step_s": float(np.median(update)),
         "reference_and_inputs_s": float(np.median(prepare)),
         "step_s_each": whole,
         "losses": losses,
-        "compiles_while_timed": COMPILES[0] - compiled,
+        "steps_that_compiled": compiled,
         "micro_batches": len(micros),
         "pairs_per_micro_batch": pairs_per_micro,
         "sequences_per_micro_batch": 2 * pairs_per_micro,
@@ -336,7 +362,7 @@ def train(work: dict, part: str, repeats: int, micro_questions: int, remat: str)
         "response_length": response_length,
         "tokens_per_step": 2 * len(pairs) * (prompt_length + response_length),
         "peak_rss_mb": peak_rss_mb(),
-        "steps_peak_rss_mb": vm_hwm_mb() if reset else None,
+        "timed_steps_peak_rss_mb": timed_peak,
     }
 
 
@@ -345,8 +371,8 @@ def main() -> None:
     parser.add_argument("--part", required=True, choices=["parity", "sampling", "dpo", "groups"])
     parser.add_argument("--work", required=True, type=Path, help="the folder of work.json")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--micro-questions", type=int, default=1, help="groups: questions per micro-batch")
-    parser.add_argument("--remat", default="none", choices=["none", "full"])
+    parser.add_argument("--micro-pairs", type=int, default=2, help="groups: pairs per micro-batch (0: all)")
+    parser.add_argument("--remat", default="full", choices=["none", "full"], help="full: RematConfig.DECODER")
     args = parser.parse_args()
     work = json.loads((args.work / "work.json").read_text())
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the result alone
@@ -359,7 +385,7 @@ def main() -> None:
         elif args.part == "sampling":
             result = sampling(work, args.repeats)
         else:
-            result = train(work, args.part, args.repeats, args.micro_questions, args.remat)
+            result = train(work, args.part, args.repeats, args.micro_pairs, args.remat)
         from importlib.metadata import version
 
         result["versions"] = {"google-tunix": version("google-tunix"), "jax": jax.__version__}

@@ -2,8 +2,8 @@
 `aft_jax.io.smollm2.smollm2_checkpoint()`, which both libraries load), the same inputs on both sides, in one run.
 
     .venv/bin/python benchmarks/vs_tunix.py [--repeats 3] [--questions 4] [--new-tokens 96]
-        [--only {sampling,dpo,groups}] [--tunix-python ../tunix-venv/bin/python] [--remat none]
-        [--layouts padded,packed,planned] [--tokens-per-row 1024] [--micro-questions 1] [--lr 1e-6]
+        [--only {sampling,dpo,groups}] [--tunix-python ../tunix-venv/bin/python] [--remat full]
+        [--layouts padded,packed,planned] [--tokens-per-row 1024] [--micro-pairs 2] [--lr 1e-6]
         [--out FILE]
 
 Tunix lives in a venv of its own, never in the project's (its pins would move the project's transformers,
@@ -11,12 +11,15 @@ tokenizers and huggingface_hub):
 
     python3.11 -m venv ../tunix-venv && ../tunix-venv/bin/pip install google-tunix==0.1.7 jax==0.10.2
 
-`--tunix-python` (default `$TUNIX_PYTHON`, else /work/tunix-venv/bin/python) runs `benchmarks/tunix_side.py`,
+`--tunix-python` (default `$TUNIX_PYTHON`, else ../tunix-venv/bin/python beside the checkout) runs `benchmarks/tunix_side.py`,
 which does not import aft_jax; this script builds every input once (token ids, in a temporary `work.json`)
 and runs each side, one process per part and layout, so that each peak RSS (`ru_maxrss`, loading included;
-`steps_peak_rss_mb`: the peak during the timed steps alone, Linux `VmHWM` reset after the compiling step) is
-its own. Times are medians of `--repeats` runs after a warm-up (compiling) run; each side counts the XLA
-compilations during its timed runs (`compiles_while_timed`, 0 when nothing was recompiled).
+`timed_steps_peak_rss_mb`: the peak during the timed steps alone, Linux `VmHWM` reset before each) is its
+own. Train steps rematerialise every layer on both sides by default (`--remat full`: aft_jax
+`remat_policy=full`, Tunix `RematConfig.DECODER`); without it aft_jax's padded K = 7 step over 2 questions
+already needs about 17 GB here. Times are medians of `--repeats` runs after a warm-up (compiling) run; a
+later run during which XLA compiled anything (Tunix's DPO train step compiles again on its second call) is
+left out of the times and listed (`runs_that_compiled`, `steps_that_compiled`), another run made in its place.
 
 Parity first: the same token ids (two real sequences: a DPO pair's prompt + chosen, a sampling prompt) through
 both models give logits within 1e-3 (max abs difference reported; the script stops above it), and the
@@ -46,10 +49,11 @@ b. DPO on 4 pairs (prompt + chosen = a GSM8K training question's reference chain
    Tunix's whole step and against its train step alone.
 c. AFT's data: K = 7 candidates per question (the reference as positive, six other questions' references as
    negatives). Tunix must express them as the 6 (reference, negative) pairs DPO takes (prompt repeated in
-   each, a reference forward per step); `--micro-questions` questions per micro-batch, accumulated into one
-   update by its `gradient_accumulation_steps`. aft_jax: its AFT-BC step (`loss.method=aft`,
-   `constraint=boundary`, beta 0.1) over the same candidates, padded, packed and planned. Questions/s and
-   peak memory for `--questions` questions per step.
+   each, a reference forward per step), `--micro-pairs` pairs per micro-batch, the micro-batches' gradients
+   averaged into one update by its `gradient_accumulation_steps` (default 2 pairs: one question's 6 pairs in
+   one micro-batch ran out of this machine's 24 GB at 2 questions). aft_jax: its AFT-BC step
+   (`loss.method=aft`, `constraint=boundary`, beta 0.1) over the same candidates, all `--questions` in one
+   batch, padded, packed and planned. Questions/s and peak memory for `--questions` questions per step.
 
 Tunix 0.1.7 traps handled on its side (listed in the result under "tunix_traps", see tunix_side.py): its Llama
 `apply_rope` ignores `rope_theta` (1e6 always; patched to SmolLM2's 1e5), its sampler prepends a BOS, treats
@@ -106,15 +110,16 @@ def reset_peak() -> bool:
         return False
 
 
-COMPILES = [0]  # XLA compilations so far (`count_compiles`)
+COMPILED: list[str] = []  # the functions XLA compiled so far (`count_compiles`)
 
 
 def count_compiles() -> None:
-    """Counts every XLA compilation, so that a timed run can say it compiled nothing."""
+    """Records every XLA compilation, so that a timed run that compiled can be told apart and left out."""
     import jax
 
     def listener(event: str, duration: float, **kwargs) -> None:
-        COMPILES[0] += event == "/jax/core/compile/backend_compile_duration"
+        if event == "/jax/core/compile/backend_compile_duration":
+            COMPILED.append(str(kwargs.get("fun_name", "?")))
 
     jax.monitoring.register_event_duration_secs_listener(listener)
 
@@ -206,15 +211,21 @@ def build_work(args, checkpoint: str) -> dict:
 
 
 def timed(run, repeats: int) -> dict:
-    """`run()` -> (lengths, decode steps), once untimed (compiles), then `repeats` timed calls."""
+    """`run()` -> (lengths, decode steps), once untimed (compiles), then `repeats` timed calls; a call that
+    compiled is left out (at most two, their compilations listed) and another made in its place."""
     run()
-    seconds, tokens, steps, compiled = [], [], [], COMPILES[0]
-    for _ in range(repeats):
-        began = time.perf_counter()
+    seconds, tokens, steps, compiled = [], [], [], []
+    for _ in range(repeats + 2):
+        began, before = time.perf_counter(), len(COMPILED)
         lengths, step_count = run()
+        if len(COMPILED) > before and len(compiled) < 2:  # left out, at most twice
+            compiled.append(COMPILED[before:])
+            continue
         seconds.append(time.perf_counter() - began)
         tokens.append(int(np.sum(lengths)))
         steps.append(int(step_count))
+        if len(seconds) == repeats:
+            break
     median = float(np.median(seconds))
     return {
         "seconds": median,
@@ -224,7 +235,7 @@ def timed(run, repeats: int) -> dict:
         "decode_steps": steps[0],
         "tokens_per_s": tokens[0] / median,
         "ms_per_step": 1e3 * median / steps[0],
-        "compiles_while_timed": COMPILES[0] - compiled,
+        "runs_that_compiled": compiled,
     }
 
 
@@ -341,22 +352,31 @@ def jax_train(work: dict, part: str, layout: str, args) -> dict:
     state = program.init_state(model, 0)
     del model
     batch = shard_batch(batch, mesh)
-    times, losses, reset, compiled = [], [], False, 0
-    for step in range(max(4, args.repeats + 1) if part == "dpo" else args.repeats + 1):  # DPO: 4 losses compared
-        if step == 1:
-            reset, compiled = reset_peak(), COMPILES[0]
-        began = time.perf_counter()
+    times, losses, compiled, step, timed_peak = [], [], [], 0, 0.0
+    state, metrics = program(state, batch)  # the first step compiles
+    losses.append(float(metrics["loss"]))
+    while len(times) < args.repeats or (part == "dpo" and len(losses) < 4):  # DPO: 4 losses compared
+        step += 1
+        reset = reset_peak()  # each step's own peak
+        began, before = time.perf_counter(), len(COMPILED)
         state, metrics = program(state, batch)
         losses.append(float(metrics["loss"]))
-        if step:  # the first step compiles
+        if len(COMPILED) > before:  # left out of the times
+            compiled.append({"step": step, "compiled": COMPILED[before:], "s": time.perf_counter() - began})
+        elif len(times) < args.repeats:
             times.append(time.perf_counter() - began)
+            timed_peak = max(timed_peak, vm_hwm_mb()) if reset else None
+        if step >= args.repeats + 4:
+            break
+    if not times:  # every step compiled: time them anyway (listed in steps_that_compiled)
+        times = [c["s"] for c in compiled]
     return result | {
         "step_s": float(np.median(times)),
         "step_s_each": times,
         "losses": losses,
-        "compiles_while_timed": COMPILES[0] - compiled,
+        "steps_that_compiled": compiled,
         "peak_rss_mb": peak_rss_mb(),
-        "steps_peak_rss_mb": vm_hwm_mb() if reset else None,
+        "timed_steps_peak_rss_mb": timed_peak,
     }
 
 
@@ -378,12 +398,14 @@ def run_jax_side(args) -> None:
 
 
 def run(cmd: list[str], label: str) -> dict:
-    """One side's process (stderr passes through): its result, the last JSON line of its stdout."""
+    """One side's process (stderr passes through): its result, the last JSON line of its stdout, or `{"error"}`
+    where it failed (exit -9: killed, out of memory as a rule), so that the other measurements go on."""
     print(f"--- {label}", file=sys.stderr, flush=True)
     began = time.perf_counter()
     out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=dict(os.environ))
     if out.returncode:
-        raise SystemExit(f"{label} failed (exit {out.returncode}): {' '.join(cmd)}")
+        print(f"--- {label} FAILED (exit {out.returncode})", file=sys.stderr, flush=True)
+        return {"error": f"exit {out.returncode}", "command": " ".join(cmd)}
     line = next(line for line in reversed(out.stdout.splitlines()) if line.strip())
     result = json.loads(line.removeprefix("RESULT "))
     result["process_wall_s"] = time.perf_counter() - began
@@ -418,6 +440,10 @@ def add_decode_rates(runs: dict, prefill: dict) -> None:
         run["decode_ms_per_step"] = 1e3 * decode / (run["decode_steps"] - 1) if run["decode_steps"] > 1 else None
 
 
+def failed(*sides) -> bool:
+    return any("error" in side for side in sides)
+
+
 def ratio(ours, theirs):
     return ours / theirs if ours is not None and theirs else None
 
@@ -425,7 +451,7 @@ def ratio(ours, theirs):
 def summarise(results: dict, args) -> list[tuple[str, float | None, float | None, str]]:
     """Table rows: (what, aft_jax, Tunix, unit); the ratio is aft_jax / Tunix."""
     rows = []
-    if "sampling" in results:
+    if "sampling" in results and not failed(results["sampling"]["aft_jax"], results["sampling"]["tunix"]):
         s, t = results["sampling"]["aft_jax"], results["sampling"]["tunix"]
         for variant in VARIANTS:
             for loop in ("static", "continuous"):
@@ -446,10 +472,15 @@ def summarise(results: dict, args) -> list[tuple[str, float | None, float | None
         name = "DPO, 4 pairs" if part == "dpo" else "K=7 groups (AFT-BC; Tunix: DPO on 6 pairs each)"
         for layout in args.layouts:
             r = results[part]["aft_jax"][layout]
+            if failed(r, t):
+                rows.append((f"{name}, {layout}: failed, see the results file", None, None, ""))
+                continue
             ours = per_step / r["step_s"]
             rows.append((f"{name}, {layout}: vs Tunix whole step", ours, per_step / t["step_s"], unit))
             rows.append((f"{name}, {layout}: vs Tunix train step alone", ours, per_step / t["train_step_s"], unit))
             rows.append((f"{name}, {layout}: peak RSS", r["peak_rss_mb"], t["peak_rss_mb"], "MB"))
+            ours, theirs = r["timed_steps_peak_rss_mb"], t["timed_steps_peak_rss_mb"]
+            rows.append((f"{name}, {layout}: peak RSS of the timed steps", ours, theirs, "MB"))
     return rows
 
 
@@ -463,96 +494,23 @@ def markdown(rows) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up; medians reported")
-    parser.add_argument("--questions", type=int, default=4, help="part groups: questions (K = 7) per step")
-    parser.add_argument("--new-tokens", type=int, default=96, help="part sampling: new tokens per sample")
-    parser.add_argument("--only", choices=PARTS, help="run one part (the parity check always runs)")
-    parser.add_argument(
-        "--tunix-python", default=os.environ.get("TUNIX_PYTHON", "/work/tunix-venv/bin/python"),
-        help="python of the venv holding google-tunix (default: $TUNIX_PYTHON, else /work/tunix-venv/bin/python)",
-    )  # fmt: skip
-    parser.add_argument("--remat", default="none", choices=["none", "full"], help="both sides (Tunix: DECODER)")
-    parser.add_argument("--tokens-per-row", type=int, default=1024, help="aft_jax packed and planned layouts")
-    parser.add_argument(
-        "--layouts", default=",".join(LAYOUTS), type=lambda v: [x for x in v.split(",") if x],
-        help="aft_jax train layouts, comma-separated (default: padded,packed,planned)",
-    )  # fmt: skip
-    parser.add_argument("--micro-questions", type=int, default=1, help="part groups: Tunix questions per micro-batch")
-    parser.add_argument(
-        "--lr", type=float, default=1e-6,
-        help="both sides' peak rate (the project's 2e-5 separates the 4 easy DPO pairs within two steps, its losses "
-        "0.69, 0.046, 0.002, 0.0002 leaving little to compare)",
-    )  # fmt: skip
-    parser.add_argument("--checkpoint", help="HF folder (default: aft_jax.io.smollm2.smollm2_checkpoint())")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "vs_tunix.json")
-    parser.add_argument("--side", help=argparse.SUPPRESS)
-    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.side:
-        run_jax_side(args)
-        return
-    if args.questions % args.micro_questions:
-        parser.error("--questions must be a multiple of --micro-questions")
-    if not args.layouts or set(args.layouts) - set(LAYOUTS):
-        parser.error(f"--layouts: a comma-separated subset of {','.join(LAYOUTS)}")
-
-    from aft_jax.io.smollm2 import smollm2_checkpoint
-
-    began = time.perf_counter()
-    checkpoint = str(args.checkpoint or smollm2_checkpoint())
+def report(args, checkpoint: str, work: dict, results: dict, tunix_traps: dict, parity_failed: bool, began: float):
+    """Derived numbers (decode rates, loss agreement), the results file and the printed table."""
     parts = [args.only] if args.only else list(PARTS)
-    here = Path(__file__).resolve()
-    with tempfile.TemporaryDirectory(prefix="vs_tunix_") as tmp:
-        work_dir = Path(tmp)
-        work = build_work(args, checkpoint)
-        (work_dir / "work.json").write_text(json.dumps(work))
-        common = ["--work", str(work_dir), "--repeats", str(args.repeats), "--remat", args.remat]
-        ours = [sys.executable, str(here), *common, "--tokens-per-row", str(args.tokens_per_row)]
-        theirs = [args.tunix_python, str(here.parent / "tunix_side.py"), *common]
-        theirs += ["--micro-questions", str(args.micro_questions)]
-
-        results = {"parity": {"aft_jax": run([*ours, "--side", "parity"], "aft_jax parity")}}
-        results["parity"]["tunix"] = run([*theirs, "--part", "parity"], "Tunix parity")
-        results["parity"] |= parity_check(work_dir)
-        tunix_traps = results["parity"]["tunix"].pop("traps")
-        tunix_versions = results["parity"]["tunix"].get("versions")
-        parity = results["parity"]
-        print(
-            f"parity: max |logit diff| {parity['max_abs_logit_diff']:.2e} over {parity['sequence_lengths']} tokens "
-            f"(without the rope_theta patch: {parity['max_abs_logit_diff_without_rope_theta_patch']:.2f})",
-            file=sys.stderr,
-        )
-        failed = parity["max_abs_logit_diff"] > PARITY_TOLERANCE
-        if not failed:
-            for part in parts:
-                if part == "sampling":
-                    results[part] = {"aft_jax": run([*ours, "--side", part], f"aft_jax {part}")}
-                else:
-                    results[part] = {"aft_jax": {}}
-                    for layout in args.layouts:
-                        side = run([*ours, "--side", f"{part}:{layout}"], f"aft_jax {part} {layout}")
-                        results[part]["aft_jax"][layout] = side
-                results[part]["tunix"] = run([*theirs, "--part", part], f"Tunix {part}")
-                results[part]["tunix"].pop("traps", None)
-
-    if "sampling" in results:
+    parity = results["parity"]
+    tunix_versions = parity["tunix"].get("versions")
+    if "sampling" in results and not failed(results["sampling"]["aft_jax"], results["sampling"]["tunix"]):
         s = results["sampling"]
         for loop in ("static", "continuous"):
             add_decode_rates({v: s["aft_jax"][v][loop] for v in VARIANTS}, s["aft_jax"]["first_token_only"][loop])
         add_decode_rates({v: s["tunix"][v] for v in VARIANTS}, s["tunix"]["first_token_only"])
-    if "dpo" in results:
+    if "dpo" in results and not failed(results["dpo"]["tunix"]):
         d = results["dpo"]
         t_losses = d["tunix"]["losses"][:4]
-        d["loss_agreement"] = {
-            layout: max(abs(a - b) for a, b in zip(d["aft_jax"][layout]["losses"][:4], t_losses))
-            for layout in args.layouts
-        }
-        d["loss_agreement_relative"] = {
-            layout: max(abs(a - b) / abs(b) for a, b in zip(d["aft_jax"][layout]["losses"][:4], t_losses))
-            for layout in args.layouts
-        }
+        ok = [layout for layout in args.layouts if not failed(d["aft_jax"][layout])]
+        pairs = {layout: list(zip(d["aft_jax"][layout]["losses"][:4], t_losses)) for layout in ok}
+        d["loss_agreement"] = {layout: max(abs(a - b) for a, b in p) for layout, p in pairs.items()}
+        d["loss_agreement_relative"] = {layout: max(abs(a - b) / abs(b) for a, b in p) for layout, p in pairs.items()}
     import machine  # benchmarks/, beside this script
 
     rows = summarise(results, args)
@@ -582,24 +540,24 @@ def main() -> None:
                 "k": 7,
                 "pairs_per_question": 6,
                 "aft_loss": "aft, boundary, beta 0.1",
-                "tunix_micro_questions": args.micro_questions,
+                "tunix_pairs_per_micro_batch": args.micro_pairs,
             },
             "tokens_per_row": args.tokens_per_row,
             "layouts": args.layouts,
             "max_length": MAX_LENGTH,
             "parts": parts,
-        },  # fmt: skip
+        },
         "tunix_traps": tunix_traps,
         **results,
         "ratios": [
             {"measure": n, "aft_jax": a, "tunix": b, "unit": u, "aft_jax_over_tunix": ratio(a, b)}
             for n, a, b, u in rows
-        ],  # fmt: skip
+        ],
         "wall_s": time.perf_counter() - began,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
-    if failed:
+    if parity_failed:
         raise SystemExit(
             f"parity check failed: max |logit diff| {parity['max_abs_logit_diff']:.3g} > {PARITY_TOLERANCE} "
             f"(results so far in {args.out})"
@@ -608,16 +566,122 @@ def main() -> None:
         f"parity: max |logit diff| {parity['max_abs_logit_diff']:.2e} (tolerance {PARITY_TOLERANCE}); "
         f"without Tunix's rope_theta fixed {parity['max_abs_logit_diff_without_rope_theta_patch']:.2f}"
     )
-    if "dpo" in results:
+    if "sampling" in results and not failed(results["sampling"]["tunix"]):
+        t = results["sampling"]["tunix"]
+        print(
+            f"Tunix sampler: prompt ids the same as the project's: {t['prompt_ids_identical']}; generated tokens "
+            f"equal to its pad id (masked by it): {[t[v]['generated_pad_tokens'] for v in VARIANTS]}"
+        )
+    if "loss_agreement" in results.get("dpo", {}):
         d = results["dpo"]
         print(f"DPO losses, first 4 steps: Tunix {[round(x, 6) for x in d['tunix']['losses'][:4]]}")
-        for layout in args.layouts:
+        for layout in d["loss_agreement"]:
             print(
                 f"  aft_jax {layout}: {[round(x, 6) for x in d['aft_jax'][layout]['losses'][:4]]} "
                 f"(max |diff| {d['loss_agreement'][layout]:.2e}, relative {d['loss_agreement_relative'][layout]:.2e})"
             )
+    if "dpo" in results and not failed(results["dpo"]["tunix"]):
+        once = [r["reference_once_s"] for r in results["dpo"]["aft_jax"].values() if not failed(r)] or [float("nan")]
+        print(
+            f"DPO reference log-probs: aft_jax computes them once ({once[0]:.1f} s, not in its step); "
+            f"Tunix's _prepare_inputs (the reference forward, masks) takes "
+            f"{results['dpo']['tunix']['reference_and_inputs_s']:.1f} s of every step"
+        )
+    for part in ("dpo", "groups"):
+        if part in results and not failed(results[part]["tunix"]):
+            t = results[part]["tunix"]
+            ours = {layout: r["tokens_computed"] for layout, r in results[part]["aft_jax"].items() if not failed(r)}
+            print(
+                f"{part}: token positions through the model per step: aft_jax {ours}; Tunix {t['tokens_per_step']} "
+                f"(2 x {t['pairs_per_micro_batch'] * t['micro_batches']} pairs x (prompt {t['prompt_length']} + "
+                f"response {t['response_length']})), and as many again in its reference forward"
+            )
     print(markdown(rows))
     print(f"on {machine.describe(summary['machine'])}; {summary['wall_s']:.0f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up; medians reported")
+    parser.add_argument("--questions", type=int, default=4, help="part groups: questions (K = 7) per step")
+    parser.add_argument("--new-tokens", type=int, default=96, help="part sampling: new tokens per sample")
+    parser.add_argument("--only", choices=PARTS, help="run one part (the parity check always runs)")
+    parser.add_argument(
+        "--tunix-python", default=os.environ.get("TUNIX_PYTHON", str(REPO.parent / "tunix-venv" / "bin" / "python")),
+        help="python of the venv holding google-tunix (default: $TUNIX_PYTHON, else ../tunix-venv/bin/python)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--remat", default="full", choices=["none", "full"],
+        help="train steps, both sides: aft_jax remat_policy, Tunix RematConfig DECODER (full) or NONE",
+    )  # fmt: skip
+    parser.add_argument("--tokens-per-row", type=int, default=1024, help="aft_jax packed and planned layouts")
+    parser.add_argument(
+        "--layouts", default=",".join(LAYOUTS), type=lambda v: [x for x in v.split(",") if x],
+        help="aft_jax train layouts, comma-separated (default: padded,packed,planned)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--micro-pairs", type=int, default=2, help="part groups: Tunix's pairs per micro-batch (a divisor of 6)"
+    )
+    parser.add_argument(
+        "--lr", type=float, default=1e-6,
+        help="both sides' peak rate (the project's 2e-5 separates the 4 easy DPO pairs within two steps, its losses "
+        "0.69, 0.046, 0.002, 0.0002 leaving little to compare)",
+    )  # fmt: skip
+    parser.add_argument("--checkpoint", help="HF folder (default: aft_jax.io.smollm2.smollm2_checkpoint())")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "vs_tunix.json")
+    parser.add_argument("--side", help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        run_jax_side(args)
+        return
+    if (6 * args.questions) % args.micro_pairs:
+        parser.error("--micro-pairs must divide the 6 x --questions pairs")
+    if not args.layouts or set(args.layouts) - set(LAYOUTS):
+        parser.error(f"--layouts: a comma-separated subset of {','.join(LAYOUTS)}")
+
+    from aft_jax.io.smollm2 import smollm2_checkpoint
+
+    began = time.perf_counter()
+    checkpoint = str(args.checkpoint or smollm2_checkpoint())
+    parts = [args.only] if args.only else list(PARTS)
+    here = Path(__file__).resolve()
+    with tempfile.TemporaryDirectory(prefix="vs_tunix_") as tmp:
+        work_dir = Path(tmp)
+        work = build_work(args, checkpoint)
+        (work_dir / "work.json").write_text(json.dumps(work))
+        common = ["--work", str(work_dir), "--repeats", str(args.repeats), "--remat", args.remat]
+        ours = [sys.executable, str(here), *common, "--tokens-per-row", str(args.tokens_per_row)]
+        theirs = [args.tunix_python, str(here.parent / "tunix_side.py"), *common]
+        theirs += ["--micro-pairs", str(args.micro_pairs)]
+
+        results = {"parity": {"aft_jax": run([*ours, "--side", "parity"], "aft_jax parity")}}
+        results["parity"]["tunix"] = run([*theirs, "--part", "parity"], "Tunix parity")
+        for side in ("aft_jax", "tunix"):
+            if "error" in results["parity"][side]:
+                raise SystemExit(f"the {side} side of the parity check failed: {results['parity'][side]}")
+        results["parity"] |= parity_check(work_dir)
+        tunix_traps = results["parity"]["tunix"].pop("traps")
+        parity = results["parity"]
+        print(
+            f"parity: max |logit diff| {parity['max_abs_logit_diff']:.2e} over {parity['sequence_lengths']} tokens "
+            f"(without the rope_theta patch: {parity['max_abs_logit_diff_without_rope_theta_patch']:.2f})",
+            file=sys.stderr,
+        )
+        parity_failed = parity["max_abs_logit_diff"] > PARITY_TOLERANCE
+        if not parity_failed:
+            for part in parts:
+                if part == "sampling":
+                    results[part] = {"aft_jax": run([*ours, "--side", part], f"aft_jax {part}")}
+                else:
+                    results[part] = {"aft_jax": {}}
+                    for layout in args.layouts:
+                        side = run([*ours, "--side", f"{part}:{layout}"], f"aft_jax {part} {layout}")
+                        results[part]["aft_jax"][layout] = side
+                results[part]["tunix"] = run([*theirs, "--part", part], f"Tunix {part}")
+                results[part]["tunix"].pop("traps", None)
+
+    report(args, checkpoint, work, results, tunix_traps, parity_failed, began)
 
 
 if __name__ == "__main__":
