@@ -110,8 +110,10 @@ class CausalLM(nnx.Module):
         if packed_ids is not None and resolve_impl(cfg.attention, cfg.dtype, cfg.head_dim, packed=True) == "pallas":
             block = cfg.attention_block
             full = packed_plan(*packed_ids, positions_bt, None, block, block)
-            plans = (packed_plan(*packed_ids, positions_bt, cfg.sliding_window, block, block), full)
-            plans = plans if cfg.sliding_layers else (full, full)
+            windowed = (
+                packed_plan(*packed_ids, positions_bt, cfg.sliding_window, block, block) if cfg.sliding_layers else full
+            )
+            plans = (windowed, full)
         cos_btd, sin_btd = rope_tables(positions_bt, inverse_frequencies(cfg))
         windowed_btt = mask_btt
         if cfg.sliding_layers:
