@@ -40,28 +40,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from group_step_layouts import batches  # noqa: E402  (benchmarks/, beside this script)
+from machine import reset_peak, vm_hwm_mb  # noqa: E402
 from train_step_vs_torch import BETA, peak_rss_mb, run_side  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {"full": None, "LoRA": "none", "QLoRA": "nf4"}  # variant: the base's quantization (None: no adapters)
 LR = {"full": 2e-5, "LoRA": 2e-4, "QLoRA": 2e-4}  # not timed; the presets' rates (configs/qwen.py)
-
-
-def vm_hwm_mb() -> float:
-    """The process's peak resident memory since it started or since `reset_peak` (Linux `VmHWM`)."""
-    with open("/proc/self/status") as f:
-        line = next(line for line in f if line.startswith("VmHWM:"))
-    return int(line.split()[1]) / 1024
-
-
-def reset_peak() -> bool:
-    """Resets `VmHWM` to the current RSS (Linux >= 4.0); False where that is not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def folder_bytes(path: Path) -> int:

@@ -181,3 +181,40 @@ if __name__ == "__main__":
     machine = record()
     print(json.dumps(machine, indent=2))
     print(describe(machine))
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far (`ru_maxrss`)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def vm_hwm_mb() -> float:
+    """The process's peak resident memory since it started or since `reset_peak` (Linux `VmHWM`)."""
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) / 1024
+
+
+def reset_peak() -> bool:
+    """Resets `VmHWM` to the current RSS (Linux >= 4.0); False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+COMPILED: list[str] = []  # the functions XLA compiled so far (`count_compiles`)
+
+
+def count_compiles() -> None:
+    """Records every XLA compilation in `COMPILED`, so that a timed run that compiled can be told apart."""
+    import jax
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            COMPILED.append(str(kwargs.get("fun_name", "?")))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)

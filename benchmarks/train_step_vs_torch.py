@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from machine import peak_rss_mb  # noqa: F401  (benchmarks/, beside this script; other scripts import it from here)
 
 BETA = 0.1
 
@@ -53,10 +53,6 @@ def make_batch(k: int, length: int, vocab: int, seed: int = 0) -> dict:
         "ref_logp_sum": np.zeros((1, k), np.float32),
         "completion_tokens": completion.sum(-1).astype(np.int32),
     }
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_jax(args, checkpoint: str) -> dict:

@@ -35,12 +35,12 @@ import argparse
 import contextlib
 import functools
 import json
-import resource
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from machine import COMPILED, count_compiles, peak_rss_mb, reset_peak, vm_hwm_mb  # benchmarks/, beside this script
 
 TRAPS = {
     "config": "no HF config.json loader for Llama: ModelConfig built here from config.json "
@@ -59,39 +59,6 @@ TRAPS = {
     "left out of the times (steps_that_compiled)",
     "dpo_inputs": "DPO inputs given tokenized (TrainingInput with explicit masks): no BOS added, pad id irrelevant",
 }
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def vm_hwm_mb() -> float:
-    """Peak resident memory since the process started or since `reset_peak` (Linux `VmHWM`)."""
-    with open("/proc/self/status") as f:
-        return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) / 1024
-
-
-def reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-COMPILED: list[str] = []  # the functions XLA compiled so far (`count_compiles`)
-
-
-def count_compiles() -> None:
-    """Records every XLA compilation, so that a timed run that compiled can be told apart and left out."""
-    import jax
-
-    def listener(event: str, duration: float, **kwargs) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            COMPILED.append(str(kwargs.get("fun_name", "?")))
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
 
 
 def model_config(checkpoint: str, remat: str = "none"):

@@ -77,6 +77,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import COMPILED, count_compiles, peak_rss_mb, reset_peak, vm_hwm_mb  # benchmarks/, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 if not os.environ.get("AFT_DATA_DIR") and (REPO.parent / "shared" / "data").is_dir():
@@ -88,40 +89,6 @@ PARITY_TOLERANCE = 1e-3
 LAYOUTS = ("padded", "packed", "planned")
 PARTS = ("sampling", "dpo", "groups")
 VARIANTS = ("fixed_length", "stop_at_eos")  # of sampling
-
-
-def peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def vm_hwm_mb() -> float:
-    with open("/proc/self/status") as f:
-        return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) / 1024
-
-
-def reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-COMPILED: list[str] = []  # the functions XLA compiled so far (`count_compiles`)
-
-
-def count_compiles() -> None:
-    """Records every XLA compilation, so that a timed run that compiled can be told apart and left out."""
-    import jax
-
-    def listener(event: str, duration: float, **kwargs) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            COMPILED.append(str(kwargs.get("fun_name", "?")))
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
 
 
 def padded_length(lengths) -> int:
