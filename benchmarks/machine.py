@@ -218,3 +218,34 @@ def count_compiles() -> None:
             COMPILED.append(str(kwargs.get("fun_name", "?")))
 
     jax.monitoring.register_event_duration_secs_listener(listener)
+
+
+def median_sampling_run(run, repeats: int) -> dict:
+    """`run()` -> (lengths, decode steps), once untimed (compiles), then `repeats` timed calls; a call that
+    compiled is left out (at most two, their compilations listed) and another made in its place."""
+    import numpy as np
+
+    run()
+    seconds, tokens, steps, compiled = [], [], [], []
+    for _ in range(repeats + 2):
+        began, before = time.perf_counter(), len(COMPILED)
+        lengths, step_count = run()
+        if len(COMPILED) > before and len(compiled) < 2:  # left out, at most twice
+            compiled.append(COMPILED[before:])
+            continue
+        seconds.append(time.perf_counter() - began)
+        tokens.append(int(np.sum(lengths)))
+        steps.append(int(step_count))
+        if len(seconds) == repeats:
+            break
+    median = float(np.median(seconds))
+    return {
+        "seconds": median,
+        "seconds_each": seconds,
+        "tokens": tokens[0],
+        "tokens_each": tokens,
+        "decode_steps": steps[0],
+        "tokens_per_s": tokens[0] / median,
+        "ms_per_step": 1e3 * median / steps[0],
+        "runs_that_compiled": compiled,
+    }

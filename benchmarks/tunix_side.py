@@ -40,7 +40,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from machine import COMPILED, count_compiles, peak_rss_mb, reset_peak, vm_hwm_mb  # benchmarks/, beside this script
+from machine import (  # benchmarks/, beside this script
+    COMPILED,
+    count_compiles,
+    median_sampling_run,
+    peak_rss_mb,
+    reset_peak,
+    vm_hwm_mb,
+)
 
 TRAPS = {
     "config": "no HF config.json loader for Llama: ModelConfig built here from config.json "
@@ -128,35 +135,6 @@ class ProjectTokenizer:
         return self.pad
 
 
-def median_run(run, repeats: int) -> dict:
-    """`run()` -> (lengths, decode steps), once untimed (compiles), then `repeats` timed calls; a call that
-    compiled is left out (at most two, their compilations listed) and another made in its place."""
-    run()
-    seconds, tokens, steps, compiled = [], [], [], []
-    for _ in range(repeats + 2):
-        began, before = time.perf_counter(), len(COMPILED)
-        lengths, step_count = run()
-        if len(COMPILED) > before and len(compiled) < 2:  # left out, at most twice
-            compiled.append(COMPILED[before:])
-            continue
-        seconds.append(time.perf_counter() - began)
-        tokens.append(int(np.sum(lengths)))
-        steps.append(int(step_count))
-        if len(seconds) == repeats:
-            break
-    median = float(np.median(seconds))
-    return {
-        "seconds": median,
-        "seconds_each": seconds,
-        "tokens": tokens[0],
-        "tokens_each": tokens,
-        "decode_steps": steps[0],
-        "tokens_per_s": tokens[0] / median,
-        "ms_per_step": 1e3 * median / steps[0],
-        "runs_that_compiled": compiled,
-    }
-
-
 def parity(work: dict, out: Path) -> dict:
     import jax.numpy as jnp
     from flax import nnx
@@ -209,7 +187,7 @@ def sampling(work: dict, repeats: int) -> dict:
             pad_count.append(int(sum(np.sum(np.asarray(t) == s["pad_id"]) for t in out.tokens)))
             return lengths, lengths.max()
 
-        result[variant] = median_run(run, repeats)
+        result[variant] = median_sampling_run(run, repeats)
         result[variant]["generated_pad_tokens"] = pad_count[-1]
     result["peak_rss_mb"] = peak_rss_mb()
     return result

@@ -77,7 +77,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from machine import COMPILED, count_compiles, peak_rss_mb, reset_peak, vm_hwm_mb  # benchmarks/, beside this script
+from machine import (  # benchmarks/, beside this script
+    COMPILED,
+    count_compiles,
+    median_sampling_run,
+    peak_rss_mb,
+    reset_peak,
+    vm_hwm_mb,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 if not os.environ.get("AFT_DATA_DIR") and (REPO.parent / "shared" / "data").is_dir():
@@ -177,35 +184,6 @@ def build_work(args, checkpoint: str) -> dict:
 # The aft_jax side (run in its own process: `--side PART[:LAYOUT]`).
 
 
-def timed(run, repeats: int) -> dict:
-    """`run()` -> (lengths, decode steps), once untimed (compiles), then `repeats` timed calls; a call that
-    compiled is left out (at most two, their compilations listed) and another made in its place."""
-    run()
-    seconds, tokens, steps, compiled = [], [], [], []
-    for _ in range(repeats + 2):
-        began, before = time.perf_counter(), len(COMPILED)
-        lengths, step_count = run()
-        if len(COMPILED) > before and len(compiled) < 2:  # left out, at most twice
-            compiled.append(COMPILED[before:])
-            continue
-        seconds.append(time.perf_counter() - began)
-        tokens.append(int(np.sum(lengths)))
-        steps.append(int(step_count))
-        if len(seconds) == repeats:
-            break
-    median = float(np.median(seconds))
-    return {
-        "seconds": median,
-        "seconds_each": seconds,
-        "tokens": tokens[0],
-        "tokens_each": tokens,
-        "decode_steps": steps[0],
-        "tokens_per_s": tokens[0] / median,
-        "ms_per_step": 1e3 * median / steps[0],
-        "runs_that_compiled": compiled,
-    }
-
-
 def jax_parity(work: dict, out: Path) -> dict:
     import jax.numpy as jnp
 
@@ -245,7 +223,10 @@ def jax_sampling(work: dict, repeats: int) -> dict:
             out = continuous.sample_continuous(model, ids, mask, params, key, k, rows=rows)
             return out.lengths, out.steps
 
-        result[variant] = {"static": timed(static, repeats), "continuous": timed(continuous_loop, repeats)}
+        result[variant] = {
+            "static": median_sampling_run(static, repeats),
+            "continuous": median_sampling_run(continuous_loop, repeats),
+        }
     result["peak_rss_mb"] = peak_rss_mb()
     return result
 
